@@ -1,0 +1,91 @@
+"""Cutting Trainer batches into sample ranges, for mSAM and Asynchronous SAM.
+
+A step's batch B is the list of micro-batches Trainer hands in over one
+gradient-accumulation cycle. mSAM's micro-batches and Asynchronous SAM's ascent
+batch are sample ranges of B that may cross micro-batch boundaries, so a range
+becomes a list of *pieces*: (sub-batch, fraction of its micro-batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+Batch = Mapping[str, Any]
+
+
+class TrainerBatch(dict):
+    """A micro-batch as Trainer handed it in, with the `num_items_in_batch` of its accumulation cycle
+    (Trainer's loss normaliser), so a batch held for a later step keeps its own."""
+
+    num_items_in_batch = None
+
+    @classmethod
+    def of(cls, batch: Mapping, num_items_in_batch=None) -> "TrainerBatch":
+        out = cls(batch)
+        out.num_items_in_batch = num_items_in_batch
+        return out
+
+
+def batch_size(batch: Batch) -> int:
+    """Number of samples: the first dimension of the first tensor in the batch."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"sam_hf needs dict-like batches (as Trainer's collators produce), got {type(batch).__name__}")
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError(f"cannot find the batch dimension: no tensor in batch keys {list(batch)}")
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> dict[str, Any]:
+    """Samples [start, stop) of a batch; per-sample lists are cut too, other values kept as they are."""
+    n = batch_size(batch)
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value[start:stop]
+        elif isinstance(value, (list, tuple)) and len(value) == n:
+            out[key] = value[start:stop]
+        else:
+            out[key] = value
+    return out
+
+
+Piece = tuple[dict[str, Any], float]
+
+
+def sample_range(batches: list[Batch], start: int, stop: int) -> list[Piece]:
+    """Samples [start, stop) of the concatenation of `batches`, as pieces (sub-batch, share of its micro-batch)."""
+    pieces: list[Piece] = []
+    offset = 0
+    for batch in batches:
+        n = batch_size(batch)
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            whole = lo == offset and hi == offset + n
+            pieces.append((batch if whole else slice_batch(batch, lo - offset, hi - offset), (hi - lo) / n))
+        offset += n
+    return pieces
+
+
+def split_samples(batches: list[Batch], parts: int) -> list[list[Piece]]:
+    """`parts` consecutive sample ranges of the batches, sizes differing by at most one."""
+    total = sum(batch_size(b) for b in batches)
+    if parts > total:
+        raise ValueError(f"cannot split {total} samples into {parts} non-empty micro-batches")
+    base, extra = divmod(total, parts)
+    ranges, start = [], 0
+    for j in range(parts):
+        stop = start + base + (1 if j < extra else 0)
+        ranges.append(sample_range(batches, start, stop))
+        start = stop
+    return ranges
+
+
+def leading_samples(batches: list[Batch], ratio: float) -> list[Piece]:
+    """The first ceil(ratio * |B|) samples of the step's batch B (Asynchronous SAM's A_t)."""
+    total = sum(batch_size(b) for b in batches)
+    return sample_range(batches, 0, max(1, math.ceil(ratio * total - 1e-9)))

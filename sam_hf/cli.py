@@ -1,0 +1,40 @@
+"""`sam-hf` command line: launch, train, demo, bench.
+
+Each sub-command lives in its own module and is imported only when used, so
+`sam-hf launch` starts as fast as the script it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "launch": ("sam_hf.launch", "run an unmodified Hugging Face training script with the sam_hf optimizer names"),
+    "train": ("sam_hf.recipes", "run a YAML recipe: sam-hf train RECIPE [--key value ...]"),
+    "demo": ("sam_hf.demo", "offline demo: a small ViT on scikit-learn's digits with AdamW, SAM and SAMPa"),
+    "bench": ("sam_hf.bench", "step-time and memory benchmark of every method, 1 and 2 processes"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: sam-hf COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sam-hf: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

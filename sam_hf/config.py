@@ -1,0 +1,179 @@
+"""SharpnessConfig: every option of every method, parsed from `--optim_args`.
+
+`optim_args` is the comma-separated `key=value` string that transformers
+already carries (`--optim sampa --optim_args "rho=0.05,lam=0.2"`). Keys that
+are not ours are passed to the base optimizer (e.g. `momentum=0.9` for
+`base=sgd`), but only keys that base optimizer's Trainer handler reads: a typo
+fails here, before training, with the list of keys that would work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("sam", "msam", "sampa", "asyncsam")
+
+# Base-optimizer keys that transformers' own handlers read from optim_args.
+BASE_OPTIM_KEYS = {
+    "sgd": ("momentum", "dampening", "weight_decay", "nesterov"),
+    "adagrad": ("lr_decay", "weight_decay", "eps"),
+    "rmsprop": ("alpha", "eps", "momentum", "centered", "weight_decay"),
+}
+
+# Base optimizers the methods are tested with; others run with lookahead=sgd only.
+LOOKAHEAD_BASES = ("adamw_torch", "adamw_torch_fused", "sgd")
+
+# Optimizers whose step is not "take .grad and update": they cannot sit under SAM.
+UNSUPPORTED_BASES = ("lomo", "adalomo", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
+                     "galore_adafactor_layerwise", "apollo_adamw_layerwise")
+
+
+class SharpnessConfigError(ValueError):
+    """A bad `optim_args` value or an impossible combination, found before training starts."""
+
+
+def _bool(key: str, value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise SharpnessConfigError(f"optim_args: {key}={value!r} is not a boolean; use {key}=true or {key}=false")
+
+
+def _float(key: str, value: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        raise SharpnessConfigError(f"optim_args: {key}={value!r} is not a number") from None
+    if not math.isfinite(out):
+        raise SharpnessConfigError(f"optim_args: {key}={value!r} must be finite")
+    return out
+
+
+def _int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise SharpnessConfigError(f"optim_args: {key}={value!r} is not an integer") from None
+
+
+@dataclass
+class SharpnessConfig:
+    """Options of the sharpness-aware methods (see README "Methods and options")."""
+
+    method: str = "sam"
+    rho: float = 0.05
+    adaptive: bool = False  # ASAM: e = rho T^2 g / ||T g||, T = |x| + eta
+    eta: float = 0.01
+    lam: float = 0.2  # SAMPa's lambda
+    micro_batches: int = 8  # mSAM's m
+    ascent_batch_ratio: float | str = 1.0  # Asynchronous SAM's r, or "auto"
+    base: str = "adamw_torch"
+    lookahead: str = "optimizer"  # SAMPa's ModelUpdate: the base optimizer's own step, or plain SGD
+    parallel: str = "auto"  # auto | on | off
+    sync_ascent: bool = True  # SAM with DDP: average the ascent gradient over ranks
+    ascent_device: str = "auto"  # Asynchronous SAM's ascent rank: auto | cpu | cuda
+    bn_stats: str = "clean"  # which pass updates BatchNorm running statistics: clean | all
+    check_every: int = 50  # steps between replica checksums in role-parallel mode
+    base_optim_args: dict[str, str] = field(default_factory=dict)
+
+    # ---- parsing -------------------------------------------------------
+    @classmethod
+    def from_optim_args(cls, method: str, optim_args: str | None) -> "SharpnessConfig":
+        method = str(getattr(method, "value", method))
+        if method not in METHODS:
+            raise SharpnessConfigError(f"optim={method!r} is not a sharpness-aware method; use one of {METHODS}")
+        raw = parse_optim_args(optim_args)
+        cfg = cls(method=method)
+        converters = {
+            "rho": _float, "adaptive": _bool, "eta": _float, "lam": _float, "micro_batches": _int,
+            "base": lambda k, v: v, "lookahead": lambda k, v: v.lower(), "parallel": lambda k, v: v.lower(),
+            "sync_ascent": _bool, "ascent_device": lambda k, v: v.lower(), "bn_stats": lambda k, v: v.lower(),
+            "check_every": _int,
+            "ascent_batch_ratio": lambda k, v: "auto" if v.lower() == "auto" else _float(k, v),
+        }
+        base_args: dict[str, str] = {}
+        for key, value in raw.items():
+            if key in converters:
+                setattr(cfg, key, converters[key](key, value))
+            else:
+                base_args[key] = value
+        cfg.base_optim_args = base_args
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def bad(key: str, value: Any, allowed: str) -> SharpnessConfigError:
+            return SharpnessConfigError(f"optim_args: {key}={value!r} is not allowed; {allowed}")
+
+        if not self.rho > 0:
+            raise bad("rho", self.rho, "rho must be > 0 (e.g. rho=0.05)")
+        if not self.eta >= 0:
+            raise bad("eta", self.eta, "eta (ASAM's T = |x| + eta) must be >= 0 (e.g. eta=0.01)")
+        if not 0.0 <= self.lam <= 1.0:
+            raise bad("lam", self.lam, "lam must be in [0, 1] (e.g. lam=0.2)")
+        if self.micro_batches < 1:
+            raise bad("micro_batches", self.micro_batches, "micro_batches must be >= 1 (e.g. micro_batches=8)")
+        r = self.ascent_batch_ratio
+        if r != "auto" and not (isinstance(r, float) and 0.0 < r <= 1.0):
+            raise bad("ascent_batch_ratio", r, "use a number in (0, 1] or auto")
+        if self.lookahead not in ("optimizer", "sgd"):
+            raise bad("lookahead", self.lookahead, "use lookahead=optimizer (the base optimizer's own step) or sgd")
+        if self.parallel not in ("auto", "on", "off"):
+            raise bad("parallel", self.parallel, "use auto, on or off")
+        if self.ascent_device not in ("auto", "cpu", "cuda"):
+            raise bad("ascent_device", self.ascent_device, "use auto, cpu or cuda")
+        if self.bn_stats not in ("clean", "all"):
+            raise bad("bn_stats", self.bn_stats, "use clean (running stats from the unperturbed pass only) or all")
+        if self.check_every < 0:
+            raise bad("check_every", self.check_every, "use a number of steps >= 0 (0 disables the check)")
+        self._validate_base()
+
+    def _validate_base(self) -> None:
+        from transformers.training_args import OptimizerNames
+
+        known = {m.value for m in OptimizerNames} - set(METHODS)
+        if self.base in METHODS:
+            raise SharpnessConfigError(f"optim_args: base={self.base!r} is a sharpness method itself; "
+                                       "use a plain optimizer such as adamw_torch or sgd")
+        if self.base not in known:
+            raise SharpnessConfigError(f"optim_args: base={self.base!r} is not a Trainer optimizer; "
+                                       f"use one of {sorted(known)}")
+        if self.base in UNSUPPORTED_BASES:
+            raise SharpnessConfigError(f"optim_args: base={self.base!r} fuses the backward pass with the update, "
+                                       "so there is no gradient to perturb; use adamw_torch or sgd")
+        allowed = BASE_OPTIM_KEYS.get(self.base, ())
+        ours = sorted(f.name for f in dataclasses.fields(self) if f.name not in ("method", "base_optim_args"))
+        for key, value in self.base_optim_args.items():
+            if key not in allowed:
+                base_keys = f"; {self.base} takes {list(allowed)}" if allowed else ""
+                raise SharpnessConfigError(f"optim_args: unknown key {key}={value!r}; sam_hf takes {ours}{base_keys}")
+        if self.method == "sampa" and self.lookahead == "optimizer" and self.base not in LOOKAHEAD_BASES:
+            raise SharpnessConfigError(
+                f"optim_args: lookahead=optimizer has a closed form for base in {list(LOOKAHEAD_BASES)}, "
+                f"not base={self.base!r}; use lookahead=sgd (y = x - lr * g) or one of those bases")
+
+    def base_optim_args_string(self) -> str | None:
+        """The part of optim_args meant for the base optimizer, in transformers' own format."""
+        return ",".join(f"{k}={v}" for k, v in self.base_optim_args.items()) or None
+
+
+def parse_optim_args(optim_args: str | None) -> dict[str, str]:
+    """`"rho=0.05, lam=0.2"` -> `{"rho": "0.05", "lam": "0.2"}`, with errors that show the bad piece."""
+    out: dict[str, str] = {}
+    if not optim_args:
+        return out
+    for piece in optim_args.replace(" ", "").split(","):
+        if not piece:
+            continue
+        key, sep, value = piece.partition("=")
+        if not sep or not key or not value:
+            raise SharpnessConfigError(f"optim_args: {piece!r} is not key=value (e.g. --optim_args \"rho=0.05,lam=0.2\")")
+        if key in out:
+            raise SharpnessConfigError(f"optim_args: key {key!r} is given twice")
+        out[key] = value
+    return out

@@ -1,0 +1,68 @@
+"""How `import sam_hf` plugs into transformers.
+
+1. The names `sam`, `msam`, `sampa`, `asyncsam` become `OptimizerNames` members,
+   so `TrainingArguments(optim="sampa")` and HfArgumentParser's `--optim sampa`
+   (its argparse choices are read from the enum) accept them.
+2. `Trainer.__init__` is wrapped: when `args.optim` is one of those names and
+   the trainer's class does not already include `SharpnessMixin`, the instance's
+   class becomes `Sharpness<ItsClass>(SharpnessMixin, ItsClass)`. Any Trainer
+   subclass a script builds (`Seq2SeqTrainer`, TRL's `SFTTrainer`, ...) thus
+   gets the methods without being edited. Every other optimizer is untouched.
+Both are idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from transformers import Trainer
+from transformers.training_args import OptimizerNames
+
+from .config import METHODS
+from .trainer import SharpnessMixin, is_sharpness_optim
+
+_classes: dict[type, type] = {}
+
+
+def register_optimizer_names() -> None:
+    for value in METHODS:
+        if value in OptimizerNames._value2member_map_:
+            continue
+        name = value.upper()
+        member = str.__new__(OptimizerNames, value)
+        member._name_, member._value_ = name, value
+        OptimizerNames._member_map_[name] = member
+        OptimizerNames._value2member_map_[value] = member
+        OptimizerNames._member_names_.append(name)
+        type.__setattr__(OptimizerNames, name, member)
+
+
+def sharpness_class(cls: type) -> type:
+    """`cls` with SharpnessMixin in front (cached, so pickling and isinstance stay stable)."""
+    if issubclass(cls, SharpnessMixin):
+        return cls
+    if cls not in _classes:
+        _classes[cls] = type(f"Sharpness{cls.__name__}", (SharpnessMixin, cls), {"__module__": __name__})
+    return _classes[cls]
+
+
+def patch_trainer() -> None:
+    if getattr(Trainer.__init__, "_sam_hf_patched", False):
+        return
+    original = Trainer.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if is_sharpness_optim(self.args.optim) and not isinstance(self, SharpnessMixin):
+            self.__class__ = sharpness_class(type(self))
+        if isinstance(self, SharpnessMixin):
+            self._sharpness_setup()
+
+    __init__._sam_hf_patched = True
+    Trainer.__init__ = __init__
+
+
+def install() -> None:
+    register_optimizer_names()
+    patch_trainer()

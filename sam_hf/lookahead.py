@@ -1,0 +1,82 @@
+"""ModelUpdate: where the base optimizer *would* move the weights, without moving them.
+
+SAMPa evaluates its second gradient at y = ModelUpdate_m(x, g), the base
+optimizer's own step from its current state m, learning rate, weight decay and
+(by the caller) clipping, computed in closed form so m is left untouched:
+
+AdamW (torch.optim.AdamW, plain / foreach / fused; Adam with decoupled decay):
+    m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g^2   (amsgrad: v' = max(v_max, v'))
+    y  = x (1 - lr wd) - lr / (1 - b1^k) * m' / (sqrt(v') / sqrt(1 - b2^k) + eps),  k = step + 1
+Adam (torch.optim.Adam, L2 decay): as AdamW with g <- g + wd x and no decoupled decay.
+SGD (torch.optim.SGD): d = g + wd x;  with momentum mu: b = d on the first step,
+    else mu b + (1 - dampening) d;  d = d + mu b (Nesterov) or b;  y = x - lr d.
+`lookahead=sgd`, for any base: y = x - lr g.
+`maximize=True` negates g, as the optimizers do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
+
+def supports(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, SUPPORTED)
+
+
+def _f(value) -> float:
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _adam(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict, decoupled: bool) -> torch.Tensor:
+    lr, wd, eps = _f(group["lr"]), group["weight_decay"], group["eps"]
+    b1, b2 = (_f(b) for b in group["betas"])
+    if group.get("maximize", False):
+        g = -g
+    if wd and not decoupled:
+        g = g + wd * x
+    k = _f(state["step"]) + 1 if "step" in state else 1.0
+    m = state["exp_avg"].float() if "exp_avg" in state else torch.zeros_like(x)
+    v = state["exp_avg_sq"].float() if "exp_avg_sq" in state else torch.zeros_like(x)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
+        v = torch.maximum(state["max_exp_avg_sq"].float(), v)
+    y = x * (1 - lr * wd) if (wd and decoupled) else x
+    denom = v.sqrt() / (1 - b2**k) ** 0.5 + eps
+    return y - (lr / (1 - b1**k)) * m / denom
+
+
+def _sgd(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+    lr, wd = _f(group["lr"]), group["weight_decay"]
+    mu, damp, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+    d = -g if group.get("maximize", False) else g
+    if wd:
+        d = d + wd * x
+    if mu:
+        buf = state.get("momentum_buffer")
+        b = d if buf is None else mu * buf.float() + (1 - damp) * d
+        d = d + mu * b if nesterov else b
+    return x - lr * d
+
+
+@torch.no_grad()
+def apply_lookahead_(optimizer: torch.optim.Optimizer, grads: dict[torch.nn.Parameter, torch.Tensor], kind: str) -> None:
+    """Overwrite each parameter in `grads` with y = ModelUpdate(x, g); the optimizer's state is not changed."""
+    decoupled_adam = isinstance(optimizer, torch.optim.AdamW)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = grads.get(p)
+            if g is None:
+                continue
+            x, state = p.detach().float(), optimizer.state.get(p, {})
+            if kind == "sgd":
+                y = x - _f(group["lr"]) * g
+            elif isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
+                y = _adam(x, g, group, state, decoupled_adam or group.get("decoupled_weight_decay", False))
+            elif isinstance(optimizer, torch.optim.SGD):
+                y = _sgd(x, g, group, state)
+            else:
+                raise TypeError(f"no closed-form lookahead for {type(optimizer).__name__}; use lookahead=sgd")
+            p.copy_(y.to(p.dtype))

@@ -1,0 +1,143 @@
+"""Recipe data: a Hub dataset, a local image folder or local csv/jsonl, made ready for classification.
+
+Images go through the model's image processor on the fly (no torchvision);
+text is tokenized once with the model's tokenizer. Both keep exactly the
+model's inputs plus `labels`, so Trainer needs no column pruning.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .schema import DataSpec, RecipeError
+
+# GLUE's input columns, in the order tried when data.text_columns is not given.
+GLUE_TEXT_COLUMNS = [
+    ("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
+    ("premise", "hypothesis"), ("sentence",), ("text",),
+]
+LABEL_COLUMNS = ("label", "labels", "fine_label")
+EVAL_SPLITS = ("validation", "validation_matched", "test")
+
+
+@dataclass
+class Splits:
+    train: object  # datasets.Dataset
+    eval: object
+    kind: str  # "image" or "text"
+    label_column: str
+    label_names: list[str] | None  # None: a regression target (e.g. STS-B)
+    image_column: str | None = None
+    text_columns: tuple[str, ...] = ()
+
+
+def load_splits(spec: DataSpec, seed: int) -> Splits:
+    ds = _load(spec)
+    if spec.train_split not in ds:
+        raise RecipeError(f"data.train_split: no split {spec.train_split!r}; splits: {', '.join(ds)}")
+    train = ds[spec.train_split]
+    eval_name = spec.eval_split or next((s for s in EVAL_SPLITS if s in ds and s != spec.train_split), None)
+    if spec.eval_split and spec.eval_split not in ds:
+        raise RecipeError(f"data.eval_split: no split {spec.eval_split!r}; splits: {', '.join(ds)}")
+    if eval_name is None:  # e.g. an image folder with no test/ subfolder
+        parts = train.train_test_split(test_size=spec.eval_fraction, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    else:
+        evaluation = ds[eval_name]
+    train = _limit(train, spec.max_train_samples, seed)
+    evaluation = _limit(evaluation, spec.max_eval_samples, seed)
+    return _describe(train, evaluation, spec)
+
+
+def _load(spec: DataSpec):
+    import datasets
+
+    if spec.dataset:
+        key, args, kwargs = "dataset", (spec.dataset, spec.dataset_config), {}
+    elif spec.image_folder:
+        if not Path(spec.image_folder).is_dir():
+            raise RecipeError(f"data.image_folder: {spec.image_folder!r} is not a directory")
+        key, args, kwargs = "image_folder", ("imagefolder",), {"data_dir": spec.image_folder}
+    else:
+        files = {"train": spec.train_file, "validation": spec.validation_file}
+        files = {split: f for split, f in files.items() if f}
+        for f in files.values():
+            if not Path(f).is_file():
+                raise RecipeError(f"data: no file {f!r}")
+        fmt = "csv" if Path(spec.train_file).suffix.lower() == ".csv" else "json"
+        key, args, kwargs = "train_file", (fmt,), {"data_files": files}
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # offline without a cache, a bad file, ...: say which key to change
+        raise RecipeError(f"data.{key} {getattr(spec, key)!r}: could not load it ({type(err).__name__}: {err}). "
+                          "Offline? Point the recipe at local data with --data.image_folder DIR "
+                          "or --data.train_file FILE") from err
+
+
+def _limit(ds, n: int | None, seed: int):
+    return ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+
+
+def _describe(train, evaluation, spec: DataSpec) -> Splits:
+    import datasets
+
+    features = train.features
+    label = spec.label_column or next((c for c in LABEL_COLUMNS if c in features), None)
+    if label not in features:
+        raise RecipeError(f"data.label_column: no label column {label!r}; columns: {', '.join(features)}")
+    if isinstance(features[label], datasets.ClassLabel):
+        names = list(features[label].names)
+    elif features[label].dtype.startswith("float"):
+        names = None
+    else:
+        values = set(train[label])
+        if min(values) < 0:
+            raise RecipeError(f"data: labels in {label!r} must be >= 0 (unlabelled test split?)")
+        names = [str(i) for i in range(max(values) + 1)]
+    image = spec.image_column or next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+    if image is not None:
+        if image not in features:
+            raise RecipeError(f"data.image_column: no column {image!r}; columns: {', '.join(features)}")
+        return Splits(train, evaluation, "image", label, names, image_column=image)
+    text = tuple(spec.text_columns or next((k for k in GLUE_TEXT_COLUMNS if all(c in features for c in k)), ()))
+    missing = [c for c in text if c not in features]
+    if not text or missing:
+        raise RecipeError(f"data.text_columns: found no image column and no text columns "
+                          f"{missing or ''} in {', '.join(features)}; set data.text_columns or data.image_column")
+    return Splits(train, evaluation, "text", label, names, text_columns=text)
+
+
+def prepare(splits: Splits, spec: DataSpec, processor, model_config):
+    """(train, eval, data_collator) holding only the model's inputs and `labels`."""
+    if splits.kind == "image":
+        mode = "L" if getattr(model_config, "num_channels", 3) == 1 else "RGB"
+        train = splits.train.with_transform(_image_transform(splits, processor, mode, spec.hflip))
+        evaluation = splits.eval.with_transform(_image_transform(splits, processor, mode, False))
+        return train, evaluation, None
+    from transformers import DataCollatorWithPadding
+
+    def tokenize(batch):
+        texts = [batch[c] for c in splits.text_columns]
+        out = processor(*texts, truncation=True, max_length=spec.max_length)
+        out["labels"] = batch[splits.label_column]
+        return out
+
+    def encode(ds):
+        return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+
+    return encode(splits.train), encode(splits.eval), DataCollatorWithPadding(processor)
+
+
+def _image_transform(splits: Splits, processor, mode: str, hflip: bool):
+    from PIL import ImageOps
+
+    def transform(batch):
+        images = [img.convert(mode) for img in batch[splits.image_column]]
+        if hflip:
+            images = [ImageOps.mirror(im) if random.random() < 0.5 else im for im in images]
+        pixels = processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": batch[splits.label_column]}
+
+    return transform

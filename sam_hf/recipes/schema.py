@@ -1,0 +1,405 @@
+"""Recipe schema: load a YAML recipe, apply `extends` and command-line overrides, validate.
+
+A recipe has four sections. `model`, `data` and `method` have fixed keys (the
+dataclasses below); `training` takes any `transformers.TrainingArguments` field.
+Every error names the offending key as the user wrote it, with a suggestion
+when the key looks like a typo.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SHARPNESS_OPTIMS = ("sam", "msam", "sampa", "asyncsam")
+# The optim_args keys of the sam_hf contract (SharpnessConfig checks their values).
+OPTIM_ARG_KEYS = (
+    "rho", "adaptive", "eta", "lam", "micro_batches", "ascent_batch_ratio",
+    "base", "lookahead", "parallel", "sync_ascent",
+)
+RECIPE_DIR = Path(__file__).parent
+
+
+class RecipeError(ValueError):
+    """A recipe or an override is invalid; the message says which key and why."""
+
+
+@dataclass
+class ModelSpec:
+    name_or_path: str | None = None  # Hub id or local directory of a checkpoint
+    config: dict | None = None  # or build a fresh model: {model_type: vit, hidden_size: 64, ...}
+    processor: str | None = None  # image processor / tokenizer location, when not name_or_path
+
+
+@dataclass
+class DataSpec:
+    dataset: str | None = None  # Hub dataset: cifar10, cifar100, glue, ...
+    dataset_config: str | None = None  # its configuration, e.g. the GLUE task (sst2)
+    image_folder: str | None = None  # local folder in `imagefolder` layout (split/class/img.png)
+    train_file: str | None = None  # local csv or json lines
+    validation_file: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None  # default: validation, else test, else held out from train
+    eval_fraction: float = 0.1  # held-out share of train when there is no eval split
+    image_column: str | None = None  # default: the first Image column
+    label_column: str | None = None  # default: label, labels or fine_label
+    text_columns: list | None = None  # default: GLUE's column names found in the data
+    max_length: int = 128  # tokenizer truncation
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    hflip: bool = False  # random horizontal flip of training images
+
+
+@dataclass
+class MethodSpec:
+    optim: str = "adamw_torch"  # sam, msam, sampa, asyncsam or any transformers optimizer
+    optim_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    model: ModelSpec
+    data: DataSpec
+    training: dict
+    method: MethodSpec
+
+    def optim_args_string(self) -> str | None:
+        """optim_args in the "k=v,k=v" form TrainingArguments takes."""
+        args = self.method.optim_args
+        if not args:
+            return None
+        fmt = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+        return ",".join(f"{k}={fmt(v)}" for k, v in args.items())
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "description": self.description,
+            "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+            "training": dict(self.training), "method": dataclasses.asdict(self.method),
+        }
+
+
+SPECS = {"model": ModelSpec, "data": DataSpec, "method": MethodSpec}
+SECTIONS = ("model", "data", "training", "method")
+TOP_LEVEL = ("name", "description", "extends") + SECTIONS
+
+# Choosing one source replaces the recipe's other sources: `--data.image_folder x`
+# on a CIFAR recipe drops `dataset`, `--model.config.* ...` drops `name_or_path`.
+EXCLUSIVE = {
+    "model": [("name_or_path",), ("config",)],
+    "data": [("dataset", "dataset_config"), ("image_folder",), ("train_file", "validation_file")],
+}
+# A method's arguments belong to it: a new `optim` starts from empty optim_args.
+DEPENDENT = {"method": {"optim": ("optim_args",)}}
+
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _training_fields() -> dict:
+    from transformers import TrainingArguments
+
+    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+def resolve(recipe: str, relative_to: Path | None = None) -> Path:
+    """A path to a YAML file, or the name of a recipe shipped with sam_hf."""
+    candidates = [Path(recipe)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / recipe)
+    for path in candidates:
+        for p in (path, path.with_name(path.name + ".yaml")):
+            if p.is_file():
+                return p
+    shipped = shipped_recipes()
+    name = Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+    if name in shipped:
+        return shipped[name]
+    raise RecipeError(f"no recipe file or shipped recipe named {recipe!r}{_suggest(name, shipped)}; "
+                      f"shipped: {', '.join(shipped)}")
+
+
+def _read(path: Path, seen: tuple = ()) -> dict:
+    """Raw dict of one recipe with its `extends` chain merged underneath."""
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: `extends` loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with sections {', '.join(SECTIONS)}")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise RecipeError(f"{path}: unknown top-level key {key!r}{_suggest(key, TOP_LEVEL)}; "
+                              f"allowed: {', '.join(TOP_LEVEL)}")
+    parent = raw.pop("extends", None)
+    raw.setdefault("name", path.stem)
+    if parent is None:
+        return raw
+    base = _read(resolve(parent, relative_to=path.parent), seen + (path.resolve(),))
+    base.pop("name", None)
+    base.pop("description", None)
+    return merge(base, raw)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge `update` into a copy of `base`, applying the EXCLUSIVE and DEPENDENT rules."""
+    out = copy.deepcopy(base)
+    for section, value in update.items():
+        if not (isinstance(value, dict) and isinstance(out.get(section), dict)):
+            out[section] = copy.deepcopy(value)
+            continue
+        target = out[section]
+        groups = EXCLUSIVE.get(section, [])
+        touched = [g for g in groups if any(k in value for k in g)]
+        for group in groups:
+            if touched and group not in touched:
+                for k in group:
+                    target.pop(k, None)
+        for key, dropped in DEPENDENT.get(section, {}).items():
+            if key in value:
+                for k in dropped:
+                    if k not in value:
+                        target.pop(k, None)
+        _deep_update(target, value)
+    return out
+
+
+def _deep_update(target: dict, value: dict) -> None:
+    for k, v in value.items():
+        if isinstance(v, dict) and isinstance(target.get(k), dict):
+            _deep_update(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--section.key value` (or `--section.key=value`) pairs into a nested dict.
+
+    Values are read as YAML scalars (1, 0.1, true, null, [a, b]); a flag with no
+    value means true. Paths are checked here so the error names the flag.
+    """
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise RecipeError(f"expected --section.key value, got {arg!r}")
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                text, i = argv[i + 1], i + 1
+            else:
+                text = "true"
+        i += 1
+        path = key.split(".")
+        _check_path(path, flag=f"--{key}")
+        value = _scalar(text)
+        if path[-1] == "optim_args" and isinstance(value, str):
+            value = _parse_optim_args(value, f"--{key}")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--{key}: conflicts with an earlier override of {part!r}")
+        node[path[-1]] = value
+    return out
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _parse_optim_args(text: str, where: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise RecipeError(f"{where}: expected key=value pairs like 'rho=0.05,lam=0.2', got {item!r}")
+        out[k.strip()] = _scalar(v.strip())
+    return out
+
+
+def _check_path(path: list[str], flag: str) -> None:
+    section = path[0]
+    if section in ("name", "description"):
+        if len(path) > 1:
+            raise RecipeError(f"{flag}: {section!r} takes a value, not sub-keys")
+        return
+    if section not in SECTIONS:
+        raise RecipeError(f"{flag}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
+                          f"sections: {', '.join(SECTIONS)}")
+    if len(path) == 1:
+        raise RecipeError(f"{flag}: name a key inside {section!r}, e.g. --{section}.KEY VALUE")
+    key = path[1]
+    if section == "training":
+        _check_training_key(key, flag)
+        return
+    known = [f.name for f in dataclasses.fields(SPECS[section])]
+    if key not in known:
+        raise RecipeError(f"{flag}: {section} has no key {key!r}{_suggest(key, known)}; "
+                          f"keys: {', '.join(known)}")
+    if len(path) > 2 and key not in ("config", "optim_args"):
+        raise RecipeError(f"{flag}: {section}.{key} takes a value, not sub-keys")
+    if key == "optim_args" and len(path) > 2:
+        _check_optim_arg(path[2], flag)
+
+
+def _check_training_key(key: str, where: str) -> None:
+    if key in ("optim", "optim_args"):
+        raise RecipeError(f"{where}: set the optimizer in the method section (method.{key})")
+    fields = _training_fields()
+    if key not in fields:
+        raise RecipeError(f"{where}: {key!r} is not a TrainingArguments field{_suggest(key, fields)}")
+
+
+def _check_optim_arg(key: str, where: str) -> None:
+    if key not in OPTIM_ARG_KEYS:
+        raise RecipeError(f"{where}: unknown optim_args key {key!r}{_suggest(key, OPTIM_ARG_KEYS)}; "
+                          f"keys: {', '.join(OPTIM_ARG_KEYS)}")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | dict | None = None) -> Recipe:
+    """Read RECIPE (path or shipped name), apply overrides, return a validated Recipe."""
+    path = resolve(str(recipe))
+    raw = _read(path)
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        raw = merge(raw, overrides)
+    try:
+        return validate(raw)
+    except RecipeError as err:
+        raise RecipeError(f"{path.name}: {err}") from None
+
+
+def validate(raw: dict) -> Recipe:
+    sections = {}
+    for section in SECTIONS:
+        value = raw.get(section) or {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"{section}: expected a mapping, got {value!r}")
+        sections[section] = value
+    for key in sections["training"]:
+        _check_training_key(key, f"training.{key}")
+    training = {k: _coerce(v, _training_fields()[k], f"training.{k}") for k, v in sections["training"].items()}
+    if isinstance(sections["method"].get("optim_args"), str):  # the "rho=0.05,lam=0.2" form
+        sections["method"] = {**sections["method"],
+                              "optim_args": _parse_optim_args(sections["method"]["optim_args"], "method.optim_args")}
+    model = _build(ModelSpec, sections["model"], "model")
+    data = _build(DataSpec, sections["data"], "data")
+    method = _build(MethodSpec, sections["method"], "method")
+    _check_model(model)
+    _check_data(data)
+    _check_method(method)
+    return Recipe(name=str(raw.get("name", "recipe")), description=str(raw.get("description", "")).strip(),
+                  model=model, data=data, training=training, method=method)
+
+
+def _build(cls, values: dict, section: str):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise RecipeError(f"{section} has no key {key!r}{_suggest(key, known)}; keys: {', '.join(known)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a value against a field's type; turn strings like '1e-4' into numbers.
+
+    YAML reads `1e-4` as a string (YAML 1.1 floats need a dot), so numbers
+    written that way are converted here instead of failing deep inside training.
+    """
+    if value is None:
+        return None
+    allowed = set(typing.get_args(annotation)) or {annotation}
+    origins = {typing.get_origin(t) or t for t in allowed}
+    if str in origins or typing.Any in origins or any(getattr(t, "__module__", "") == "typing" for t in origins):
+        return value
+    if bool in origins:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if not ({int, float} & origins):
+            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    if {int, float} & origins and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return int(value) if float not in origins and float(value).is_integer() else value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                return int(number) if float not in origins and number.is_integer() else number
+        kind = "a number" if float in origins else "an integer"
+        raise RecipeError(f"{where}: expected {kind}, got {value!r}")
+    if dict in origins and not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+    if list in origins and not isinstance(value, list):
+        return [value]
+    return value
+
+
+def _check_model(model: ModelSpec) -> None:
+    if (model.name_or_path is None) == (model.config is None):
+        raise RecipeError("model: give exactly one of name_or_path (a checkpoint) or config (a fresh model)")
+    if model.config is not None and "model_type" not in model.config:
+        raise RecipeError("model.config: needs model_type (e.g. vit, bert) to build a model from config")
+
+
+def _check_data(data: DataSpec) -> None:
+    sources = [k for k in ("dataset", "image_folder", "train_file") if getattr(data, k)]
+    if len(sources) != 1:
+        raise RecipeError("data: give exactly one source: dataset (Hub), image_folder or train_file "
+                          f"(got {', '.join(sources) or 'none'})")
+    if data.validation_file and not data.train_file:
+        raise RecipeError("data.validation_file: needs data.train_file")
+    if data.dataset_config and not data.dataset:
+        raise RecipeError("data.dataset_config: needs data.dataset")
+    for key in ("train_file", "validation_file"):
+        value = getattr(data, key)
+        if value and Path(value).suffix.lower() not in (".csv", ".json", ".jsonl"):
+            raise RecipeError(f"data.{key}: expected a .csv, .json or .jsonl file, got {value!r}")
+    if not 0 < data.eval_fraction < 1:
+        raise RecipeError(f"data.eval_fraction: must be in (0, 1), got {data.eval_fraction}")
+
+
+def _check_method(method: MethodSpec) -> None:
+    if not isinstance(method.optim_args, dict):
+        raise RecipeError(f"method.optim_args: expected a mapping like {{rho: 0.05}}, got {method.optim_args!r}")
+    if method.optim in SHARPNESS_OPTIMS:
+        for key in method.optim_args:
+            _check_optim_arg(key, f"method.optim_args.{key}")

@@ -1,0 +1,214 @@
+"""SharpnessMixin and SharpnessTrainer: the methods inside `Trainer.training_step`.
+
+Trainer calls `training_step` once per micro-batch of a gradient-accumulation
+cycle and steps the optimizer after the last one. The mixin holds the cycle's
+micro-batches and, on the last one, lets the method compute the step's
+gradient from all of them (DESIGN.md: with accumulation, B_t is the whole
+accumulated batch). Everything after that (clipping, the GradScaler's
+overflow check, the optimizer and scheduler steps, logging, checkpointing) is
+Trainer's own code, untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.training_args import OptimizerNames
+
+from . import lookahead
+from .batching import TrainerBatch
+from .config import METHODS, SharpnessConfig, SharpnessConfigError
+from .methods import METHOD_CLASSES
+from .optimizer import SharpnessOptimizer
+
+# Reported as a count per logging interval; every other sam/ metric is averaged over it.
+COUNTED_METRICS = ("sam/skipped_ascent",)
+
+
+def is_sharpness_optim(optim) -> bool:
+    return str(getattr(optim, "value", optim)) in METHODS
+
+
+class _MetricMeter:
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] += 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: float(v) if k in COUNTED_METRICS else float(v) / self.counts[k] for k, v in self.sums.items()}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(modules: list[nn.Module]):
+    """Leave BatchNorm running statistics as they were before the pass."""
+    saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None}) for m in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in saved:
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
+
+
+class TrainerPasses:
+    """Forward + backward exactly as `Trainer.training_step` does them (see methods/base.py)."""
+
+    def __init__(self, trainer: "SharpnessMixin", model: nn.Module, num_items_in_batch):
+        self.trainer = trainer
+        self.model = model
+        self.num_items_in_batch = num_items_in_batch
+        self.batchnorms = trainer._sharpness_batchnorms
+
+    def backward(self, batch, fraction: float = 1.0, clean: bool = True) -> torch.Tensor:
+        t = self.trainer
+        whole = fraction >= 1.0
+        # A slice of a micro-batch has no count of its own: its loss is the model's mean, weighted by its share.
+        num_items = getattr(batch, "num_items_in_batch", self.num_items_in_batch) if whole else None
+        freeze = not clean and t.sharpness_config.bn_stats == "clean" and self.batchnorms
+        with _frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext():
+            with t.compute_loss_context_manager():
+                loss = t.compute_loss(self.model, batch, num_items_in_batch=num_items)
+        if t.args.n_gpu > 1:
+            loss = loss.mean()
+        if t.loss_is_scaled_for_ga is not None and whole:
+            scaled_for_ga = t.loss_is_scaled_for_ga
+        else:  # Trainer's rule: the loss was normalised by num_items_in_batch already
+            scaled_for_ga = (t.model_accepts_loss_kwargs and num_items is not None) or t.compute_loss_func is not None
+        if not scaled_for_ga:
+            loss = loss * fraction / t.current_gradient_accumulation_steps
+        t.accelerator.backward(loss)
+        return loss.detach()
+
+    def loss_scale(self) -> float:
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        return 1.0
+
+    def all_reduce_grads(self, params) -> None:
+        pass  # one process; the data-parallel host overrides this
+
+
+class SharpnessMixin:
+    """Adds SAM, mSAM, SAMPa and Asynchronous SAM to any `transformers.Trainer` subclass.
+
+    Active when `args.optim` is one of `sam`, `msam`, `sampa`, `asyncsam`;
+    with any other optimizer the trainer behaves exactly like its base class.
+    Compose it in front of the Trainer class: `class MyTrainer(SharpnessMixin, SFTTrainer)`.
+    """
+
+    sharpness_config: SharpnessConfig | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sharpness_setup()
+
+    # ---- set-up, before training starts -------------------------------------
+    def _sharpness_setup(self) -> None:
+        if getattr(self, "_sharpness_ready", False):
+            return
+        self._sharpness_ready = True
+        if not is_sharpness_optim(self.args.optim):
+            self.sharpness_config = None
+            return
+        cfg = SharpnessConfig.from_optim_args(self.args.optim, self.args.optim_args)
+        self.sharpness_config = cfg
+        self._check_combination(cfg)
+        self._sharpness_held: list[TrainerBatch] = []
+        self._sharpness_meter = _MetricMeter()
+        self._sharpness_optimizer: SharpnessOptimizer | None = None
+        self._sharpness_batchnorms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                      and m.track_running_stats]
+
+    def _check_combination(self, cfg: SharpnessConfig) -> None:
+        name, args = cfg.method, self.args
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise SharpnessConfigError(
+                f"optim={name} does not run under DeepSpeed: its engine owns the backward pass and the step, so "
+                "there is no gradient to perturb in between; drop --deepspeed and use torchrun/accelerate DDP")
+        if getattr(self, "is_fsdp_enabled", False):
+            raise SharpnessConfigError(
+                f"optim={name} does not support FSDP yet (perturbing sharded parameters needs a sharded norm); "
+                "drop --fsdp and use torchrun/accelerate DDP, or PEFT/LoRA to fit the model")
+        if args.n_gpu > 1:
+            raise SharpnessConfigError(
+                f"optim={name} does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); "
+                "launch one process per GPU: torchrun --nproc_per_node N script.py ...")
+        if cfg.method == "msam":
+            samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
+            if cfg.micro_batches > samples:
+                raise SharpnessConfigError(
+                    f"optim_args: micro_batches={cfg.micro_batches} is larger than the {samples} samples of a step "
+                    f"(per_device_train_batch_size={args.per_device_train_batch_size} x "
+                    f"gradient_accumulation_steps={args.gradient_accumulation_steps}); use micro_batches <= {samples}")
+
+    def create_optimizer(self, model=None):
+        if self.sharpness_config is None:
+            return super().create_optimizer(model)
+        if isinstance(self.optimizer, SharpnessOptimizer):
+            return self.optimizer
+        cfg = self.sharpness_config
+        if self.optimizer is None:  # build the base optimizer the way Trainer builds `--optim {base}`
+            user_choice = self.optimizer_cls_and_kwargs
+            if user_choice is None:
+                base_args = copy.copy(self.args)
+                base_args.optim = OptimizerNames(cfg.base)
+                base_args.optim_args = cfg.base_optim_args_string()
+                self.optimizer_cls_and_kwargs = self.get_optimizer_cls_and_kwargs(base_args, model or self.model)
+            try:
+                super().create_optimizer(model)
+            finally:
+                self.optimizer_cls_and_kwargs = user_choice
+        base = self.optimizer
+        if cfg.method == "sampa" and cfg.lookahead == "optimizer" and not lookahead.supports(base):
+            raise SharpnessConfigError(
+                f"optim_args: lookahead=optimizer has no closed form for {type(base).__name__}; "
+                "use lookahead=sgd or an AdamW/Adam/SGD base optimizer")
+        method = METHOD_CLASSES[cfg.method](cfg, base, max_grad_norm=self.args.max_grad_norm)
+        self.optimizer = self._sharpness_optimizer = SharpnessOptimizer(base, method)
+        return self.optimizer
+
+    # ---- one step -----------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.sharpness_config is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        self._sharpness_held.append(TrainerBatch.of(self._prepare_inputs(inputs), num_items_in_batch))
+        if not self.accelerator.sync_gradients:  # more micro-batches of this step to come
+            return torch.zeros((), device=self.args.device)
+        batches, self._sharpness_held = self._sharpness_held, []
+        result = self._sharpness_step(model, batches, num_items_in_batch)
+        self._sharpness_optimizer.skip_next_step = result.skip_update
+        self._sharpness_meter.add(result.metrics)
+        return result.loss.detach()
+
+    def _sharpness_step(self, model, batches, num_items_in_batch):
+        passes = TrainerPasses(self, model, num_items_in_batch)
+        return self._sharpness_optimizer.method.step(batches, passes)
+
+    # ---- metrics -------------------------------------------------------------
+    def log(self, logs, *args, **kwargs):
+        if self.sharpness_config is not None and "loss" in logs and self._sharpness_meter.sums:
+            logs = {**logs, **self._sharpness_meter.pop()}
+        return super().log(logs, *args, **kwargs)
+
+
+class SharpnessTrainer(SharpnessMixin, Trainer):
+    """`transformers.Trainer` with `--optim sam|msam|sampa|asyncsam` (see SharpnessMixin)."""
