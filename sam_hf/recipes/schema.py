@@ -18,12 +18,8 @@ from typing import Any
 
 import yaml
 
-SHARPNESS_OPTIMS = ("sam", "msam", "sampa", "asyncsam")
-# The optim_args keys of the sam_hf contract (SharpnessConfig checks their values).
-OPTIM_ARG_KEYS = (
-    "rho", "adaptive", "eta", "lam", "micro_batches", "ascent_batch_ratio",
-    "base", "lookahead", "parallel", "sync_ascent",
-)
+from ..config import METHODS, SharpnessConfig, SharpnessConfigError
+
 RECIPE_DIR = Path(__file__).parent
 
 
@@ -266,8 +262,6 @@ def _check_path(path: list[str], flag: str) -> None:
                           f"keys: {', '.join(known)}")
     if len(path) > 2 and key not in ("config", "optim_args"):
         raise RecipeError(f"{flag}: {section}.{key} takes a value, not sub-keys")
-    if key == "optim_args" and len(path) > 2:
-        _check_optim_arg(path[2], flag)
 
 
 def _check_training_key(key: str, where: str) -> None:
@@ -276,12 +270,6 @@ def _check_training_key(key: str, where: str) -> None:
     fields = _training_fields()
     if key not in fields:
         raise RecipeError(f"{where}: {key!r} is not a TrainingArguments field{_suggest(key, fields)}")
-
-
-def _check_optim_arg(key: str, where: str) -> None:
-    if key not in OPTIM_ARG_KEYS:
-        raise RecipeError(f"{where}: unknown optim_args key {key!r}{_suggest(key, OPTIM_ARG_KEYS)}; "
-                          f"keys: {', '.join(OPTIM_ARG_KEYS)}")
 
 
 # ---------------------------------------------------------------- validation
@@ -319,9 +307,10 @@ def validate(raw: dict) -> Recipe:
     method = _build(MethodSpec, sections["method"], "method")
     _check_model(model)
     _check_data(data)
-    _check_method(method)
-    return Recipe(name=str(raw.get("name", "recipe")), description=str(raw.get("description", "")).strip(),
-                  model=model, data=data, training=training, method=method)
+    recipe = Recipe(name=str(raw.get("name", "recipe")), description=str(raw.get("description", "")).strip(),
+                    model=model, data=data, training=training, method=method)
+    _check_method(recipe)
+    return recipe
 
 
 def _build(cls, values: dict, section: str):
@@ -397,9 +386,10 @@ def _check_data(data: DataSpec) -> None:
         raise RecipeError(f"data.eval_fraction: must be in (0, 1), got {data.eval_fraction}")
 
 
-def _check_method(method: MethodSpec) -> None:
-    if not isinstance(method.optim_args, dict):
-        raise RecipeError(f"method.optim_args: expected a mapping like {{rho: 0.05}}, got {method.optim_args!r}")
-    if method.optim in SHARPNESS_OPTIMS:
-        for key in method.optim_args:
-            _check_optim_arg(key, f"method.optim_args.{key}")
+def _check_method(recipe: Recipe) -> None:
+    """Sharpness methods: SharpnessConfig checks optim_args now, not after the data has loaded."""
+    if recipe.method.optim in METHODS:
+        try:
+            SharpnessConfig.from_optim_args(recipe.method.optim, recipe.optim_args_string())
+        except SharpnessConfigError as err:
+            raise RecipeError(f"method.{err}") from None

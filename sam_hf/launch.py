@@ -1,0 +1,49 @@
+"""Run an unmodified Hugging Face training script with the sam_hf optimizer names.
+
+    sam-hf launch run_glue.py --optim sampa --optim_args "rho=0.05,lam=0.2" ...
+    python -m sam_hf.launch run_glue.py ...
+    torchrun --nproc_per_node 2 -m sam_hf.launch run_glue.py ...
+    accelerate launch --num_processes 2 -m sam_hf.launch run_glue.py ...
+    sam-hf launch -m some.package.module ...
+
+`import sam_hf` registers `sam`, `msam`, `sampa`, `asyncsam` as `--optim`
+choices and makes whatever Trainer the script builds run them; the script
+then runs as `__main__` with its own `sys.argv`, as if started directly.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+USAGE = "usage: sam-hf launch SCRIPT.py [ARGS...]  |  sam-hf launch -m MODULE [ARGS...]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    import sam_hf  # noqa: F401  (registers the names and patches Trainer)
+
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            print(USAGE, file=sys.stderr)
+            return 2
+        module, args = argv[1], argv[2:]
+        sys.argv = [module, *args]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return 0
+    script, args = argv[0], argv[1:]
+    if not os.path.isfile(script):
+        print(f"sam-hf launch: no such script: {script}\n{USAGE}", file=sys.stderr)
+        return 2
+    sys.argv = [script, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script.py` does
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Every bad `optim_args` fails before the first step, naming the key, the value and what would work."""
+
+import pytest
+import torch
+
+import sam_hf
+from sam_hf import SharpnessConfig, SharpnessConfigError
+from tiny import MeanLossModel, args, vector_data
+
+BAD = [
+    ("sam", "rho=0", ["rho=0.0", "> 0"]),
+    ("sam", "rho=-0.1", ["rho=-0.1", "> 0"]),
+    ("sam", "rho=big", ["rho='big'", "not a number"]),
+    ("sam", "rho=nan", ["rho='nan'", "finite"]),
+    ("sam", "adaptive=maybe", ["adaptive='maybe'", "adaptive=true"]),
+    ("sam", "eta=-1", ["eta=-1.0", ">= 0"]),
+    ("sampa", "lam=1.5", ["lam=1.5", "[0, 1]"]),
+    ("sampa", "lam=-0.1", ["lam=-0.1", "[0, 1]"]),
+    ("msam", "micro_batches=0", ["micro_batches=0", ">= 1"]),
+    ("msam", "micro_batches=2.5", ["micro_batches='2.5'", "integer"]),
+    ("asyncsam", "ascent_batch_ratio=0", ["ascent_batch_ratio=0.0", "(0, 1]"]),
+    ("asyncsam", "ascent_batch_ratio=1.5", ["ascent_batch_ratio=1.5", "(0, 1]"]),
+    ("sampa", "lookahead=adam", ["lookahead='adam'", "optimizer", "sgd"]),
+    ("sam", "parallel=maybe", ["parallel='maybe'", "auto, on or off"]),
+    ("sam", "sync_ascent=2", ["sync_ascent='2'", "true"]),
+    ("sam", "bn_stats=never", ["bn_stats='never'", "clean"]),
+    ("sam", "rhoo=0.1", ["rhoo='0.1'", "unknown key", "rho"]),
+    ("sam", "momentum=0.9", ["momentum='0.9'", "unknown key"]),  # momentum is sgd's, not adamw's
+    ("sam", "base=sgd,momentun=0.9", ["momentun", "sgd takes", "momentum"]),
+    ("sam", "base=adamw_nope", ["base='adamw_nope'", "adamw_torch"]),
+    ("sam", "base=sampa", ["base='sampa'", "plain optimizer"]),
+    ("sam", "base=lomo", ["base='lomo'", "adamw_torch"]),
+    ("sampa", "base=adagrad", ["lookahead=optimizer", "base='adagrad'", "lookahead=sgd"]),
+    ("sam", "rho", ["'rho'", "key=value"]),
+    ("sam", "rho=0.1,rho=0.2", ["'rho'", "twice"]),
+]
+
+
+@pytest.mark.parametrize("method,optim_args,needles", BAD, ids=[b[1] for b in BAD])
+def test_bad_optim_args_fail_before_training(tmp_path, method, optim_args, needles):
+    with pytest.raises(SharpnessConfigError) as err:
+        sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, method, optim_args),
+                                train_dataset=vector_data())
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_micro_batches_larger_than_the_step_batch(tmp_path):
+    with pytest.raises(SharpnessConfigError, match=r"micro_batches=16 .* 8 samples .* micro_batches <= 8"):
+        sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, "msam", "micro_batches=16"),
+                                train_dataset=vector_data())
+    # with accumulation the step's batch is larger, so 16 fits
+    sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, "msam", "micro_batches=16",
+                                                             gradient_accumulation_steps=2),
+                            train_dataset=vector_data())
+
+
+def test_defaults_and_values():
+    cfg = SharpnessConfig.from_optim_args("sampa", None)
+    assert (cfg.rho, cfg.lam, cfg.adaptive, cfg.eta, cfg.micro_batches, cfg.base, cfg.lookahead, cfg.parallel) == (
+        0.05, 0.2, False, 0.01, 8, "adamw_torch", "optimizer", "auto")
+    cfg = SharpnessConfig.from_optim_args("asyncsam", " rho=0.1, ascent_batch_ratio=auto, adaptive=TRUE ")
+    assert (cfg.rho, cfg.ascent_batch_ratio, cfg.adaptive) == (0.1, "auto", True)
+
+
+def test_base_optimizer_keys_pass_through(tmp_path):
+    trainer = sam_hf.SharpnessTrainer(
+        model=MeanLossModel(), train_dataset=vector_data(),
+        args=args(tmp_path, "sam", "rho=0.1,base=sgd,momentum=0.9,nesterov=true", max_steps=1))
+    trainer.train()
+    base = trainer._sharpness_optimizer.base
+    assert isinstance(base, torch.optim.SGD)
+    assert base.defaults["momentum"] == 0.9 and base.defaults["nesterov"] is True
+    assert trainer.sharpness_config.rho == 0.1
