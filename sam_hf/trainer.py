@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections import defaultdict
 
 import torch
@@ -20,11 +21,16 @@ from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
-from . import lookahead
+import time
+
+from . import lookahead, parallel
 from .batching import TrainerBatch
 from .config import METHODS, SharpnessConfig, SharpnessConfigError
 from .methods import METHOD_CLASSES
+from .methods.base import grads_fp32
 from .optimizer import SharpnessOptimizer
+
+logger = logging.getLogger(__name__)
 
 # Reported as a count per logging interval; every other sam/ metric is averaged over it.
 COUNTED_METRICS = ("sam/skipped_ascent",)
@@ -70,7 +76,9 @@ class TrainerPasses:
 
     def __init__(self, trainer: "SharpnessMixin", model: nn.Module, num_items_in_batch):
         self.trainer = trainer
-        self.model = model
+        # The passes run on the bare module: DDP's hooks would average the two roles' gradients, and the
+        # data-parallel reductions happen where the method asks for them (`all_reduce_grads`).
+        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.num_items_in_batch = num_items_in_batch
         self.batchnorms = trainer._sharpness_batchnorms
 
@@ -101,7 +109,15 @@ class TrainerPasses:
         return 1.0
 
     def all_reduce_grads(self, params) -> None:
-        pass  # one process; the data-parallel host overrides this
+        plan = self.trainer._sharpness_plan
+        if plan.mode != "data":  # one process, or role mode where the exchange does the averaging
+            return
+        step = self.trainer.state.global_step
+        reduced = parallel.all_reduce_mean([p.grad for p in params], params, plan,
+                                           f"the gradient all-reduce at step {step}")
+        with torch.no_grad():
+            for p, g in zip(params, reduced):
+                p.grad = None if g is None else g.to(p.dtype)
 
 
 class SharpnessMixin:
@@ -134,6 +150,10 @@ class SharpnessMixin:
         self._sharpness_optimizer: SharpnessOptimizer | None = None
         self._sharpness_batchnorms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                                       and m.track_running_stats]
+        self._sharpness_plan = parallel.make_plan(cfg, self.args.device, float(self.args.ddp_timeout))
+        self._check_world(cfg, self._sharpness_plan)
+        if self._sharpness_plan.distributed:
+            logger.info("sam_hf: %s runs %s", cfg.method, self._sharpness_plan.describe())
 
     def _check_combination(self, cfg: SharpnessConfig) -> None:
         name, args = cfg.method, self.args
@@ -157,6 +177,19 @@ class SharpnessMixin:
                     f"(per_device_train_batch_size={args.per_device_train_batch_size} x "
                     f"gradient_accumulation_steps={args.gradient_accumulation_steps}); use micro_batches <= {samples}")
 
+    def _check_world(self, cfg: SharpnessConfig, plan: parallel.ParallelPlan) -> None:
+        if cfg.method == "msam" and plan.mode == "data":
+            world, m = plan.world_size, cfg.micro_batches
+            samples = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            if m % world:
+                raise SharpnessConfigError(
+                    f"optim_args: micro_batches={m} cannot be spread evenly over {world} processes; "
+                    f"use a multiple of {world} (e.g. micro_batches={world * max(1, m // world)})")
+            if m // world > samples:
+                raise SharpnessConfigError(
+                    f"optim_args: micro_batches={m} puts {m // world} micro-batches on each of {world} processes, "
+                    f"more than the {samples} samples each has per step; use micro_batches <= {samples * world}")
+
     def create_optimizer(self, model=None):
         if self.sharpness_config is None:
             return super().create_optimizer(model)
@@ -179,7 +212,11 @@ class SharpnessMixin:
             raise SharpnessConfigError(
                 f"optim_args: lookahead=optimizer has no closed form for {type(base).__name__}; "
                 "use lookahead=sgd or an AdamW/Adam/SGD base optimizer")
-        method = METHOD_CLASSES[cfg.method](cfg, base, max_grad_norm=self.args.max_grad_norm)
+        kwargs = {}
+        if cfg.method == "msam" and self._sharpness_plan.mode == "data":
+            kwargs["micro_batches"] = cfg.micro_batches // self._sharpness_plan.world_size
+        method = METHOD_CLASSES[cfg.method](cfg, base, max_grad_norm=self.args.max_grad_norm, **kwargs)
+        method.role_parallel = self._sharpness_plan.mode == "roles"
         self.optimizer = self._sharpness_optimizer = SharpnessOptimizer(base, method)
         return self.optimizer
 
@@ -200,8 +237,45 @@ class SharpnessMixin:
         return result.loss.detach()
 
     def _sharpness_step(self, model, batches, num_items_in_batch):
+        plan, cfg = self._sharpness_plan, self.sharpness_config
+        method = self._sharpness_optimizer.method
+        step = self.state.global_step
+        if plan.distributed and cfg.check_every and step % cfg.check_every == 0:
+            parallel.check_replicas(plan, method.params, step)
         passes = TrainerPasses(self, model, num_items_in_batch)
-        return self._sharpness_optimizer.method.step(batches, passes)
+        if plan.mode == "roles":
+            scale = passes.loss_scale()
+            extras = method.role_pass(plan.role, batches, passes)
+            start = time.perf_counter()
+            g0, g1, merged = parallel.exchange(plan, grads_fp32(method.params, scale), method.params, extras,
+                                               method.EXTRA_KEYS, step, cfg.method)
+            result = method.finish(g0, g1, batches, merged, scale)
+            result.metrics["sam/exchange_seconds"] = time.perf_counter() - start
+        else:
+            result = method.step(batches, passes)
+        if plan.distributed and self._sharpness_batchnorms:
+            clean_rank = plan.dp_size if plan.mode == "roles" else 0  # role 1 runs the unperturbed pass
+            parallel.broadcast_buffers(plan, self._sharpness_batchnorms, clean_rank, step)
+        return result
+
+    # ---- data: ranks (0, i) and (1, i) read the same shard stream --------------
+    def get_train_dataloader(self):
+        dataloader = super().get_train_dataloader()
+        plan = getattr(self, "_sharpness_plan", None)
+        if self.sharpness_config is not None and plan is not None and plan.mode == "roles":
+            shard = getattr(dataloader, "batch_sampler", None)
+            if not hasattr(shard, "num_processes"):
+                raise SharpnessConfigError(
+                    f"role-parallel {self.sharpness_config.method} needs a map-style (sized) train dataset, so "
+                    "both roles can read the same shard; use parallel=off for an iterable dataset")
+            shard.num_processes, shard.process_index = plan.dp_size, plan.dp_rank
+        return dataloader
+
+    def get_total_train_batch_size(self, args) -> int:
+        plan = getattr(self, "_sharpness_plan", None)
+        if self.sharpness_config is not None and plan is not None and plan.mode == "roles":
+            return self._train_batch_size * args.gradient_accumulation_steps * plan.dp_size
+        return super().get_total_train_batch_size(args)
 
     # ---- metrics -------------------------------------------------------------
     def log(self, logs, *args, **kwargs):

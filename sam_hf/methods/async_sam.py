@@ -11,16 +11,32 @@ and r is chosen so the ascent hides behind the descent (`ascent_batch_ratio=auto
 measures both devices; in one process `auto` means r = 1). In one process
 the two passes run one after the other, the descent first.
 
-The reported `loss` is f(x_t, A_t), the clean loss on the ascent batch
-(f(x_0, B_0) on the first step). Memory: a_{t-1} and the weight backup, or
+The reported `loss` is f(x_t, A_t), the clean loss on the ascent batch. Memory: a_{t-1} and the weight backup, or
 a_t and the held descent gradient (two copies of the trainable weights).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
+import torch
+
+from ..batching import batch_size as _size
 from ..batching import leading_samples
-from .base import (SharpnessMethod, StepResult, backup, grads_fp32, perturb_, restore, run_batches,
-                   run_pieces, zero_grads)
+from .base import SharpnessMethod, StepResult, backup, grads_fp32, perturb_, restore, run_batches, run_pieces, zero_grads
+
+logger = logging.getLogger(__name__)
+AUTO_STEPS = 3  # steps measured (after the first) before ascent_batch_ratio=auto fixes r
+
+
+def _scalar(value, device) -> torch.Tensor:
+    return value.detach().to(device) if torch.is_tensor(value) else torch.tensor(float(value), device=device)
+
+
+def _synchronize(params) -> None:
+    if params and params[0].device.type == "cuda":
+        torch.cuda.synchronize(params[0].device)
 
 
 class AsyncSAM(SharpnessMethod):
@@ -29,60 +45,97 @@ class AsyncSAM(SharpnessMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         r = self.config.ascent_batch_ratio
+        self.auto_ratio = r == "auto"  # measured in role-parallel mode only; r = 1 until then
         self.ratio = 1.0 if r == "auto" else float(r)
         self.a = None  # a_{t-1}, unscaled fp32
+        self.steps_seen = 0
+        self._timings: list[tuple[float, float]] = []
+
+    EXTRA_KEYS = ("loss", "perturbed_loss", "applied", "ascent_grad_norm", "descent_seconds", "ascent_seconds",
+                  "ascent_samples")
 
     def descent_grad(self, batches, passes):
-        """grad f(x_t + rho a_{t-1}/||a_{t-1}||, B_t) in .grad. Returns (loss, applied, ||a_{t-1}||)."""
+        """grad f(x_t + rho a_{t-1}/||a_{t-1}||, B_t) in .grad (unperturbed on the first step)."""
         params = self.params
         zero_grads(params)
+        if self.a is None:
+            return run_batches(passes, batches, clean=True), False, torch.zeros(())
         saved = backup(params)
         applied, norm = perturb_(params, self.a, 1.0, self.config)
         loss = run_batches(passes, batches, clean=False)
         restore(params, saved)
         return loss, applied, norm
 
-    def ascent_grad(self, batches, passes):
-        """a_t = grad f(x_t, A_t), kept unscaled in fp32. Returns the clean loss on A_t."""
-        zero_grads(self.params)
-        loss = run_pieces(passes, leading_samples(batches, self.ratio), clean=True)
-        passes.all_reduce_grads(self.params)
-        self.a = grads_fp32(self.params, passes.loss_scale())
-        return loss
+    def role_pass(self, role: int, batches, passes) -> dict:
+        """Role 0: the descent gradient on B_t; role 1: the ascent gradient a_t = grad f(x_t, A_t)."""
+        start = time.perf_counter()
+        if role == 0:
+            loss, applied, norm = self.descent_grad(batches, passes)
+            out = {"perturbed_loss": loss, "applied": float(applied), "ascent_grad_norm": norm}
+            key = "descent_seconds"
+        else:
+            zero_grads(self.params)
+            pieces = leading_samples(batches, self.ratio)
+            out = {"loss": run_pieces(passes, pieces, clean=True), "ascent_samples": sum(_size(b) for b, _ in pieces)}
+            key = "ascent_seconds"
+        _synchronize(self.params)
+        out[key] = time.perf_counter() - start
+        return out
 
     def step(self, batches, passes):
-        params = self.params
-        if self.a is None:
-            return self._first_step(batches, passes)
-        perturbed_loss, applied, norm = self.descent_grad(batches, passes)
-        passes.all_reduce_grads(params)
-        descent, self.a = [p.grad for p in params], None
-        loss = self.ascent_grad(batches, passes)
-        for p, d in zip(params, descent):
-            p.grad = d
-        return StepResult(loss, metrics={
-            "sam/perturbed_loss": perturbed_loss, "sam/ascent_grad_norm": norm,
-            "sam/skipped_ascent": float(not applied), "sam/ascent_batch_ratio": self.ratio,
-        })
-
-    def _first_step(self, batches, passes):
-        params = self.params
-        zero_grads(params)
-        loss = run_batches(passes, batches, clean=True)
-        passes.all_reduce_grads(params)
-        if self.ratio >= 1.0:  # A_0 = B_0: the descent gradient is a_0
-            self.a = grads_fp32(params, passes.loss_scale())
+        scale = passes.loss_scale()
+        first = self.a is None
+        extras = self.role_pass(0, batches, passes)
+        passes.all_reduce_grads(self.params)
+        descent = grads_fp32(self.params, scale)
+        self.a = None  # a_{t-1} is spent
+        if first and self.ratio >= 1.0:  # A_0 = B_0: the descent gradient is a_0
+            ascent, extras["loss"] = [None if d is None else d.clone() for d in descent], extras["perturbed_loss"]
         else:
-            descent = [p.grad for p in params]
-            self.ascent_grad(batches, passes)
+            extras.update(self.role_pass(1, batches, passes))
+            passes.all_reduce_grads(self.params)
+            ascent = grads_fp32(self.params, scale)
+        return self.finish(descent, ascent, batches, extras, scale)
+
+    def finish(self, descent, ascent, batches, extras, scale) -> StepResult:
+        """Step with the descent gradient; keep a_t for the next step."""
+        params = self.params
+        with torch.no_grad():
             for p, d in zip(params, descent):
-                p.grad = d
-        return StepResult(loss, metrics={"sam/perturbed_loss": loss, "sam/ascent_batch_ratio": self.ratio})
+                p.grad = None if d is None else (d * scale).to(p.dtype)
+        self.a = ascent
+        self.steps_seen += 1
+        if self.role_parallel and self.auto_ratio and self.steps_seen > 1:
+            self._measure(extras, batches)
+        device = params[0].device if params else "cpu"
+        loss = _scalar(extras.get("loss", 0.0), device)
+        metrics = {"sam/perturbed_loss": _scalar(extras.get("perturbed_loss", 0.0), device),
+                   "sam/ascent_batch_ratio": self.ratio}
+        if self.steps_seen > 1:
+            metrics.update({"sam/ascent_grad_norm": _scalar(extras.get("ascent_grad_norm", 0.0), device),
+                            "sam/skipped_ascent": 1.0 - float(extras.get("applied", 0.0))})
+        return StepResult(loss, metrics=metrics)
+
+    def _measure(self, extras, batches) -> None:
+        """`ascent_batch_ratio=auto`: pick r so the ascent (per-sample speed of its device) hides behind the descent."""
+        samples = max(float(extras.get("ascent_samples", 0.0)), 1.0)
+        self._timings.append((float(extras.get("descent_seconds", 0.0)), float(extras.get("ascent_seconds", 0.0)) / samples))
+        if len(self._timings) < AUTO_STEPS:
+            return
+        descent = sorted(t for t, _ in self._timings)[len(self._timings) // 2]
+        per_sample = sorted(t for _, t in self._timings)[len(self._timings) // 2]
+        total = sum(_size(b) for b in batches)
+        self.ratio = min(1.0, max(1.0 / total, descent / max(per_sample * total, 1e-12)))
+        self.auto_ratio = False
+        logger.info("sam_hf: ascent_batch_ratio=auto chose r=%.3f (descent %.4f s/step, ascent %.6f s/sample)",
+                    self.ratio, descent, per_sample)
 
     def state_dict(self):
-        return {"a": self.a, "ratio": self.ratio}
+        return {"a": self.a, "ratio": self.ratio, "steps_seen": self.steps_seen, "auto_ratio": self.auto_ratio}
 
     def load_state_dict(self, state):
         device = self.params[0].device if self.params else "cpu"
         self.a = None if state.get("a") is None else [None if t is None else t.to(device) for t in state["a"]]
         self.ratio = float(state.get("ratio", self.ratio))
+        self.steps_seen = int(state.get("steps_seen", 1 if self.a is not None else 0))
+        self.auto_ratio = bool(state.get("auto_ratio", self.auto_ratio))

@@ -45,6 +45,7 @@ class SharpnessMethod:
     """Base class: subclasses implement `step` and, if stateful, `state_dict`/`load_state_dict`."""
 
     name = ""
+    role_parallel = False  # set by the host when the two passes run on two process groups
 
     def __init__(self, config: SharpnessConfig, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0):
         self.config = config

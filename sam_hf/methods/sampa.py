@@ -44,6 +44,22 @@ def _count(batch):
     return getattr(batch, "num_items_in_batch", None)
 
 
+def _scalar(value, params) -> torch.Tensor:
+    device = params[0].device if params else "cpu"
+    return value.detach().to(device) if torch.is_tensor(value) else torch.tensor(float(value), device=device)
+
+
+def _set_grads(params, grads, scale: float) -> None:
+    """.grad <- grads * scale (in the parameter's dtype); None stays None."""
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is None:
+                p.grad = None
+                continue
+            out = (g * scale if scale != 1.0 else g).to(p.dtype)
+            p.grad = out.clone() if out is g else out  # .grad must not alias the method's own buffers
+
+
 class SAMPa(SharpnessMethod):
     name = "sampa"
 
@@ -85,58 +101,60 @@ class SAMPa(SharpnessMethod):
         return g
 
     # ---- one Trainer step ------------------------------------------------
+    EXTRA_KEYS = ("loss", "perturbed_loss", "applied", "ascent_grad_norm")
+
+    def role_pass(self, role: int, batches, passes) -> dict:
+        """Role 0: g~_t on the held batch; role 1: g_{t+1} on the new one (g_0 on the first step)."""
+        if role == 0:
+            zero_grads(self.params)
+            if self.g is None:  # first step: nothing to perturb yet
+                return {}
+            loss, applied, norm = self.perturbed_grad(passes, passes.loss_scale())
+            return {"perturbed_loss": loss, "applied": float(applied), "ascent_grad_norm": norm}
+        finite = self.g is not None and all(t is None or bool(torch.isfinite(t).all()) for t in self.g)
+        return {"loss": self.lookahead_grad(batches, passes, finite_g=finite)}
+
     def step(self, batches, passes):
-        params, lam = self.params, self.config.lam
         scale = passes.loss_scale()
-        if self.g is None:
-            return self._first_step(batches, passes, scale)
+        extras = self.role_pass(0, batches, passes)
+        passes.all_reduce_grads(self.params)
+        g_tilde = grads_fp32(self.params, scale)
+        extras.update(self.role_pass(1, batches, passes))
+        passes.all_reduce_grads(self.params)
+        return self.finish(g_tilde, grads_fp32(self.params, scale), batches, extras, scale)
 
-        perturbed_loss, applied, norm = self.perturbed_grad(passes, scale)
-        passes.all_reduce_grads(params)
-        g_tilde = [p.grad for p in params]
-        loss = self.lookahead_grad(batches, passes, finite_g=bool(torch.isfinite(norm)))
-        passes.all_reduce_grads(params)
-        return self._combine(g_tilde, batches, scale, loss, perturbed_loss, applied, norm)
-
-    def _combine(self, g_tilde, batches, scale, loss, perturbed_loss, applied, norm):
+    def finish(self, g_tilde, g_next, batches, extras, scale) -> StepResult:
         """G_t = (1 - lam) g~_t + lam g_{t+1} into .grad (scaled); g_t <- g_{t+1}; B_t <- B_{t+1}."""
-        lam = self.config.lam
-        dots, sq_a, sq_b = [], [], []
+        params, lam = self.params, self.config.lam
+        loss = _scalar(extras.get("loss", 0.0), params)
+        first, self.g = self.g is None, None  # g_t is spent: free it before building G
+        if first:  # keep g_0, leave x and the optimizer state alone
+            if all(t is None or bool(torch.isfinite(t).all()) for t in g_next):
+                self.g, self.held = g_next, list(batches)
+                _set_grads(params, [None if t is None else torch.zeros_like(t) for t in g_next], 1.0)
+            else:  # an overflow: hand it on so a GradScaler backs off; the next step is a first step again
+                _set_grads(params, g_next, scale)
+            return StepResult(loss, skip_update=True, metrics={"sam/perturbed_loss": loss})
+        combined, dots, sq_a, sq_b = [], [], [], []
         with torch.no_grad():
-            for i, (p, gt) in enumerate(zip(self.params, g_tilde)):
-                g_next = None if p.grad is None else p.grad.float() / scale
-                self.g[i] = g_next
-                if gt is not None and g_next is not None:
-                    gt32 = gt.float() / scale
-                    dots.append((gt32 * g_next).sum())
-                    sq_a.append(gt32.pow(2).sum())
-                    sq_b.append(g_next.pow(2).sum())
-                    p.grad.copy_(((1 - lam) * gt32 + lam * g_next).mul_(scale))
-                elif gt is not None:
-                    p.grad = gt.mul(1 - lam)
-                elif p.grad is not None:
-                    p.grad.mul_(lam)
-        cosine = (torch.stack(dots).sum() / (torch.stack(sq_a).sum().sqrt() * torch.stack(sq_b).sum().sqrt()).clamp_min(1e-30)
+            for gt, gn in zip(g_tilde, g_next):
+                if gt is not None and gn is not None:
+                    dots.append((gt * gn).sum())
+                    sq_a.append(gt.pow(2).sum())
+                    sq_b.append(gn.pow(2).sum())
+                    combined.append(gt.mul_(1 - lam).add_(gn, alpha=lam))  # in place: g~_t is not needed again
+                else:
+                    combined.append(None if gt is None and gn is None else (1 - lam) * gt if gn is None else lam * gn)
+        _set_grads(params, combined, scale)
+        self.g, self.held = g_next, list(batches)
+        cosine = (torch.stack(dots).sum() / (torch.stack(sq_a).sum() * torch.stack(sq_b).sum()).sqrt().clamp_min(1e-30)
                   if dots else torch.zeros(()))
-        self.held = list(batches)
+        applied = float(extras.get("applied", 0.0))
         return StepResult(loss, metrics={
-            "sam/perturbed_loss": perturbed_loss, "sam/ascent_grad_norm": norm,
-            "sam/skipped_ascent": float(not applied), "sam/grad_cosine": cosine,
+            "sam/perturbed_loss": _scalar(extras.get("perturbed_loss", 0.0), params),
+            "sam/ascent_grad_norm": _scalar(extras.get("ascent_grad_norm", 0.0), params),
+            "sam/skipped_ascent": 1.0 - applied, "sam/grad_cosine": cosine,
         })
-
-    def _first_step(self, batches, passes, scale):
-        params = self.params
-        zero_grads(params)
-        loss = run_batches(passes, batches, clean=True)
-        passes.all_reduce_grads(params)
-        g0 = grads_fp32(params, scale)
-        if all(g is None or bool(torch.isfinite(g).all()) for g in g0):
-            self.g, self.held = g0, list(batches)
-            for p in params:  # zeros, not None, so a GradScaler still records its (empty) inf check
-                if p.grad is not None:
-                    p.grad.zero_()
-        # else: .grad keeps the overflow so a GradScaler backs off; the next step is a first step again
-        return StepResult(loss, skip_update=True, metrics={"sam/perturbed_loss": loss})
 
     # ---- checkpointing ------------------------------------------------------
     def state_dict(self):

@@ -17,7 +17,7 @@ import sys
 
 import yaml
 
-from .schema import Recipe, RecipeError, load_recipe, parse_overrides, shipped_recipes
+from .schema import Recipe, RecipeError, load_recipe, load_yaml, parse_overrides, shipped_recipes
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "main", "parse_overrides", "run", "shipped_recipes"]
 
@@ -39,7 +39,7 @@ def run(recipe: Recipe) -> dict:
 def _list() -> str:
     lines = []
     for name, path in shipped_recipes().items():
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
         summary = str(raw.get("description", "")).strip().splitlines()
         lines.append(f"  {name:<28} {summary[0] if summary else ''}")
     return "shipped recipes:\n" + "\n".join(lines)

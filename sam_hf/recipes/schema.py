@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,25 @@ import yaml
 from ..config import METHODS, SharpnessConfig, SharpnessConfigError
 
 RECIPE_DIR = Path(__file__).parent
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (`eval_strategy: no` stays "no")
+    and `1e-4` is a float (YAML 1.1 reads both as something else)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class RecipeError(ValueError):
@@ -138,7 +158,7 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise RecipeError(f"{path}: `extends` loops back to itself")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -174,8 +194,7 @@ def merge(base: dict, update: dict) -> dict:
         for key, dropped in DEPENDENT.get(section, {}).items():
             if key in value:
                 for k in dropped:
-                    if k not in value:
-                        target.pop(k, None)
+                    target.pop(k, None)
         _deep_update(target, value)
     return out
 
@@ -226,7 +245,7 @@ def parse_overrides(argv: list[str]) -> dict:
 
 def _scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else text
+        return load_yaml(text) if text.strip() else text
     except yaml.YAMLError:
         return text
 

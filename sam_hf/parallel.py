@@ -1,0 +1,208 @@
+"""Several processes: the role mesh, shard streams and the one exchange per step.
+
+Two layouts (DESIGN.md, "With several processes"):
+
+* data parallel (`mode="data"`): SAM, mSAM, and SAMPa / Asynchronous SAM with
+  `parallel=off`. Every rank runs the whole method on its own shard; gradients
+  are averaged over all ranks where the method says (`all_reduce_grads`).
+* role parallel (`mode="roles"`): SAMPa on 2k ranks, Asynchronous SAM on 2.
+  A 2 x k `DeviceMesh` with dims (`role`, `dp`): role 0 computes the first
+  gradient of the step (SAMPa's g~_t, Asynchronous SAM's descent), role 1 the
+  second (g_{t+1}, the ascent a_t), each data parallel over its k ranks.
+  Ranks (0, i) and (1, i) read the same shard stream, so every rank sees the
+  same batches; one all-reduce of a two-slot buffer (a role writes its slot,
+  zeros in the other) gives every rank both gradients averaged over the dp
+  ranks, and every rank then takes the same optimizer step.
+
+Every collective here waits at most `timeout` (Trainer's `ddp_timeout`): a peer
+that died or hangs ends training with an error naming the step and the role,
+never a silent hang. Replicas are compared by checksum every `check_every` steps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .config import SharpnessConfig, SharpnessConfigError
+
+logger = logging.getLogger(__name__)
+
+ROLE_NAMES = {"sampa": ("perturbed gradient g~_t", "lookahead gradient g_{t+1}"),
+              "asyncsam": ("descent", "ascent")}
+SUPPORTED_BACKENDS = ("gloo", "nccl")
+
+
+class PeerFailure(RuntimeError):
+    """A peer process died, hung past the timeout, or drifted from the others."""
+
+
+@dataclass
+class ParallelPlan:
+    mode: str = "single"  # single | data | roles
+    world_size: int = 1
+    rank: int = 0
+    role: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    timeout_s: float = 1800.0
+    mesh: object = None
+    dp_group: object = None
+    staging_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        if self.mode == "roles":
+            return f"role-parallel 2 x {self.dp_size} mesh (rank {self.rank}: role {self.role}, dp {self.dp_rank})"
+        return f"{self.mode} ({self.world_size} processes)"
+
+
+def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> ParallelPlan:
+    """Decide the layout from the method, `parallel` and the world size; reject what cannot work."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if cfg.parallel == "on" and cfg.method not in ROLE_NAMES:
+        raise SharpnessConfigError(f"optim_args: parallel=on (two roles) applies to sampa and asyncsam; "
+                                   f"{cfg.method} is data parallel over all ranks: drop parallel=on")
+    if world == 1:
+        if cfg.parallel == "on" and cfg.method in ROLE_NAMES:
+            raise SharpnessConfigError(
+                f"optim_args: parallel=on needs 2 processes or more, this run has 1; launch with "
+                "torchrun --nproc_per_node 2 (or accelerate launch --num_processes 2), or use parallel=auto")
+        return ParallelPlan(timeout_s=timeout_s)
+    backend = str(dist.get_backend())
+    if not any(b in backend for b in SUPPORTED_BACKENDS):
+        raise SharpnessConfigError(f"sam_hf runs on the gloo and nccl backends, not {backend!r}; "
+                                   "use --ddp_backend gloo (CPU) or nccl (GPUs)")
+    rank = dist.get_rank()
+    staging = torch.device("cpu") if backend == "gloo" else device
+    base = dict(world_size=world, rank=rank, timeout_s=timeout_s, staging_device=staging)
+    if cfg.method not in ROLE_NAMES:
+        return ParallelPlan(mode="data", **base)
+    roles = cfg.parallel == "on" or (cfg.parallel == "auto" and world % 2 == 0)
+    if cfg.method == "asyncsam" and cfg.parallel == "auto" and world != 2:
+        roles = False
+    if not roles:
+        if cfg.parallel == "auto":
+            logger.warning("sam_hf: %s on %d processes runs data parallel (both passes on every rank); "
+                           "role-parallel needs %s", cfg.method, world,
+                           "2 processes" if cfg.method == "asyncsam" else "an even number of processes")
+        return ParallelPlan(mode="data", **base)
+    if world % 2:
+        raise SharpnessConfigError(
+            f"optim_args: parallel=on splits the ranks into two roles, but the world size is {world} (odd); "
+            f"use {world - 1} or {world + 1} processes, or parallel=off to run both passes on every rank")
+    if cfg.method == "asyncsam" and world != 2:
+        raise SharpnessConfigError(
+            f"optim_args: parallel=on for asyncsam needs exactly 2 processes (descent and ascent), got {world}; "
+            "use 2 processes, or parallel=off for data-parallel Asynchronous SAM")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    k = world // 2
+    mesh = init_device_mesh(device.type, (2, k), mesh_dim_names=("role", "dp"))
+    return ParallelPlan(mode="roles", role=mesh.get_local_rank("role"), dp_rank=mesh.get_local_rank("dp"),
+                        dp_size=k, mesh=mesh, dp_group=mesh.get_group("dp"), **base)
+
+
+EXIT_GRACE_S = 5.0  # after a peer failure, time left for the error to unwind before the process is ended
+
+
+def _wait(work, plan: ParallelPlan, what: str) -> None:
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=plan.timeout_s))
+    except Exception as exc:  # gloo/nccl raise RuntimeError subclasses with transport details
+        # The abandoned collective keeps the process group's threads busy, and tearing the group down at exit
+        # would wait on them: a C-level watchdog ends the process if the error has not done so in time.
+        faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
+        raise PeerFailure(
+            f"sam_hf: rank {plan.rank} lost its peers during {what}: a process died or did not answer within "
+            f"{plan.timeout_s:.0f} s (--ddp_timeout). Cause reported by torch.distributed: {exc}") from exc
+
+
+def flatten(tensors: list[torch.Tensor | None], like: list[torch.Tensor], device) -> torch.Tensor:
+    """fp32 concatenation of the tensors, then one has-gradient flag per parameter (None -> zeros, flag 0),
+    so every rank's layout matches and a parameter no rank gave a gradient stays without one."""
+    parts = [(t if t is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float32)
+             for t, p in zip(tensors, like)]
+    flags = torch.tensor([float(t is not None) for t in tensors], device=device, dtype=torch.float32)
+    return torch.cat(parts + [flags])
+
+
+def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    out, offset = [], 0
+    flags = flat[-len(like):].tolist() if like else []
+    for p, flag in zip(like, flags):
+        n = p.numel()
+        out.append(flat[offset:offset + n].view(p.shape).to(p.device) if flag > 0 else None)
+        offset += n
+    return out
+
+
+def flat_size(like: list[torch.Tensor]) -> int:
+    return sum(p.numel() for p in like) + len(like)
+
+
+def all_reduce_mean(tensors: list[torch.Tensor | None], like: list[torch.Tensor], plan: ParallelPlan,
+                    what: str) -> list[torch.Tensor | None]:
+    """Average fp32 copies of `tensors` over all ranks, in one collective."""
+    flat = flatten(tensors, like, plan.staging_device)
+    if plan.world_size > 1:
+        _wait(dist.all_reduce(flat, async_op=True), plan, what)
+        flat[:-len(like) or None] /= plan.world_size
+    return unflatten(flat, like)
+
+
+def exchange(plan: ParallelPlan, mine: list[torch.Tensor | None], like: list[torch.Tensor],
+             extras: dict[str, float], extra_keys: tuple[str, ...], step: int, method: str):
+    """The role exchange: returns (slot 0 gradients, slot 1 gradients, merged extras), dp-averaged, on every rank.
+
+    Each role writes its gradients (fp32, unscaled), has-gradient flags and scalar extras into its own slot
+    of one buffer and zeros into the other; one all-reduce, divided by the dp size, gives every rank both.
+    """
+    n = flat_size(like)
+    width = n + len(extra_keys)
+    buf = torch.zeros(2 * width, device=plan.staging_device, dtype=torch.float32)
+    lo = plan.role * width
+    buf[lo:lo + n] = flatten(mine, like, plan.staging_device)
+    buf[lo + n:lo + width] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float32)
+    role_name = ROLE_NAMES[method][plan.role]
+    _wait(dist.all_reduce(buf, async_op=True), plan, f"the {method} exchange at step {step} (this rank: {role_name})")
+    buf /= plan.dp_size
+    slots = [unflatten(buf[r * width:r * width + n], like) for r in (0, 1)]
+    merged = {k: float(buf[n + j] + buf[width + n + j]) for j, k in enumerate(extra_keys)}
+    return slots[0], slots[1], merged
+
+
+def check_replicas(plan: ParallelPlan, params: list[torch.Tensor], step: int, rtol: float = 0.0) -> None:
+    """Compare a float64 checksum of the weights over all ranks; a mismatch is an error, not a silent drift."""
+    with torch.no_grad():
+        s1 = sum((p.detach().double().sum() for p in params), torch.zeros((), dtype=torch.float64))
+        s2 = sum((p.detach().double().pow(2).sum() for p in params), torch.zeros((), dtype=torch.float64))
+    mine = torch.stack([s1.cpu(), s2.cpu()]).to(plan.staging_device)
+    gathered = [torch.zeros_like(mine) for _ in range(plan.world_size)]
+    _wait(dist.all_gather(gathered, mine, async_op=True), plan, f"the replica check at step {step}")
+    ref = gathered[0]
+    for rank, other in enumerate(gathered):
+        if not torch.allclose(other, ref, rtol=rtol, atol=0.0):
+            raise PeerFailure(
+                f"sam_hf: replicas diverged at step {step}: rank {rank}'s weight checksum {other.tolist()} != "
+                f"rank 0's {ref.tolist()}. Every rank must take the same optimizer step; something changed the "
+                "weights on one rank only (a callback, a non-deterministic kernel, or a mixed device setup).")
+
+
+def broadcast_buffers(plan: ParallelPlan, modules: list[torch.nn.Module], src: int, step: int) -> None:
+    """Give every rank the BatchNorm statistics of the rank that ran the clean pass."""
+    for module in modules:
+        for _, buf in module.named_buffers(recurse=False):
+            if buf is None:
+                continue
+            staged = buf.detach().to(plan.staging_device).clone()
+            _wait(dist.broadcast(staged, src=src, async_op=True), plan, f"the BatchNorm broadcast at step {step}")
+            buf.copy_(staged.to(buf.device))

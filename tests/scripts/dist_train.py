@@ -1,0 +1,77 @@
+"""Train a tiny model with SharpnessTrainer, in 1 process or under torchrun with N.
+
+`--cases NAME:OPTIM:OPTIM_ARGS:BATCH ...` trains several configurations one after the other in the same
+processes (one launch, several results); rank 0 saves each final state dict as OUT_DIR/NAME.pt and its
+log history as NAME.log. Fault injection for the failure tests (the last rank, at step N):
+--kill_at N exits, --hang_at N stops answering, --corrupt_at N nudges one weight (replicas diverge).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import sam_hf  # noqa: E402
+from tiny import MeanLossModel, args as make_args, vector_data  # noqa: E402
+
+
+class FaultInjection(TrainerCallback):
+    def __init__(self, opts):
+        self.opts = opts
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        self.active = world > 1 and int(os.environ.get("RANK", 0)) == world - 1
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if not self.active:
+            return
+        if state.global_step == self.opts.kill_at:
+            os._exit(3)
+        if state.global_step == self.opts.hang_at:
+            time.sleep(3600)  # alive but silent: the peers' next collective gets no answer
+        if state.global_step == self.opts.corrupt_at:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] += 1e-3
+
+
+def train(out_dir, optim, optim_args, batch=8, steps=4, ga=1, save_steps=0, resume=None, timeout=60,
+          batchnorm=False, callbacks=()):
+    save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
+    distributed = "RANK" in os.environ
+    targs = make_args(os.path.join(out_dir, "run"), optim, optim_args or None, max_steps=steps,
+                      per_device_train_batch_size=batch, gradient_accumulation_steps=ga, ddp_timeout=timeout,
+                      ddp_backend="gloo" if distributed else None, **save)
+    model = MeanLossModel(batchnorm=batchnorm)
+    trainer = sam_hf.SharpnessTrainer(model=model, args=targs, train_dataset=vector_data(n=64),
+                                      callbacks=list(callbacks))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", nargs="+", required=True, help="NAME:OPTIM:OPTIM_ARGS:BATCH")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--save_steps", type=int, default=0)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--timeout", type=int, default=60)
+    p.add_argument("--kill_at", type=int, default=-1)
+    p.add_argument("--hang_at", type=int, default=-1)
+    p.add_argument("--corrupt_at", type=int, default=-1)
+    opts = p.parse_args()
+    for case in opts.cases:
+        name, optim, optim_args, batch = case.split(":")
+        trainer, state = train(os.path.join(opts.out_dir, name), optim, optim_args, int(batch), opts.steps,
+                               save_steps=opts.save_steps, resume=opts.resume, timeout=opts.timeout,
+                               callbacks=[FaultInjection(opts)])
+        if trainer.args.process_index == 0:
+            torch.save(state, os.path.join(opts.out_dir, f"{name}.pt"))
+            torch.save(trainer.state.log_history, os.path.join(opts.out_dir, f"{name}.log"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Several processes (gloo on CPU): the result does not depend on how many processes computed it.
+
+The 2-process cases run together in one torchrun launch (tests/scripts/dist_train.py); each is compared
+with the same configuration trained in this process on the same global batch.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from dist_train import train  # noqa: E402
+
+SCRIPT = Path(__file__).parent / "scripts" / "dist_train.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# name: (optim, optim_args, per-device batch on 2 ranks, the 1-process equivalent (optim, optim_args, batch))
+PARITY = {
+    "sampa_roles": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
+    "asyncsam_roles": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8,
+                       ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
+    "sam_ddp": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 8)),
+    "msam_ddp": ("msam", "rho=0.1,micro_batches=4", 4, ("msam", "rho=0.1,micro_batches=4", 8)),
+    "sam_nosync_is_msam2": ("sam", "rho=0.1,sync_ascent=false", 4, ("msam", "rho=0.1,micro_batches=2", 8)),
+    # data-parallel SAMPa: each rank holds its shard of B_t; the all-reduced halves are the global-batch rule
+    "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, ("sampa", "rho=0.1", 8)),
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out_dir, nproc, *args, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_port()), str(SCRIPT), "--out_dir", str(out_dir), *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_close(a, b, atol=1e-6):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    cases = [f"{name}:{o}:{a}:{b}" for name, (o, a, b, _) in PARITY.items()]
+    proc = launch(out, 2, "--steps", "5", "--cases", *cases)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(PARITY))
+def test_two_processes_equal_one(two_process_runs, tmp_path, name):
+    optim, optim_args, batch = PARITY[name][3]
+    _, one = train(str(tmp_path), optim, optim_args, batch=batch, steps=5)
+    assert_close(one, torch.load(two_process_runs / f"{name}.pt"))
+    if name.endswith("_roles"):  # the two passes really ran on two ranks
+        assert any("sam/exchange_seconds" in h for h in torch.load(two_process_runs / f"{name}.log"))
+
+
+def test_data_parallel_sampa_runs_both_passes_on_every_rank(two_process_runs):
+    log = torch.load(two_process_runs / "sampa_ddp.log")
+    assert any("sam/grad_cosine" in h for h in log) and all("sam/exchange_seconds" not in h for h in log)
+
+
+def test_sampa_on_a_2x2_mesh_equals_one_process(tmp_path):
+    proc = launch(tmp_path, 4, "--steps", "3", "--cases", "mesh:sampa:rho=0.1:4")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    _, one = train(str(tmp_path / "one"), "sampa", "rho=0.1", batch=8, steps=3)
+    assert_close(one, torch.load(tmp_path / "mesh.pt"))
+
+
+def test_parallel_resume_equals_uninterrupted(two_process_runs, tmp_path):
+    first = launch(tmp_path, 2, "--steps", "5", "--save_steps", "2", "--kill_at", "3",
+                   "--cases", "sampa_roles:sampa:rho=0.1,lam=0.3:8")
+    assert first.returncode != 0  # killed after the checkpoint at step 2
+    checkpoint = tmp_path / "sampa_roles" / "run" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").exists()
+    resumed = launch(tmp_path, 2, "--steps", "5", "--resume", str(checkpoint),
+                     "--cases", "sampa_roles:sampa:rho=0.1,lam=0.3:8")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert_close(torch.load(two_process_runs / "sampa_roles.pt"), torch.load(tmp_path / "sampa_roles.pt"), atol=0)
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_dead_or_silent_peer_ends_training_with_a_clear_error(tmp_path, fault):
+    start = time.monotonic()
+    proc = launch(tmp_path, 2, "--steps", "50", f"--{fault}_at", "3", "--timeout", "5",
+                  "--cases", "f:sampa:rho=0.1:8", timeout=150)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "sam_hf: rank 0 lost its peers during the sampa exchange at step 3" in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 90, elapsed
+
+
+def test_diverged_replicas_are_an_error(tmp_path):
+    proc = launch(tmp_path, 2, "--steps", "8", "--corrupt_at", "3", "--cases", "c:sampa:rho=0.1,check_every=2:8")
+    assert proc.returncode != 0
+    assert "replicas diverged at step 4" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_odd_world_size_with_parallel_on_fails_before_training(tmp_path):
+    proc = launch(tmp_path, 3, "--cases", "odd:sampa:parallel=on:8")
+    assert proc.returncode != 0
+    assert "world size is 3 (odd); use 2 or 4 processes, or parallel=off" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("optim,optim_args,message", [
+    ("sampa", "parallel=on", "parallel=on needs 2 processes or more"),
+    ("sam", "parallel=on", "parallel=on (two roles) applies to sampa and asyncsam"),
+], ids=["sampa-one-process", "sam"])
+def test_impossible_layouts_fail_before_training(tmp_path, optim, optim_args, message):
+    from sam_hf import SharpnessConfigError
+
+    with pytest.raises(SharpnessConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(str(tmp_path), optim, optim_args)
