@@ -5,10 +5,11 @@ batches for the same number of steps. The demo prints a table (accuracy,
 time per step, speed-up over SAM) and writes a loss-curve PNG, a markdown
 report and the raw numbers (results.json) into --output_dir.
 
-SAMPa's point is that its two gradient passes are independent, so the
-`sampa-2proc` row runs them on two processes at once (torchrun); it is
-skipped, with the reason printed, when fewer than 2 CPU cores are available
-or the launch fails.
+Everything runs on the CPU, one thread per process, so a process stands for
+one device. SAMPa's point is that its two gradient passes are independent,
+so the `sampa-2proc` row runs them on two processes at once (torchrun); it
+is skipped, with the reason printed, when fewer than 2 CPU cores are
+available or the launch fails.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # name -> (label, optim, optim_args, processes). SAMPa-0.2 uses twice SAM's rho, as in the paper.
@@ -64,7 +65,7 @@ def parse_args(argv):
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     args.size = TINY if args.tiny else Size()
     if args.max_steps is not None:
-        args.size = Size(**{**asdict(args.size), "max_steps": args.max_steps})
+        args.size = replace(args.size, max_steps=args.max_steps)
     return args
 
 
@@ -196,9 +197,9 @@ def run_two_processes(method: str, args, output_dir: Path) -> tuple[dict | None,
            "-m", "sam_hf.demo", "--worker", method, "--output_dir", str(output_dir),
            "--seed", str(args.seed), "--max_steps", str(args.size.max_steps)] + (["--tiny"] if args.tiny else [])
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
-        return None, "torchrun did not finish within 240 s"
+        return None, "torchrun did not finish within 300 s"
     if proc.returncode != 0 or not result_file.is_file():
         if error_file.is_file():
             return None, error_file.read_text()
@@ -248,7 +249,7 @@ def report(results: list[dict], skipped: dict[str, str], args, seconds: float) -
     size = args.size
     lines = [
         "# sam_hf demo: ViT on scikit-learn digits", "",
-        "Command: `" + " ".join(["sam-hf demo", *args.argv]) + "`",
+        "Command: `" + " ".join(["sam-hf demo", *args.argv]) + "`", "",
         f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {_cores()} CPU cores; "
         f"torch {torch.__version__}, transformers {transformers.__version__}. Total time {seconds:.0f} s; "
         f"load average {args.load_before:.1f} before the runs, {_load():.1f} after (timings mean most on an "

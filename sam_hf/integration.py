@@ -19,7 +19,7 @@ from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
 from .config import METHODS
-from .trainer import SharpnessMixin, is_sharpness_optim
+from .trainer import SharpnessMixin, SharpnessTrainer, is_sharpness_optim
 
 _classes: dict[type, type] = {}
 
@@ -38,9 +38,12 @@ def register_optimizer_names() -> None:
 
 
 def sharpness_class(cls: type) -> type:
-    """`cls` with SharpnessMixin in front (cached, so pickling and isinstance stay stable)."""
+    """`cls` with SharpnessMixin in front, one class per `cls` (so type identity and isinstance stay stable).
+    A plain `Trainer` becomes `SharpnessTrainer` itself."""
     if issubclass(cls, SharpnessMixin):
         return cls
+    if cls is Trainer:
+        return SharpnessTrainer
     if cls not in _classes:
         _classes[cls] = type(f"Sharpness{cls.__name__}", (SharpnessMixin, cls), {"__module__": __name__})
     return _classes[cls]

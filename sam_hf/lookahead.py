@@ -62,14 +62,17 @@ def _sgd(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Te
 
 
 @torch.no_grad()
-def apply_lookahead_(optimizer: torch.optim.Optimizer, grads: dict[torch.nn.Parameter, torch.Tensor], kind: str) -> None:
-    """Overwrite each parameter in `grads` with y = ModelUpdate(x, g); the optimizer's state is not changed."""
+def apply_lookahead_(optimizer: torch.optim.Optimizer, grads: dict[torch.nn.Parameter, torch.Tensor], kind: str,
+                     grad_scale=1.0) -> None:
+    """Overwrite each parameter in `grads` with y = ModelUpdate(x, grad_scale * g); the optimizer's state is
+    not changed. `grad_scale` (clipping) is applied one parameter at a time, so no clipped copy of g is made."""
     decoupled_adam = isinstance(optimizer, torch.optim.AdamW)
     for group in optimizer.param_groups:
         for p in group["params"]:
             g = grads.get(p)
             if g is None:
                 continue
+            g = g * grad_scale if not (isinstance(grad_scale, float) and grad_scale == 1.0) else g
             x, state = p.detach().float(), optimizer.state.get(p, {})
             if kind == "sgd":
                 y = x - _f(group["lr"]) * g

@@ -86,19 +86,22 @@ class SAMPa(SharpnessMethod):
         saved = None
         if finite_g:
             saved = backup(params)
-            apply_lookahead_(self.optimizer, self._clipped_g(), self.config.lookahead)
+            grads = {p: t for p, t in zip(self.params, self.g) if t is not None}
+            apply_lookahead_(self.optimizer, grads, self.config.lookahead, grad_scale=self._clip_coef())
         loss = run_batches(passes, batches, clean=True)
         if saved is not None:
             restore(params, saved)
         return loss
 
-    def _clipped_g(self) -> dict:
-        g = {p: gi for p, gi in zip(self.params, self.g) if gi is not None}
-        if self.max_grad_norm and self.max_grad_norm > 0 and g:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g.values()]))
-            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
-            g = {p: t * coef for p, t in g.items()}
-        return g
+    def _clip_coef(self) -> float:
+        """Trainer's clipping of g_t, as torch.nn.utils.clip_grad_norm_ computes it (applied per parameter)."""
+        if not self.max_grad_norm or self.max_grad_norm <= 0:
+            return 1.0
+        norms = [torch.linalg.vector_norm(t) for t in self.g if t is not None]
+        if not norms:
+            return 1.0
+        norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+        return torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
 
     # ---- one Trainer step ------------------------------------------------
     EXTRA_KEYS = ("loss", "perturbed_loss", "applied", "ascent_grad_norm")

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--list":
         print(_list())
         return 0
+    if argv[0].startswith("--"):
+        print(f"sam-hf train: error: the recipe comes first, got {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
     show = "--print" in argv
     recipe_name, overrides = argv[0], [a for a in argv[1:] if a != "--print"]
     try:
@@ -64,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"sam-hf train: error: {err}", file=sys.stderr)
         return 2
-    print(f"done: {recipe.name}; eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics["eval"].items()
-                                                      if isinstance(v, (int, float))))
+    scores = {k: v for k, v in metrics["eval"].items() if not k.endswith(("runtime", "per_second", "epoch"))}
+    print(f"done: {recipe.name}; " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     return 0
 
 

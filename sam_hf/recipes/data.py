@@ -118,9 +118,12 @@ def prepare(splits: Splits, spec: DataSpec, processor, model_config):
         return train, evaluation, None
     from transformers import DataCollatorWithPadding
 
+    # Never longer than the model's position table (small test models have short ones).
+    max_length = min(spec.max_length, getattr(model_config, "max_position_embeddings", spec.max_length))
+
     def tokenize(batch):
         texts = [batch[c] for c in splits.text_columns]
-        out = processor(*texts, truncation=True, max_length=spec.max_length)
+        out = processor(*texts, truncation=True, max_length=max_length)
         out["labels"] = batch[splits.label_column]
         return out
 

@@ -36,8 +36,12 @@ def build_model(spec: ModelSpec, splits: Splits):
         labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
                   "label2id": {n: i for i, n in enumerate(names)}}
     if spec.name_or_path:
-        # ignore_mismatched_sizes: a checkpoint's own head (e.g. ImageNet's 1000 classes) is replaced.
-        model = auto.from_pretrained(spec.name_or_path, ignore_mismatched_sizes=True, **labels)
+        try:
+            # ignore_mismatched_sizes: a checkpoint's own head (e.g. ImageNet's 1000 classes) is replaced.
+            model = auto.from_pretrained(spec.name_or_path, ignore_mismatched_sizes=True, **labels)
+        except OSError as err:  # not on disk and the Hub unreachable, or no such model
+            raise RecipeError(f"model.name_or_path {spec.name_or_path!r}: could not load it ({err}). Offline? "
+                              "Give a local checkpoint directory or a model.config block") from err
     else:
         try:
             config = AutoConfig.for_model(**spec.config, **labels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def _suggest(key: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+@functools.cache
 def _training_fields() -> dict:
     from transformers import TrainingArguments
 
@@ -344,11 +346,8 @@ def _build(cls, values: dict, section: str):
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check a value against a field's type; turn strings like '1e-4' into numbers.
-
-    YAML reads `1e-4` as a string (YAML 1.1 floats need a dot), so numbers
-    written that way are converted here instead of failing deep inside training.
-    """
+    """Check a value against a field's type, so a wrong type fails here rather than
+    deep inside training; numbers given as strings ("1e-4", "3") become numbers."""
     if value is None:
         return None
     allowed = set(typing.get_args(annotation)) or {annotation}
@@ -363,15 +362,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not ({int, float} & origins):
             raise RecipeError(f"{where}: expected true or false, got {value!r}")
     if {int, float} & origins and not isinstance(value, bool):
-        if isinstance(value, (int, float)):
-            return int(value) if float not in origins and float(value).is_integer() else value
+        number = value
         if isinstance(value, str):
             try:
                 number = float(value)
             except ValueError:
                 pass
-            else:
-                return int(number) if float not in origins and number.is_integer() else number
+        if isinstance(number, (int, float)):
+            if float in origins:
+                return number
+            if float(number).is_integer():
+                return int(number)
         kind = "a number" if float in origins else "an integer"
         raise RecipeError(f"{where}: expected {kind}, got {value!r}")
     if dict in origins and not isinstance(value, dict):

@@ -1,0 +1,332 @@
+"""Extra fp32 copies of the trainable parameters each method keeps, beyond the base optimizer's own.
+
+    python benchmarks/param_copies.py             # the README table
+    python benchmarks/param_copies.py --where     # also list what is alive at each method's peak
+
+CPU has no allocator statistics, so allocations are counted directly: a
+`TorchDispatchMode`, active for the whole of `trainer.train()`, looks at the
+output of every aten op. An output whose storage is new (shared with no input:
+not a view, not an in-place or `out=` result) and at least half a parameter in
+size is tracked until its storage is freed (`weakref.finalize` on the storage,
+whose Python object torch keeps alive exactly as long as the storage itself).
+The peak of the live tracked bytes is taken over the measured steps (from step
+WARMUP + 1 on, when the optimizer state and each method's carried state exist).
+
+The model is LAYERS bias-free DIM x DIM linear layers (every trainable
+parameter the same size) on a batch of BATCH = 4, so activations stay far below
+the threshold and every tracked allocation is parameter-sized. The same model and
+data with the plain base optimizer (`adamw_torch`, or the method's `base=` with
+its own keys) is the baseline: autograd's `.grad` and the optimizer's own state
+and temporaries are in both, so
+
+    extra copies = (peak(method) - peak(baseline)) / (bytes of all trainable parameters).
+
+The figure is exact up to per-tensor temporaries (one parameter tensor is
+1/LAYERS of a copy): a method that holds a whole extra copy shows up as +1,
+one that works parameter by parameter as a fraction of 1/LAYERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+DIM = 64  # each parameter: DIM x DIM fp32 = 16 KiB
+LAYERS = 16  # per-tensor temporaries show up in steps of 1/16 of a copy
+BATCH = 4  # mSAM needs micro_batches=4 <= batch; activations: BATCH x DIM fp32 = 1 KiB, far below the threshold (8 KiB)
+STEPS = 5
+WARMUP = 2  # steps 1-2 build the optimizer state (SAMPa's first step only computes g_0); 3-5 are measured
+
+# (label, optim, optim_args): the README table, and the targets of issue 2.
+ROWS = [
+    ("SAM", "sam", "rho=0.05"),
+    ("ASAM (SAM adaptive=true)", "sam", "rho=0.5,adaptive=true"),
+    ("mSAM (micro_batches=4)", "msam", "rho=0.05,micro_batches=4"),
+    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2"),
+    ("SAMPa-0.2, base=sgd momentum=0.9", "sampa", "rho=0.1,lam=0.2,base=sgd,momentum=0.9"),
+    ("Asynchronous SAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1"),
+    ("Asynchronous SAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5"),
+]
+TARGETS = {"sam": 1, "msam": 2, "asyncsam": 2, "sampa": 3}
+
+
+# ---- the model: equal-sized trainable parameters that dominate memory -------------------------------
+class EqualLinears(nn.Module):
+    """LAYERS bias-free Linear(DIM, DIM) layers, tanh between them; forward(x, labels) -> {"loss", "logits"}."""
+
+    def __init__(self, dim: int = DIM, layers: int = LAYERS, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(layers))
+        with torch.no_grad():
+            for layer in self.layers:  # orthogonal: the signal (and every gradient) survives all layers
+                q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+                layer.weight.copy_(q)
+
+    def forward(self, x, labels=None):
+        h = x
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        out = {"logits": h}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(h, labels)
+        return out
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int, dim: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = torch.randint(0, dim, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+# ---- the meter ----------------------------------------------------------------------------------
+def _tensors(obj, out: list) -> list:
+    """The tensors in an op's (nested tuple / list / dict) arguments or outputs."""
+    if isinstance(obj, torch.Tensor):
+        if obj.layout == torch.strided and obj.device.type != "meta":  # tensors with a storage
+            out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            _tensors(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _tensors(x, out)
+    return out
+
+
+@dataclass
+class Allocation:
+    op: str
+    shape: tuple
+    nbytes: int
+    step: int
+    where: str = ""
+
+
+class AllocationMeter(TorchDispatchMode):
+    """Tracks every new storage of at least `threshold` bytes an aten op creates, until it is freed."""
+
+    _SKIP_FILES = tuple(os.sep + os.path.join("torch", *parts) for parts in
+                        (("utils", ""), ("_ops.py",), ("_dynamo", ""), ("_compile.py",))) + (__file__,)
+
+    def __init__(self, threshold: int, where: bool = False):
+        super().__init__()
+        self.threshold = threshold
+        self.where = where
+        self.live: dict[int, tuple[object, Allocation]] = {}  # data_ptr -> (token, allocation)
+        self.live_bytes = 0
+        self.measuring = False
+        self.step = 0
+        self.peak = 0
+        self.peak_live: list[Allocation] = []
+        self.tracked = 0
+
+    def _freed(self, ptr: int, token: object) -> None:
+        entry = self.live.get(ptr)
+        if entry is not None and entry[0] is token:
+            del self.live[ptr]
+            self.live_bytes -= entry[1].nbytes
+
+    def _location(self) -> str:
+        frames, f = [], sys._getframe(2)
+        while f is not None and len(frames) < 4:
+            name = f.f_code.co_filename
+            if not any(s in name for s in self._SKIP_FILES):
+                short = name.split("site-packages" + os.sep)[-1]
+                if "sam_hf" in name:
+                    short = "sam_hf" + name.split("sam_hf", 1)[1]
+                frames.append(f"{short}:{f.f_lineno} {f.f_code.co_name}")
+            f = f.f_back
+        return " <- ".join(frames)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = _tensors(out, [])
+        if not outputs:
+            return out
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs), [])}
+        grew = False
+        for t in outputs:
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes < self.threshold or ptr in inputs or ptr in self.live:
+                continue  # small, a view / in-place / out= result, or a storage already counted
+            token = object()
+            alloc = Allocation(str(func), tuple(t.shape), nbytes, self.step, self._location() if self.where else "")
+            self.live[ptr] = (token, alloc)
+            self.live_bytes += nbytes
+            self.tracked += 1
+            weakref.finalize(storage, self._freed, ptr, token)
+            grew = True
+        if grew and self.measuring and self.live_bytes > self.peak:
+            self.peak = self.live_bytes
+            if self.where:
+                self.peak_live = [a for _, a in self.live.values()]
+        return out
+
+
+def _callback(meter: AllocationMeter, warmup: int):
+    from transformers import TrainerCallback
+
+    class Window(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            meter.step = state.global_step + 1
+            meter.measuring = state.global_step >= warmup
+
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.measuring = False
+
+    return Window()
+
+
+@dataclass
+class Run:
+    optim: str
+    optim_args: str | None
+    peak_bytes: int
+    param_bytes: int
+    peak_live: list[Allocation] = field(default_factory=list)
+
+    @property
+    def copies(self) -> float:
+        """Peak live tracked bytes in units of the whole trainable parameter set (.grad and optimizer state included)."""
+        return self.peak_bytes / self.param_bytes
+
+
+@contextlib.contextmanager
+def _cheap_gc():
+    """Trainer.train() starts with a full gc.collect(); freezing what exists makes it cheap (see tests/fastgc.py)."""
+    if gc.get_freeze_count():  # frozen already (tests/fastgc.py): leave it to its owner
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0, steps: int = STEPS,
+        warmup: int = WARMUP, dim: int = DIM, layers: int = LAYERS, where: bool = False) -> Run:
+    """Train EqualLinears for `steps` steps under the meter; the peak of live tracked bytes after `warmup` steps."""
+    import sam_hf
+    from transformers import PrinterCallback, TrainingArguments
+
+    model = EqualLinears(dim, layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    meter = AllocationMeter(threshold=min(p.numel() * p.element_size() for p in params) // 2, where=where)
+    with tempfile.TemporaryDirectory() as out, _cheap_gc():
+        args = TrainingArguments(
+            output_dir=out, optim=optim, optim_args=optim_args or None, per_device_train_batch_size=BATCH,
+            learning_rate=1e-3, lr_scheduler_type="constant", max_steps=steps, max_grad_norm=max_grad_norm,
+            logging_strategy="no", report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+            dataloader_num_workers=0)
+        trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=_Rows(BATCH * steps, dim),
+                                          callbacks=[_callback(meter, warmup)])
+        trainer.remove_callback(PrinterCallback)  # no log lines in the table's output
+        with meter:
+            trainer.train()
+    if meter.peak == 0:
+        raise RuntimeError(f"{optim} {optim_args}: nothing was measured (steps={steps}, warmup={warmup})")
+    return Run(optim, optim_args, meter.peak, param_bytes, meter.peak_live)
+
+
+def baseline_of(optim: str, optim_args: str | None) -> tuple[str, str | None]:
+    """The plain base optimizer a method runs on (itself for a plain optimizer)."""
+    from sam_hf.config import METHODS, SharpnessConfig
+
+    if optim not in METHODS:
+        return optim, optim_args
+    cfg = SharpnessConfig.from_optim_args(optim, optim_args)
+    return cfg.base, cfg.base_optim_args_string()
+
+
+_BASELINES: dict[tuple, Run] = {}
+
+
+def baseline_run(optim: str, optim_args: str | None, **kw) -> Run:
+    key = (*baseline_of(optim, optim_args), tuple(sorted(kw.items())))
+    if key not in _BASELINES:
+        _BASELINES[key] = run(key[0], key[1], **kw)
+    return _BASELINES[key]
+
+
+def measure(optim: str, optim_args: str | None = None, **kw) -> float:
+    """Extra parameter-sized fp32 copies `optim` keeps beyond its plain base optimizer (0 for the base itself).
+
+    Keywords go to `run` (max_grad_norm, steps, warmup, dim, layers).
+    """
+    kw.pop("where", None)
+    base = baseline_run(optim, optim_args, **kw)
+    return (run(optim, optim_args, **kw).peak_bytes - base.peak_bytes) / base.param_bytes
+
+
+# ---- the table ------------------------------------------------------------------------------------
+def _describe(r: Run, limit: int = 12) -> str:
+    from collections import Counter
+
+    groups = Counter((a.op, a.shape, a.where) for a in r.peak_live)
+    lines = [f"  {n:3d} x {op} {list(shape)}  {where}" for (op, shape, where), n in groups.most_common(limit)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--max_grad_norm", type=float, nargs="*", default=[0.0, 1.0],
+                   help="Trainer's clipping (one column each; 0 = off)")
+    p.add_argument("--where", action="store_true", help="list the allocations alive at each peak")
+    opts = p.parse_args(argv)
+    torch.set_num_threads(1)
+    clips = opts.max_grad_norm
+    head = "| method | optim_args | target | " + " | ".join(
+        f"extra copies, max_grad_norm={c:g}" for c in clips) + " |"
+    print(f"Model: {LAYERS} x Linear({DIM}, {DIM}, bias=False), batch {BATCH}; peak over steps "
+          f"{WARMUP + 1}-{STEPS}; one copy = {LAYERS * DIM * DIM * 4} bytes.\n")
+    print(head)
+    print("|" + "---|" * (3 + len(clips)))
+    details = []
+    for label, optim, optim_args in ROWS:
+        cells = []
+        for c in clips:
+            base = baseline_run(optim, optim_args, max_grad_norm=c, where=opts.where)
+            r = run(optim, optim_args, max_grad_norm=c, where=opts.where)
+            cells.append(f"{(r.peak_bytes - base.peak_bytes) / base.param_bytes:.2f}")
+            if opts.where:
+                details.append(f"{label}, max_grad_norm={c:g}: peak {r.copies:.2f} copies "
+                               f"(baseline {base.optim} {base.optim_args or ''}: {base.copies:.2f})\n{_describe(r)}")
+        print(f"| {label} | `{optim_args}` | ≤ {TARGETS[optim]} | " + " | ".join(cells) + " |")
+    bases = ", ".join(f"`{o}{' ' + a if a else ''}` {r.copies:.2f}" for (o, a, kw), r in _BASELINES.items()
+                      if dict(kw).get("max_grad_norm") == clips[0])
+    print(f"\nBaselines, absolute peak in copies (.grad + the optimizer's state + its per-tensor temporaries): {bases}.")
+    if opts.where:
+        for (optim, optim_args, kw), base in _BASELINES.items():
+            details.insert(0, f"baseline {optim} {optim_args or ''} {dict(kw)}: peak {base.copies:.2f} copies\n"
+                              f"{_describe(base)}")
+        print("\nAlive at the peak (count x creating op [shape] where):\n")
+        print("\n\n".join(details))
+
+
+if __name__ == "__main__":
+    main()

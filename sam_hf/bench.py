@@ -1,0 +1,210 @@
+"""`sam-hf bench`: time per step and peak memory of every method, in 1 and 2 processes.
+
+Every configuration trains the same model on the same per-device batch, one
+CPU thread per process (or one GPU per process when CUDA is there), in its
+own processes (2-process runs under torchrun), so the figures compare like
+with like. Timings are medians over the measured steps and are reported as
+ratios taken in the same run; absolute times on a shared machine are noise.
+
+    sam-hf bench                       # the default table
+    sam-hf bench --steps 20 --hidden 384 --out bench_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (label, optim, optim_args, processes)
+CONFIGS = [
+    ("AdamW", "adamw_torch", "", 1),
+    ("SAM", "sam", "rho=0.05", 1),
+    ("mSAM (m=4)", "msam", "rho=0.05,micro_batches=4", 1),
+    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 1),
+    ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 1),
+    ("SAM (DDP)", "sam", "rho=0.05", 2),
+    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 2),
+    ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 2),
+    ("AsyncSAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5", 2),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sam-hf bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.md")
+    p.add_argument("--steps", type=int, default=12, help="measured steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
+    p.add_argument("--batch", type=int, default=16, help="per-device batch")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+# ---- one configuration (a worker process) ---------------------------------------
+def _worker(opts) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
+
+    import sam_hf
+
+    torch.set_num_threads(1)
+    label, optim, optim_args = json.loads(opts.worker)
+    rank = int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.start)
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1000, hidden_size=opts.hidden, num_hidden_layers=opts.layers,
+                        num_attention_heads=max(1, opts.hidden // 64), intermediate_size=4 * opts.hidden,
+                        max_position_embeddings=max(opts.seq, 16), num_labels=2)
+    model = BertForSequenceClassification(config)
+    steps = opts.warmup + opts.steps
+    n = opts.batch * (steps + 2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 1000, (n, opts.seq), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+    args = TrainingArguments(
+        output_dir=os.path.join(opts.out, "runs"), optim=optim, optim_args=optim_args or None, max_steps=steps,
+        per_device_train_batch_size=opts.batch, learning_rate=1e-4, report_to=[], save_strategy="no",
+        logging_steps=1, disable_tqdm=True, use_cpu=not cuda, dataloader_num_workers=0,
+        ddp_backend=("nccl" if cuda else "gloo") if "RANK" in os.environ else None)
+    timer = StepTimer()
+    trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    measured = timer.times[opts.warmup:]
+    exchange = [h["sam/exchange_seconds"] for h in trainer.state.log_history if "sam/exchange_seconds" in h]
+    result = {
+        "label": label, "optim": optim, "optim_args": optim_args, "rank": rank,
+        "processes": int(os.environ.get("WORLD_SIZE", 1)),
+        "step_s": statistics.median(measured),
+        "exchange_s": statistics.median(exchange[opts.warmup:] or exchange) if exchange else 0.0,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated() if cuda else
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "device": torch.cuda.get_device_name() if cuda else "cpu (1 thread per process)",
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+    with open(os.path.join(opts.out, f"worker_{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+# ---- the harness ---------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(opts, label, optim, optim_args, procs) -> list[dict]:
+    out = Path(opts.out) / "tmp"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("worker_*.json"):
+        f.unlink()
+    common = ["--out", str(out), "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch",
+              str(opts.batch), "--seq", str(opts.seq), "--hidden", str(opts.hidden), "--layers", str(opts.layers),
+              "--worker", json.dumps([label, optim, optim_args])]
+    launcher = [sys.executable, "-m", "sam_hf.bench"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+        str(_free_port()), "-m", "sam_hf.bench"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(launcher + common, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of {label} on {procs} process(es) failed:\n{proc.stderr[-4000:]}")
+    return [json.loads(f.read_text()) for f in sorted(out.glob("worker_*.json"))]
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per configuration: rank 0's step time, the largest per-process memory, ratios vs AdamW and SAM on 1."""
+    rows = []
+    by_key = {}
+    for r in results:
+        by_key.setdefault((r["label"], r["processes"]), []).append(r)
+    for (label, procs), ranks in by_key.items():
+        lead = min(ranks, key=lambda r: r["rank"])
+        rows.append({"label": label, "processes": procs, "step_s": lead["step_s"],
+                     "exchange_share": lead["exchange_s"] / lead["step_s"] if lead["step_s"] else 0.0,
+                     "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks), "device": lead["device"],
+                     "params_m": lead["params_m"]})
+    adamw = next((r["step_s"] for r in rows if r["label"] == "AdamW" and r["processes"] == 1), None)
+    sam = next((r["step_s"] for r in rows if r["label"] == "SAM" and r["processes"] == 1), None)
+    for r in rows:
+        r["vs_adamw_1"] = r["step_s"] / adamw if adamw else None
+        r["speedup_vs_sam_1"] = sam / r["step_s"] if sam else None
+    targets = {}
+    find = {(r["label"], r["processes"]): r for r in rows}
+    if ("SAMPa-0.2", 2) in find:
+        targets["SAMPa-0.2 on 2 vs SAM on 1 (target >= 1.85x faster)"] = find[("SAMPa-0.2", 2)]["speedup_vs_sam_1"]
+        targets["SAMPa-0.2 on 2 vs AdamW on 1 (target <= 1.08x)"] = find[("SAMPa-0.2", 2)]["vs_adamw_1"]
+    if ("AsyncSAM (r=1)", 2) in find:
+        targets["AsyncSAM (r=1) on 2 vs AdamW on 1 (target <= 1.10x)"] = find[("AsyncSAM (r=1)", 2)]["vs_adamw_1"]
+    return {"rows": rows, "targets": targets}
+
+
+def to_markdown(summary: dict, opts) -> str:
+    rows = summary["rows"]
+    device = rows[0]["device"] if rows else "?"
+    lines = [f"Model: BERT, hidden {opts.hidden}, {opts.layers} layers ({rows[0]['params_m']:.1f} M parameters), "
+             f"per-device batch {opts.batch} x {opts.seq} tokens; device: {device}; median of {opts.steps} steps "
+             f"after {opts.warmup} warm-up steps.", "",
+             "| method | processes | step (ms) | vs AdamW on 1 | speed-up vs SAM on 1 | exchange share | "
+             "peak memory / process (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        share = f"{100 * r['exchange_share']:.1f}%" if r["exchange_share"] else "-"
+        lines.append(f"| {r['label']} | {r['processes']} | {1000 * r['step_s']:.0f} | {r['vs_adamw_1']:.2f}x | "
+                     f"{r['speedup_vs_sam_1']:.2f}x | {share} | {r['peak_mem_mb']:.0f} |")
+    if summary["targets"]:
+        lines += ["", "| target | measured |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f}x |" for k, v in summary["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = _parser().parse_args(argv)
+    if opts.worker:
+        _worker(opts)
+        return 0
+    only = set(opts.only.split(",")) if opts.only else None
+    results = []
+    for label, optim, optim_args, procs in CONFIGS:
+        if only and label not in only:
+            continue
+        print(f"[bench] {label} on {procs} process(es) ...", flush=True)
+        results += _run(opts, label, optim, optim_args, procs)
+    summary = summarize(results)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(summary, opts)
+    (out / "bench.json").write_text(json.dumps({"settings": vars(opts), "results": results, **summary}, indent=2))
+    (out / "bench.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

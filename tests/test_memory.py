@@ -1,0 +1,73 @@
+"""Issue 2's memory targets: extra fp32 copies of the trainable parameters beyond the base optimizer's own.
+
+SAM <= 1, mSAM <= 2, Asynchronous SAM <= 2, SAMPa <= 3, in one process, as measured by
+`benchmarks/param_copies.py` (allocation counting under a TorchDispatchMode; see its docstring).
+The figures are counts of allocations, not timings: deterministic on any machine.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+import sam_hf  # noqa: F401  (registers the optimizer names)
+import sam_hf.methods.sam as sam_module
+from fastgc import frozen_gc  # noqa: F401  (fast Trainer.train() calls)
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "param_copies.py"
+_spec = importlib.util.spec_from_file_location("param_copies", _PATH)
+pc = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("param_copies", pc)
+_spec.loader.exec_module(pc)
+
+STEPS = 4  # steps 3-4 measured: the optimizer state and every method's carried state exist
+# One parameter tensor (1/LAYERS of a copy): a method may hold one more per-parameter temporary at its peak than
+# the base optimizer does in its own step. A whole extra copy is LAYERS times that, so this hides none.
+TOL = 1 / pc.LAYERS
+IDS = ["sam", "asam", "msam", "sampa", "sampa-sgd", "asyncsam-r1", "asyncsam-r0.5"]
+ROWS = dict(zip(IDS, pc.ROWS))
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_extra_copies_within_target(case):
+    label, optim, optim_args = ROWS[case]
+    copies = pc.measure(optim, optim_args, steps=STEPS)
+    assert copies <= pc.TARGETS[optim] + TOL, f"{label} ({optim_args}): {copies:.3f} extra copies"
+
+
+# SAMPa's lookahead clips g_t into a whole new list before ModelUpdate (sam_hf/methods/sampa.py, `_clipped_g`),
+# a fourth copy alive beside g_t, g~_t and the weight backup: 3 + (per-tensor temporaries) over the target.
+
+
+@pytest.mark.parametrize("case", ["sam", "sampa", "sampa-sgd"])
+def test_extra_copies_within_target_with_clipping(case):
+    label, optim, optim_args = ROWS[case]
+    copies = pc.measure(optim, optim_args, steps=STEPS, max_grad_norm=1.0)
+    assert copies <= pc.TARGETS[optim] + TOL, f"{label} ({optim_args}), max_grad_norm=1: {copies:.3f} extra copies"
+
+
+def test_baseline_is_grads_and_optimizer_state():
+    """The meter sees .grad and the optimizer's state once each, and sees freed storages go."""
+    assert pc.measure("adamw_torch", None, steps=STEPS) == 0.0
+    adam = pc.baseline_run("adamw_torch", None, steps=STEPS)
+    # .grad, exp_avg, exp_avg_sq, plus AdamW's temporaries (sqrt, div) for one parameter at a time
+    assert 3.0 <= adam.copies <= 3.0 + 3 * TOL
+    sgd = pc.baseline_run("sgd", "momentum=0.9", steps=STEPS)
+    assert sgd.copies == 2.0  # .grad and momentum_buffer; SGD works in place
+    # every step allocates new gradients: were freed ones missed, a longer run would peak higher
+    assert pc.run("sgd", "momentum=0.9", steps=STEPS + 2).peak_bytes == sgd.peak_bytes
+
+
+def test_one_wasted_copy_measures_one(monkeypatch):
+    honest = pc.measure("sam", "rho=0.05", steps=STEPS)
+    step = sam_module.SAM.step
+
+    def wasteful(self, batches, passes):
+        spare = [p.detach().clone() for p in self.params]  # alive for the whole step
+        result = step(self, batches, passes)
+        del spare
+        return result
+
+    monkeypatch.setattr(sam_module.SAM, "step", wasteful)
+    assert pc.measure("sam", "rho=0.05", steps=STEPS) == pytest.approx(honest + 1.0, abs=1e-9)
