@@ -269,6 +269,10 @@ class SharpnessMixin:
                     f"role-parallel {self.sharpness_config.method} needs a map-style (sized) train dataset, so "
                     "both roles can read the same shard; use parallel=off for an iterable dataset")
             shard.num_processes, shard.process_index = plan.dp_size, plan.dp_rank
+            if plan.dp_size == 1:
+                # One rank per role reads the whole stream: keep the epoch's last partial batch as one process
+                # would (accelerate's even_batches would complete it with samples from the epoch's start).
+                shard.even_batches = False
         return dataloader
 
     def get_total_train_batch_size(self, args) -> int:

@@ -37,6 +37,24 @@ class FaultInjection(TrainerCallback):
                 next(model.parameters()).view(-1)[0] += 1e-3
 
 
+def slow_roles(descent_s, ascent_s_per_sample):
+    """Make asyncsam's two passes take known times, as on devices of different speeds."""
+    from sam_hf.batching import leading_samples
+    from sam_hf.methods import AsyncSAM
+
+    role_pass = AsyncSAM.role_pass
+
+    def slowed(self, role, batches, passes):
+        out = role_pass(self, role, batches, passes)
+        extra = descent_s if role == 0 else ascent_s_per_sample * sum(len(b["labels"]) for b, _ in
+                                                                      leading_samples(batches, self.ratio))
+        time.sleep(extra)
+        out["descent_seconds" if role == 0 else "ascent_seconds"] += extra
+        return out
+
+    AsyncSAM.role_pass = slowed
+
+
 def train(out_dir, optim, optim_args, batch=8, steps=4, ga=1, save_steps=0, resume=None, timeout=60,
           batchnorm=False, callbacks=()):
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
@@ -62,7 +80,11 @@ def main():
     p.add_argument("--kill_at", type=int, default=-1)
     p.add_argument("--hang_at", type=int, default=-1)
     p.add_argument("--corrupt_at", type=int, default=-1)
+    p.add_argument("--slow_roles", default=None,
+                   help="DESCENT_S,ASCENT_S_PER_SAMPLE: asyncsam's passes sleep this long (a slower ascent device)")
     opts = p.parse_args()
+    if opts.slow_roles:
+        slow_roles(*map(float, opts.slow_roles.split(",")))
     for case in opts.cases:
         name, optim, optim_args, batch = case.split(":")
         trainer, state = train(os.path.join(opts.out_dir, name), optim, optim_args, int(batch), opts.steps,

@@ -1,0 +1,63 @@
+"""The demo pipeline at --tiny size writes its table, loss-curve PNG, report and results."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from sam_hf import demo  # noqa: E402
+
+
+def test_tiny_demo_writes_table_plot_and_report(tmp_path, capsys):
+    assert demo.main(["--tiny", "--output_dir", str(tmp_path), "--methods", "adamw,sam,sampa"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | processes | eval accuracy | time per step (ms) | speed-up vs SAM |" in out
+    for label in ("AdamW", "SAM", "SAMPa-0.2"):
+        assert f"| {label} | 1 |" in out
+
+    png = tmp_path / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report.md").read_text()
+    assert "| SAM | 1 |" in report and "1.00x" in report and "loss_curves.png" in report
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["adamw", "sam", "sampa"]
+    for r in results:
+        assert r["steps"] == demo.TINY.max_steps
+        assert len(r["loss_curve"]) == demo.TINY.max_steps  # logged every step at --tiny
+        assert r["sec_per_step"] > 0 and 0 <= r["eval_accuracy"] <= 1
+
+
+def test_two_process_row_is_skipped_with_a_reason(tmp_path, capsys, monkeypatch):
+    """Without 2 cores the 2-process row is left out and the report says why; the rest still runs."""
+    monkeypatch.setattr(demo, "_cores", lambda: 1)
+    assert demo.main(["--tiny", "--output_dir", str(tmp_path), "--methods", "sam,sampa-2proc"]) == 0
+    assert "skipped, needs 2 CPU cores" in capsys.readouterr().out
+    report = (tmp_path / "report.md").read_text()
+    assert "SAMPa-0.2, 2 processes: needs 2 CPU cores" in report
+    assert json.loads((tmp_path / "results.json").read_text())["skipped"].keys() == {"sampa-2proc"}
+
+
+def test_unknown_method_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        demo.main(["--tiny", "--output_dir", str(tmp_path), "--methods", "adamw,sgdd"])
+
+
+@pytest.mark.skipif(os.environ.get("SAM_HF_SLOW") != "1" or demo._cores() < 2,
+                    reason="launches torchrun (~20 s); set SAM_HF_SLOW=1 on a machine with 2+ cores")
+def test_two_process_sampa_row_matches_one_process(tmp_path):
+    """The torchrun row runs and, as DESIGN.md requires, gives the 1-process losses up to round-off."""
+    assert demo.main(["--tiny", "--output_dir", str(tmp_path), "--methods", "sampa,sampa-2proc"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["skipped"] == {}
+    one, two = data["results"]
+    assert two["processes"] == 2 and two["steps"] == one["steps"]
+    assert [s for s, _ in one["loss_curve"]] == [s for s, _ in two["loss_curve"]]
+    for (_, a), (_, b) in zip(one["loss_curve"], two["loss_curve"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
