@@ -22,11 +22,13 @@ class TrainerBatch(dict):
     (Trainer's loss normaliser), so a batch held for a later step keeps its own."""
 
     num_items_in_batch = None
+    accumulation_steps = None  # micro-batches in its accumulation cycle (Trainer's loss divisor without a count)
 
     @classmethod
-    def of(cls, batch: Mapping, num_items_in_batch=None) -> "TrainerBatch":
+    def of(cls, batch: Mapping, num_items_in_batch=None, accumulation_steps=None) -> "TrainerBatch":
         out = cls(batch)
         out.num_items_in_batch = num_items_in_batch
+        out.accumulation_steps = accumulation_steps
         return out
 
 

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         module, args = argv[1], argv[2:]
         sys.argv = [module, *args]
+        cwd = os.getcwd()  # as `python -m` does; a console script (`sam-hf`) starts without it on sys.path
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         return 0
     script, args = argv[0], argv[1:]

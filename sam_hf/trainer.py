@@ -71,6 +71,21 @@ def _frozen_running_stats(modules: list[nn.Module]):
                     getattr(m, k).copy_(b)
 
 
+# Per-pass bookkeeping some Trainer subclasses keep in compute_loss (TRL: token count, entropy, accuracy).
+_PASS_METRIC_ATTRS = ("_metrics", "_total_train_tokens")
+
+
+@contextlib.contextmanager
+def _kept_pass_metrics(trainer):
+    """A perturbed pass leaves the subclass's per-pass metrics as they were: each sample counts once per step."""
+    saved = {k: copy.deepcopy(getattr(trainer, k)) for k in _PASS_METRIC_ATTRS if hasattr(trainer, k)}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(trainer, k, v)
+
+
 class TrainerPasses:
     """Forward + backward exactly as `Trainer.training_step` does them (see methods/base.py)."""
 
@@ -87,19 +102,24 @@ class TrainerPasses:
         whole = fraction >= 1.0
         # A slice of a micro-batch has no count of its own: its loss is the model's mean, weighted by its share.
         num_items = getattr(batch, "num_items_in_batch", self.num_items_in_batch) if whole else None
+        # A held batch (SAMPa's B_t) is normalised by the accumulation steps of the cycle it came from.
+        steps = getattr(batch, "accumulation_steps", None) or t.current_gradient_accumulation_steps
         freeze = not clean and t.sharpness_config.bn_stats == "clean" and self.batchnorms
-        with _frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext():
+        # Both contexts end after the backward: BatchNorm saves its running statistics for it, so restoring them
+        # in place before would fail autograd's version check.
+        with (_frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
+              contextlib.nullcontext() if clean else _kept_pass_metrics(t)):
             with t.compute_loss_context_manager():
                 loss = t.compute_loss(self.model, batch, num_items_in_batch=num_items)
-        if t.args.n_gpu > 1:
-            loss = loss.mean()
-        if t.loss_is_scaled_for_ga is not None and whole:
-            scaled_for_ga = t.loss_is_scaled_for_ga
-        else:  # Trainer's rule: the loss was normalised by num_items_in_batch already
-            scaled_for_ga = (t.model_accepts_loss_kwargs and num_items is not None) or t.compute_loss_func is not None
-        if not scaled_for_ga:
-            loss = loss * fraction / t.current_gradient_accumulation_steps
-        t.accelerator.backward(loss)
+            if t.args.n_gpu > 1:
+                loss = loss.mean()
+            if t.loss_is_scaled_for_ga is not None and whole:
+                scaled_for_ga = t.loss_is_scaled_for_ga
+            else:  # Trainer's rule: the loss was normalised by num_items_in_batch already
+                scaled_for_ga = (t.model_accepts_loss_kwargs and num_items is not None) or t.compute_loss_func is not None
+            if not scaled_for_ga:
+                loss = loss * fraction / steps
+            t.accelerator.backward(loss)
         return loss.detach()
 
     def loss_scale(self) -> float:
@@ -169,26 +189,22 @@ class SharpnessMixin:
             raise SharpnessConfigError(
                 f"optim={name} does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); "
                 "launch one process per GPU: torchrun --nproc_per_node N script.py ...")
-        if cfg.method == "msam":
-            samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
-            if cfg.micro_batches > samples:
-                raise SharpnessConfigError(
-                    f"optim_args: micro_batches={cfg.micro_batches} is larger than the {samples} samples of a step "
-                    f"(per_device_train_batch_size={args.per_device_train_batch_size} x "
-                    f"gradient_accumulation_steps={args.gradient_accumulation_steps}); use micro_batches <= {samples}")
 
     def _check_world(self, cfg: SharpnessConfig, plan: parallel.ParallelPlan) -> None:
-        if cfg.method == "msam" and plan.mode == "data":
-            world, m = plan.world_size, cfg.micro_batches
-            samples = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-            if m % world:
-                raise SharpnessConfigError(
-                    f"optim_args: micro_batches={m} cannot be spread evenly over {world} processes; "
-                    f"use a multiple of {world} (e.g. micro_batches={world * max(1, m // world)})")
-            if m // world > samples:
-                raise SharpnessConfigError(
-                    f"optim_args: micro_batches={m} puts {m // world} micro-batches on each of {world} processes, "
-                    f"more than the {samples} samples each has per step; use micro_batches <= {samples * world}")
+        if cfg.method != "msam":
+            return
+        args, m = self.args, cfg.micro_batches
+        world = plan.world_size if plan.mode == "data" else 1  # mSAM spreads its micro-batches over the ranks
+        if m % world:
+            raise SharpnessConfigError(
+                f"optim_args: micro_batches={m} cannot be spread evenly over {world} processes; "
+                f"use a multiple of {world} (e.g. micro_batches={world * max(1, m // world)})")
+        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        if m > samples:
+            raise SharpnessConfigError(
+                f"optim_args: micro_batches={m} is larger than the {samples} samples of a step ({world} process(es) "
+                f"x per_device_train_batch_size={args.per_device_train_batch_size} x "
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps}); use micro_batches <= {samples}")
 
     def create_optimizer(self, model=None):
         if self.sharpness_config is None:
@@ -227,7 +243,8 @@ class SharpnessMixin:
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        self._sharpness_held.append(TrainerBatch.of(self._prepare_inputs(inputs), num_items_in_batch))
+        self._sharpness_held.append(TrainerBatch.of(self._prepare_inputs(inputs), num_items_in_batch,
+                                                    self.current_gradient_accumulation_steps))
         if not self.accelerator.sync_gradients:  # more micro-batches of this step to come
             return torch.zeros((), device=self.args.device)
         batches, self._sharpness_held = self._sharpness_held, []

@@ -29,6 +29,8 @@ PARITY = {
                                      ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 12)),
     "asyncsam_roles": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8,
                        ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
+    # BatchNorm: running statistics come from role 1's lookahead pass and are broadcast to every rank
+    "sampa_roles_bn": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
     "sam_ddp": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 8)),
     "msam_ddp": ("msam", "rho=0.1,micro_batches=4", 4, ("msam", "rho=0.1,micro_batches=4", 8)),
     "sam_nosync_is_msam2": ("sam", "rho=0.1,sync_ascent=false", 4, ("msam", "rho=0.1,micro_batches=2", 8)),
@@ -66,7 +68,7 @@ def two_process_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(PARITY))
 def test_two_processes_equal_one(two_process_runs, tmp_path, name):
     optim, optim_args, batch = PARITY[name][3]
-    _, one = train(str(tmp_path), optim, optim_args, batch=batch, steps=7)
+    _, one = train(str(tmp_path), optim, optim_args, batch=batch, steps=7, batchnorm=name.endswith("_bn"))
     assert_close(one, torch.load(two_process_runs / f"{name}.pt"))
     if "_roles" in name:  # the two passes really ran on two ranks
         assert any("sam/exchange_seconds" in h for h in torch.load(two_process_runs / f"{name}.log"))

@@ -13,7 +13,6 @@ import pytest
 
 import sam_hf  # noqa: F401  (registers the optimizer names)
 import sam_hf.methods.sam as sam_module
-from fastgc import frozen_gc  # noqa: F401  (fast Trainer.train() calls)
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "param_copies.py"
 _spec = importlib.util.spec_from_file_location("param_copies", _PATH)

@@ -163,7 +163,8 @@ class SAMPa(SharpnessMethod):
     def state_dict(self):
         held = None if self.held is None else [dict(b) for b in self.held]
         counts = None if self.held is None else [_count(b) for b in self.held]
-        return {"g": self.g, "held": held, "held_num_items": counts}
+        steps = None if self.held is None else [getattr(b, "accumulation_steps", None) for b in self.held]
+        return {"g": self.g, "held": held, "held_num_items": counts, "held_accumulation_steps": steps}
 
     def load_state_dict(self, state):
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -171,4 +172,6 @@ class SAMPa(SharpnessMethod):
         self.held = None
         if state.get("held") is not None:
             counts = state.get("held_num_items") or [None] * len(state["held"])
-            self.held = [TrainerBatch.of(b, _to_device(c, device)) for b, c in zip(_to_device(state["held"], device), counts)]
+            steps = state.get("held_accumulation_steps") or [None] * len(state["held"])
+            self.held = [TrainerBatch.of(b, _to_device(c, device), n)
+                         for b, c, n in zip(_to_device(state["held"], device), counts, steps)]

@@ -1,7 +1,7 @@
 """Train a tiny model with SharpnessTrainer, in 1 process or under torchrun with N.
 
 `--cases NAME:OPTIM:OPTIM_ARGS:BATCH ...` trains several configurations one after the other in the same
-processes (one launch, several results); rank 0 saves each final state dict as OUT_DIR/NAME.pt and its
+processes (one launch, several results; a NAME ending in _bn uses a model with BatchNorm); rank 0 saves each final state dict as OUT_DIR/NAME.pt and its
 log history as NAME.log. Fault injection for the failure tests (the last rank, at step N):
 --kill_at N exits, --hang_at N stops answering, --corrupt_at N nudges one weight (replicas diverge).
 """
@@ -89,7 +89,7 @@ def main():
         name, optim, optim_args, batch = case.split(":")
         trainer, state = train(os.path.join(opts.out_dir, name), optim, optim_args, int(batch), opts.steps,
                                save_steps=opts.save_steps, resume=opts.resume, timeout=opts.timeout,
-                               callbacks=[FaultInjection(opts)])
+                               batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)])
         if trainer.args.process_index == 0:
             torch.save(state, os.path.join(opts.out_dir, f"{name}.pt"))
             torch.save(trainer.state.log_history, os.path.join(opts.out_dir, f"{name}.log"))
