@@ -37,15 +37,14 @@ def _adam(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict, decoupled:
     if wd and not decoupled:
         g = g + wd * x
     k = _f(state["step"]) + 1 if "step" in state else 1.0
-    m = state["exp_avg"].float() if "exp_avg" in state else torch.zeros_like(x)
-    v = state["exp_avg_sq"].float() if "exp_avg_sq" in state else torch.zeros_like(x)
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
+    # In place on fresh tensors, fused where torch has the op: this runs on the critical path of every step.
+    m = torch.lerp(state["exp_avg"].float(), g, 1 - b1) if "exp_avg" in state else g * (1 - b1)
+    v = (state["exp_avg_sq"].float() * b2).addcmul_(g, g, value=1 - b2) if "exp_avg_sq" in state else g * g * (1 - b2)
     if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
         v = torch.maximum(state["max_exp_avg_sq"].float(), v)
-    y = x * (1 - lr * wd) if (wd and decoupled) else x
-    denom = v.sqrt() / (1 - b2**k) ** 0.5 + eps
-    return y - (lr / (1 - b1**k)) * m / denom
+    denom = v.sqrt_().div_((1 - b2**k) ** 0.5).add_(eps)
+    y = x * (1 - lr * wd) if (wd and decoupled) else x.clone()
+    return y.addcdiv_(m, denom, value=-lr / (1 - b1**k))
 
 
 def _sgd(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Tensor:

@@ -126,13 +126,28 @@ def _wait(work, plan: ParallelPlan, what: str) -> None:
             f"{plan.timeout_s:.0f} s (--ddp_timeout). Cause reported by torch.distributed: {exc}") from exc
 
 
-def flatten(tensors: list[torch.Tensor | None], like: list[torch.Tensor], device) -> torch.Tensor:
-    """fp32 concatenation of the tensors, then one has-gradient flag per parameter (None -> zeros, flag 0),
-    so every rank's layout matches and a parameter no rank gave a gradient stays without one."""
-    parts = [(t if t is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float32)
-             for t, p in zip(tensors, like)]
-    flags = torch.tensor([float(t is not None) for t in tensors], device=device, dtype=torch.float32)
-    return torch.cat(parts + [flags])
+def pack(tensors: list[torch.Tensor | None], like: list[torch.Tensor], out: torch.Tensor, scale: float = 1.0) -> None:
+    """Write fp32 tensors / scale, then one has-gradient flag per parameter, into `out` (one copy, no temporaries).
+
+    None becomes zeros with flag 0, so every rank's layout matches and a parameter no rank gave a gradient
+    stays without one."""
+    offset = 0
+    for t, p in zip(tensors, like):
+        n = p.numel()
+        if t is None:
+            out[offset:offset + n].zero_()
+        else:
+            out[offset:offset + n].copy_(t.detach().reshape(-1))
+        offset += n
+    if scale != 1.0:
+        out[:offset].div_(scale)
+    out[offset:offset + len(like)] = torch.tensor([float(t is not None) for t in tensors], dtype=torch.float32)
+
+
+def flatten(tensors: list[torch.Tensor | None], like: list[torch.Tensor], device, scale: float = 1.0) -> torch.Tensor:
+    out = torch.empty(flat_size(like), device=device, dtype=torch.float32)
+    pack(tensors, like, out, scale)
+    return out
 
 
 def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -159,24 +174,40 @@ def all_reduce_mean(tensors: list[torch.Tensor | None], like: list[torch.Tensor]
     return unflatten(flat, like)
 
 
-def exchange(plan: ParallelPlan, mine: list[torch.Tensor | None], like: list[torch.Tensor],
-             extras: dict[str, float], extra_keys: tuple[str, ...], step: int, method: str):
-    """The role exchange: returns (slot 0 gradients, slot 1 gradients, merged extras), dp-averaged, on every rank.
+GATHER_MAX_WORLD = 4  # up to here an all-gather moves fewer bytes than the two-slot all-reduce
 
-    Each role writes its gradients (fp32, unscaled), has-gradient flags and scalar extras into its own slot
-    of one buffer and zeros into the other; one all-reduce, divided by the dp size, gives every rank both.
+
+def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[torch.Tensor], scale: float,
+             extras: dict[str, float], extra_keys: tuple[str, ...], step: int, method: str):
+    """The role exchange: returns (role 0's gradients, role 1's gradients, merged extras), dp-averaged and
+    unscaled fp32, on every rank. `grads` are this rank's `.grad` tensors (scaled by `scale`).
+
+    Each rank packs its gradients, has-gradient flags and scalar extras into one fp32 buffer. Up to
+    GATHER_MAX_WORLD ranks, one all-gather hands every rank every buffer (2 ranks: each sends its N floats
+    once); beyond, each role writes its own slot of a two-slot buffer, zeros in the other, and one all-reduce
+    sums them. Either way a role's k dp buffers are averaged.
     """
     n = flat_size(like)
     width = n + len(extra_keys)
-    buf = torch.zeros(2 * width, device=plan.staging_device, dtype=torch.float32)
-    lo = plan.role * width
-    buf[lo:lo + n] = flatten(mine, like, plan.staging_device)
-    buf[lo + n:lo + width] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float32)
-    role_name = ROLE_NAMES[method][plan.role]
-    _wait(dist.all_reduce(buf, async_op=True), plan, f"the {method} exchange at step {step} (this rank: {role_name})")
-    buf /= plan.dp_size
-    slots = [unflatten(buf[r * width:r * width + n], like) for r in (0, 1)]
-    merged = {k: float(buf[n + j] + buf[width + n + j]) for j, k in enumerate(extra_keys)}
+    what = f"the {method} exchange at step {step} (this rank: {ROLE_NAMES[method][plan.role]})"
+    if plan.world_size <= GATHER_MAX_WORLD:
+        mine = torch.empty(width, device=plan.staging_device, dtype=torch.float32)
+        pack(grads, like, mine, scale)
+        mine[n:] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float32)
+        parts = [torch.empty_like(mine) for _ in range(plan.world_size)]
+        _wait(dist.all_gather(parts, mine, async_op=True), plan, what)
+        k = plan.dp_size  # mesh layout: rank = role * k + dp
+        slot_bufs = [parts[r * k] if k == 1 else torch.stack(parts[r * k:(r + 1) * k]).mean(0) for r in (0, 1)]
+    else:
+        buf = torch.zeros(2 * width, device=plan.staging_device, dtype=torch.float32)
+        lo = plan.role * width
+        pack(grads, like, buf[lo:lo + n], scale)
+        buf[lo + n:lo + width] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float32)
+        _wait(dist.all_reduce(buf, async_op=True), plan, what)
+        buf /= plan.dp_size
+        slot_bufs = [buf[:width], buf[width:]]
+    slots = [unflatten(b[:n], like) for b in slot_bufs]
+    merged = {k: float(slot_bufs[0][n + j] + slot_bufs[1][n + j]) for j, k in enumerate(extra_keys)}
     return slots[0], slots[1], merged
 
 

@@ -27,7 +27,6 @@ from . import lookahead, parallel
 from .batching import TrainerBatch
 from .config import METHODS, SharpnessConfig, SharpnessConfigError
 from .methods import METHOD_CLASSES
-from .methods.base import grads_fp32
 from .optimizer import SharpnessOptimizer
 
 logger = logging.getLogger(__name__)
@@ -264,7 +263,7 @@ class SharpnessMixin:
             scale = passes.loss_scale()
             extras = method.role_pass(plan.role, batches, passes)
             start = time.perf_counter()
-            g0, g1, merged = parallel.exchange(plan, grads_fp32(method.params, scale), method.params, extras,
+            g0, g1, merged = parallel.exchange(plan, [p.grad for p in method.params], method.params, scale, extras,
                                                method.EXTRA_KEYS, step, cfg.method)
             result = method.finish(g0, g1, batches, merged, scale)
             result.metrics["sam/exchange_seconds"] = time.perf_counter() - start

@@ -1,0 +1,34 @@
+"""The benchmark harness: its table arithmetic, and one real configuration end to end (tiny)."""
+
+import json
+
+from sam_hf import bench
+
+
+def _r(label, procs, step, rank=0, exchange=0.0, mem=100.0):
+    return {"label": label, "processes": procs, "step_s": step, "rank": rank, "exchange_s": exchange,
+            "peak_mem_mb": mem, "device": "cpu", "params_m": 1.0}
+
+
+def test_summary_ratios_medians_and_targets():
+    results = [_r("AdamW", 1, 1.0), _r("AdamW", 1, 3.0), _r("AdamW", 1, 1.2),  # three rounds: median 1.2
+               _r("SAM", 1, 2.4), _r("SAMPa-0.2", 2, 1.3, exchange=0.13), _r("SAMPa-0.2", 2, 1.3, rank=1, mem=300.0),
+               _r("AsyncSAM (r=1)", 2, 1.2)]
+    summary = bench.summarize(results)
+    rows = {(r["label"], r["processes"]): r for r in summary["rows"]}
+    assert rows[("AdamW", 1)]["step_s"] == 1.2 and rows[("AdamW", 1)]["rounds"] == 3
+    sampa = rows[("SAMPa-0.2", 2)]
+    assert abs(sampa["speedup_vs_sam_1"] - 2.4 / 1.3) < 1e-12 and abs(sampa["vs_adamw_1"] - 1.3 / 1.2) < 1e-12
+    assert sampa["peak_mem_mb"] == 300.0 and abs(sampa["exchange_share"] - 0.1) < 1e-12
+    targets = summary["targets"]
+    assert abs(targets["SAMPa-0.2 on 2 vs SAM on 1 (target >= 1.85x faster)"] - 2.4 / 1.3) < 1e-12
+
+
+def test_one_configuration_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    code = bench.main(["--out", str(out), "--only", "AdamW,SAM", "--steps", "2", "--warmup", "1", "--hidden", "32",
+                       "--layers", "1", "--seq", "8", "--batch", "4"])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert {r["label"] for r in report["rows"]} == {"AdamW", "SAM"}
+    assert "| SAM | 1 |" in (out / "bench.md").read_text()
