@@ -12,15 +12,9 @@ import torch
 from transformers import Trainer
 
 import sam_hf
-from tiny import MeanLossModel, args, assert_same_weights, text_data, tiny_bert, vector_data, weights
+from tiny import METHOD_CASES, MeanLossModel, args, assert_same_weights, text_data, tiny_bert, vector_data, weights
 
-CASES = {
-    "sam": ("sam", "rho=0.1"),
-    "msam": ("msam", "rho=0.1,micro_batches=4"),
-    "sampa": ("sampa", "rho=0.1,lam=0.2"),
-    "asyncsam_r1": ("asyncsam", "rho=0.1,ascent_batch_ratio=1.0"),
-    "asyncsam_r05": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5"),
-}
+CASES = {k: METHOD_CASES[k] for k in ('sam', 'msam', 'sampa', 'asyncsam_r1', 'asyncsam')}
 STEPS = 6  # 32 samples / 8 = 4 steps per epoch: the run crosses an epoch boundary (SAMPa holds a batch across it)
 TOL = 1e-6
 
@@ -129,7 +123,7 @@ def test_bert_follows_trainer_loss_scale(tmp_path):
 # differs from the next one).
 
 
-@pytest.mark.parametrize("case", ["sam", "msam", "sampa", "asyncsam_r05"])
+@pytest.mark.parametrize("case", ["sam", "msam", "sampa", "asyncsam"])
 def test_short_last_cycle_of_an_epoch(tmp_path, case):
     """36 samples: batch 8 gives steps of 8,8,8,8,4; batch 4 x 2 gives (4,4) x 4 and a last cycle of one
     micro-batch (Trainer syncs at the epoch end). Both see the same samples per step, so the same weights."""

@@ -10,15 +10,9 @@ import torch
 from transformers import TrainerCallback
 
 import sam_hf
-from tiny import MeanLossModel, args, vector_data
+from tiny import METHOD_CASES, MeanLossModel, args, vector_data
 
-CASES = {
-    "sam": ("sam", "rho=0.1"),
-    "asam": ("sam", "rho=0.5,adaptive=true"),
-    "msam": ("msam", "rho=0.1,micro_batches=4"),
-    "sampa": ("sampa", "rho=0.1,lam=0.5"),
-    "asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5"),
-}
+CASES = {**{k: METHOD_CASES[k] for k in ('sam', 'asam', 'msam', 'asyncsam')}, "sampa": ("sampa", "rho=0.1,lam=0.5")}
 LR = 1.0  # large steps, so ||dx|| is measured far above fp32 round-off of the weights
 CLIP = 1e-2  # well below this model's gradient norms (~0.4-0.9): every step is clipped
 STEPS = 3

@@ -20,15 +20,9 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
 import sam_hf
-from tiny import MeanLossModel, args, assert_same_weights, vector_data, weights
+from tiny import METHOD_CASES, MeanLossModel, args, assert_same_weights, vector_data, weights
 
-CASES = {
-    "sam": ("sam", "rho=0.1"),
-    "asam": ("sam", "rho=0.5,adaptive=true"),
-    "msam": ("msam", "rho=0.1,micro_batches=4"),
-    "sampa": ("sampa", "rho=0.1,lam=0.5"),
-    "asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5"),
-}
+CASES = {**{k: METHOD_CASES[k] for k in ('sam', 'asam', 'msam', 'asyncsam')}, "sampa": ("sampa", "rho=0.1,lam=0.5")}
 STEPS = 4
 CLIP = 0.3  # clips most steps of this model, so the tests also see clipping after unscaling
 

@@ -6,17 +6,11 @@ import torch
 from transformers import TrainerCallback
 
 import sam_hf
-from tiny import args, text_data, tiny_bert
+from tiny import METHOD_CASES, args, text_data, tiny_bert
 
 peft = pytest.importorskip("peft")
 
-CASES = {
-    "sam": ("sam", "rho=0.1"),
-    "asam": ("sam", "rho=0.5,adaptive=true"),
-    "msam": ("msam", "rho=0.1,micro_batches=4"),
-    "sampa": ("sampa", "rho=0.1,lam=0.2"),
-    "asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5"),
-}
+CASES = {k: METHOD_CASES[k] for k in ('sam', 'asam', 'msam', 'sampa', 'asyncsam')}
 STEPS = 3
 
 

@@ -10,15 +10,9 @@ from transformers import TrainerCallback
 
 import sam_hf
 from sam_hf.optimizer import STATE_KEY
-from tiny import MeanLossModel, args, text_data, tiny_bert, vector_data, weights
+from tiny import METHOD_CASES, MeanLossModel, args, text_data, tiny_bert, vector_data, weights
 
-CASES = {
-    "sam": ("sam", "rho=0.1"),
-    "msam": ("msam", "rho=0.1,micro_batches=4"),
-    "sampa": ("sampa", "rho=0.1,lam=0.2"),
-    "asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5"),
-    "asyncsam_r1": ("asyncsam", "rho=0.1,ascent_batch_ratio=1.0"),
-}
+CASES = {k: METHOD_CASES[k] for k in ('sam', 'msam', 'sampa', 'asyncsam', 'asyncsam_r1')}
 N = 3  # 32 samples / 8 = 4 steps per epoch: the checkpoint is mid-epoch and the resumed run crosses an epoch
 
 

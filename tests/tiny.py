@@ -9,6 +9,16 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 
 VOCAB = 50
 
+# One configuration per method, shared by the test files that run "every method".
+METHOD_CASES = {
+    "sam": ("sam", "rho=0.1"),
+    "asam": ("sam", "rho=0.5,adaptive=true"),
+    "msam": ("msam", "rho=0.1,micro_batches=4"),
+    "sampa": ("sampa", "rho=0.1,lam=0.2"),
+    "asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5"),
+    "asyncsam_r1": ("asyncsam", "rho=0.1,ascent_batch_ratio=1.0"),
+}
+
 
 def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
     torch.manual_seed(seed)
