@@ -47,10 +47,13 @@ RUNS = {
                                                  "--trainer", "custom"], "CustomTrainer"),
     "asyncsam": ([TORCHRUN, "--standalone", "--nproc_per_node", "1", "-m", "sam_hf.launch", str(SCRIPT)],
                  ["--optim", "asyncsam", "--optim_args", "ascent_batch_ratio=0.5"], "Trainer"),
-    "accelerate": ([ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+    # accelerate's --cpu launcher is single-process (multi-CPU needs mpirun); --multi_gpu goes through
+    # torchrun, and --use_cpu --ddp_backend gloo keeps both processes on the CPU
+    "accelerate": ([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sam_hf.launch", str(SCRIPT)],
-                   ["--optim", "sam", "--optim_args", "rho=0.1", "--gradient_accumulation_steps", "2",
-                    "--per_device_train_batch_size", "4"], "Trainer"),
+                   ["--optim", "asyncsam", "--optim_args", "rho=0.1", "--ddp_backend", "gloo"], "Trainer"),
+    "torchrun2": ([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sam_hf.launch", str(SCRIPT)],
+                  ["--optim", "sampa", "--optim_args", "rho=0.1,lam=0.2", "--ddp_backend", "gloo"], "Trainer"),
     # a plain optimizer through the launcher must be exactly a plain run
     "adamw_launch": ([PY, "-m", "sam_hf.launch", str(SCRIPT)], ["--optim", "adamw_torch"], "Trainer"),
     "adamw_plain": ([PY, str(SCRIPT)], ["--optim", "adamw_torch"], "Trainer"),
@@ -124,7 +127,7 @@ def test_script_imports_nothing_from_sam_hf():
     assert "sam_hf" not in SCRIPT.read_text()
 
 
-@pytest.mark.parametrize("name", ["sam", "msam", "sampa", "asyncsam", "accelerate"])
+@pytest.mark.parametrize("name", ["sam", "msam", "sampa", "asyncsam", "accelerate", "torchrun2"])
 def test_launched_script_runs_the_method(runs, name):
     info, _ = info_of(runs, name)
     _, script_args, base = (IN_PROCESS if name in IN_PROCESS else RUNS)[name]
@@ -153,6 +156,14 @@ def test_script_subclass_compute_loss_is_used(runs):
 def test_plain_trainer_becomes_sharpness_trainer(runs):
     info, _ = info_of(runs, "sam")
     assert info["mro"] == ["SharpnessTrainer", "SharpnessMixin", "Trainer", "object"]
+
+
+@pytest.mark.parametrize("name", ["torchrun2", "accelerate"])
+def test_two_launched_processes_split_the_passes(runs, name):
+    """Under a 2-process launcher the unmodified script runs role-parallel: each step logs its exchange."""
+    rc, stdout, _ = get(runs, name)
+    assert rc == 0, stdout[-4000:]
+    assert stdout.count("'sam/exchange_seconds'") >= STEPS - 1, stdout[-4000:]
 
 
 def test_torchrun_one_process(runs):
