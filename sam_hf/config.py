@@ -31,6 +31,14 @@ UNSUPPORTED_BASES = ("lomo", "adalomo", "galore_adamw_layerwise", "galore_adamw_
                      "galore_adafactor_layerwise", "apollo_adamw_layerwise")
 
 
+DEFAULTS_FOR_MESSAGES = {"rho": 0.05, "eta": 0.01, "lam": 0.2, "micro_batches": 8, "check_every": 50,
+                         "ascent_batch_ratio": 0.5, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.01}
+
+# How the base optimizer's own keys are read (as transformers' handlers read them).
+BASE_KEY_TYPES = {"momentum": "float", "dampening": "float", "weight_decay": "float", "lr_decay": "float",
+                  "eps": "float", "alpha": "float", "nesterov": "bool", "centered": "bool"}
+
+
 class SharpnessConfigError(ValueError):
     """A bad `optim_args` value or an impossible combination, found before training starts."""
 
@@ -48,7 +56,8 @@ def _float(key: str, value: str) -> float:
     try:
         out = float(value)
     except ValueError:
-        raise SharpnessConfigError(f"optim_args: {key}={value!r} is not a number") from None
+        raise SharpnessConfigError(f"optim_args: {key}={value!r} is not a number; give a decimal, "
+                                   f"e.g. {key}={DEFAULTS_FOR_MESSAGES.get(key, 0.1)}") from None
     if not math.isfinite(out):
         raise SharpnessConfigError(f"optim_args: {key}={value!r} must be finite")
     return out
@@ -58,7 +67,8 @@ def _int(key: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise SharpnessConfigError(f"optim_args: {key}={value!r} is not an integer") from None
+        raise SharpnessConfigError(f"optim_args: {key}={value!r} is not an integer; give a whole number, "
+                                   f"e.g. {key}={DEFAULTS_FOR_MESSAGES.get(key, 1)}") from None
 
 
 @dataclass
@@ -154,6 +164,11 @@ class SharpnessConfig:
             if key not in allowed:
                 base_keys = f"; {self.base} takes {list(allowed)}" if allowed else ""
                 raise SharpnessConfigError(f"optim_args: unknown key {key}={value!r}; sam_hf takes {ours}{base_keys}")
+            # checked here, before training: transformers would fail later (or read a typo as false)
+            if BASE_KEY_TYPES.get(key) == "bool":
+                _bool(key, value)
+            elif BASE_KEY_TYPES.get(key) == "float" and _float(key, value) < 0:
+                raise SharpnessConfigError(f"optim_args: {key}={value!r} must be >= 0 for base={self.base}")
         if self.method == "sampa" and self.lookahead == "optimizer" and self.base not in LOOKAHEAD_BASES:
             raise SharpnessConfigError(
                 f"optim_args: lookahead=optimizer has a closed form for base in {list(LOOKAHEAD_BASES)}, "

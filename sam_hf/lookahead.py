@@ -30,13 +30,16 @@ def _f(value) -> float:
 
 
 def _adam(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict, decoupled: bool) -> torch.Tensor:
-    lr, wd, eps = _f(group["lr"]), group["weight_decay"], group["eps"]
+    # lr and step may be tensors (capturable / fused optimizers keep them on the GPU): use them as tensors,
+    # so computing y never waits on the device.
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     b1, b2 = (_f(b) for b in group["betas"])
     if group.get("maximize", False):
         g = -g
     if wd and not decoupled:
         g = g + wd * x
-    k = _f(state["step"]) + 1 if "step" in state else 1.0
+    step = state.get("step")
+    k = 1.0 if step is None else (step.to(x.device, torch.float32) + 1 if torch.is_tensor(step) else float(step) + 1)
     # In place on fresh tensors, fused where torch has the op: this runs on the critical path of every step.
     m = torch.lerp(state["exp_avg"].float(), g, 1 - b1) if "exp_avg" in state else g * (1 - b1)
     v = (state["exp_avg_sq"].float() * b2).addcmul_(g, g, value=1 - b2) if "exp_avg_sq" in state else g * g * (1 - b2)
@@ -44,11 +47,11 @@ def _adam(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict, decoupled:
         v = torch.maximum(state["max_exp_avg_sq"].float(), v)
     denom = v.sqrt_().div_((1 - b2**k) ** 0.5).add_(eps)
     y = x * (1 - lr * wd) if (wd and decoupled) else x.clone()
-    return y.addcdiv_(m, denom, value=-lr / (1 - b1**k))
+    return y.sub_(m.div_(denom).mul_(lr / (1 - b1**k)))
 
 
 def _sgd(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
-    lr, wd = _f(group["lr"]), group["weight_decay"]
+    lr, wd = group["lr"], group["weight_decay"]
     mu, damp, nesterov = group["momentum"], group["dampening"], group["nesterov"]
     d = -g if group.get("maximize", False) else g
     if wd:
@@ -74,7 +77,7 @@ def apply_lookahead_(optimizer: torch.optim.Optimizer, grads: dict[torch.nn.Para
             g = g * grad_scale if not (isinstance(grad_scale, float) and grad_scale == 1.0) else g
             x, state = p.detach().float(), optimizer.state.get(p, {})
             if kind == "sgd":
-                y = x - _f(group["lr"]) * g
+                y = x - group["lr"] * g
             elif isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
                 y = _adam(x, g, group, state, decoupled_adam or group.get("decoupled_weight_decay", False))
             elif isinstance(optimizer, torch.optim.SGD):

@@ -207,7 +207,7 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
         buf /= plan.dp_size
         slot_bufs = [buf[:width], buf[width:]]
     slots = [unflatten(b[:n], like) for b in slot_bufs]
-    merged = {k: float(slot_bufs[0][n + j] + slot_bufs[1][n + j]) for j, k in enumerate(extra_keys)}
+    merged = dict(zip(extra_keys, (slot_bufs[0][n:] + slot_bufs[1][n:]).tolist()))
     return slots[0], slots[1], merged
 
 
@@ -229,11 +229,17 @@ def check_replicas(plan: ParallelPlan, params: list[torch.Tensor], step: int, rt
 
 
 def broadcast_buffers(plan: ParallelPlan, modules: list[torch.nn.Module], src: int, step: int) -> None:
-    """Give every rank the BatchNorm statistics of the rank that ran the clean pass."""
+    """Give every rank the BatchNorm statistics of the rank that ran the clean pass (one broadcast per dtype)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for module in modules:
         for _, buf in module.named_buffers(recurse=False):
-            if buf is None:
-                continue
-            staged = buf.detach().to(plan.staging_device).clone()
-            _wait(dist.broadcast(staged, src=src, async_op=True), plan, f"the BatchNorm broadcast at step {step}")
-            buf.copy_(staged.to(buf.device))
+            if buf is not None:
+                by_dtype.setdefault(buf.dtype, []).append(buf)
+    for dtype, bufs in by_dtype.items():
+        flat = torch.cat([b.detach().reshape(-1).to(plan.staging_device) for b in bufs])
+        _wait(dist.broadcast(flat, src=src, async_op=True), plan, f"the BatchNorm broadcast at step {step}")
+        offset = 0
+        with torch.no_grad():
+            for b in bufs:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()

@@ -109,7 +109,9 @@ class TrainerPasses:
         with (_frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
               contextlib.nullcontext() if clean else _kept_pass_metrics(t)):
             with t.compute_loss_context_manager():
-                loss = t.compute_loss(self.model, batch, num_items_in_batch=num_items)
+                # a shallow copy: Trainer's compute_loss pops "labels" (label smoothing, compute_loss_func), and
+                # the same batch runs again (SAM's second pass, SAMPa's held batch)
+                loss = t.compute_loss(self.model, dict(batch), num_items_in_batch=num_items)
             if t.args.n_gpu > 1:
                 loss = loss.mean()
             if t.loss_is_scaled_for_ga is not None and whole:
@@ -190,6 +192,16 @@ class SharpnessMixin:
                 "launch one process per GPU: torchrun --nproc_per_node N script.py ...")
 
     def _check_world(self, cfg: SharpnessConfig, plan: parallel.ParallelPlan) -> None:
+        if plan.distributed and self.args.torch_compile:
+            raise SharpnessConfigError(
+                f"optim={cfg.method} with --torch_compile on {plan.world_size} processes is not supported: accelerate "
+                "compiles the DDP wrapper, whose hooks would average the passes sam_hf keeps apart; drop "
+                "--torch_compile, or run one process")
+        from_trl = any(c.__module__.split(".")[0] == "trl" for c in type(self).__mro__)
+        if plan.distributed and from_trl:
+            raise SharpnessConfigError(
+                f"optim={cfg.method} with a TRL trainer runs in one process only: TRL's compute_loss gathers metrics "
+                "across ranks on every pass, and sam_hf's ranks run different passes; launch one process")
         if cfg.method != "msam":
             return
         args, m = self.args, cfg.micro_batches
@@ -208,7 +220,9 @@ class SharpnessMixin:
     def create_optimizer(self, model=None):
         if self.sharpness_config is None:
             return super().create_optimizer(model)
-        if isinstance(self.optimizer, SharpnessOptimizer):
+        if self._sharpness_optimizer is not None and self._sharpness_optimizer in (
+                self.optimizer, getattr(self.optimizer, "optimizer", None)):  # again, e.g. a second train()
+            self.optimizer = self._sharpness_optimizer
             return self.optimizer
         cfg = self.sharpness_config
         if self.optimizer is None:  # build the base optimizer the way Trainer builds `--optim {base}`
@@ -265,8 +279,9 @@ class SharpnessMixin:
             start = time.perf_counter()
             g0, g1, merged = parallel.exchange(plan, [p.grad for p in method.params], method.params, scale, extras,
                                                method.EXTRA_KEYS, step, cfg.method)
+            exchange_seconds = time.perf_counter() - start
             result = method.finish(g0, g1, batches, merged, scale)
-            result.metrics["sam/exchange_seconds"] = time.perf_counter() - start
+            result.metrics["sam/exchange_seconds"] = exchange_seconds
         else:
             result = method.step(batches, passes)
         if plan.distributed and self._sharpness_batchnorms:

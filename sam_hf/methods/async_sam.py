@@ -76,9 +76,13 @@ class AsyncSAM(SharpnessMethod):
         else:
             zero_grads(self.params)
             pieces = leading_samples(batches, self.ratio)
-            out = {"loss": run_pieces(passes, pieces, clean=True), "ascent_samples": sum(_size(b) for b, _ in pieces)}
+            samples = sum(_size(b) for b, _ in pieces)
+            # the pieces carry their share of the batch; report the loss in the units of a whole batch
+            share = samples / sum(_size(b) for b in batches)
+            out = {"loss": run_pieces(passes, pieces, clean=True) / share, "ascent_samples": samples}
             key = "ascent_seconds"
-        _synchronize(self.params)
+        if self.auto_ratio and self.role_parallel:  # timing a GPU pass needs its kernels finished
+            _synchronize(self.params)
         out[key] = time.perf_counter() - start
         return out
 
@@ -131,7 +135,8 @@ class AsyncSAM(SharpnessMethod):
                     self.ratio, descent, per_sample)
 
     def state_dict(self):
-        return {"a": self.a, "ratio": self.ratio, "steps_seen": self.steps_seen, "auto_ratio": self.auto_ratio}
+        return {"a": self.a, "ratio": self.ratio, "steps_seen": self.steps_seen, "auto_ratio": self.auto_ratio,
+                "timings": self._timings}
 
     def load_state_dict(self, state):
         device = self.params[0].device if self.params else "cpu"
@@ -139,3 +144,4 @@ class AsyncSAM(SharpnessMethod):
         self.ratio = float(state.get("ratio", self.ratio))
         self.steps_seen = int(state.get("steps_seen", 1 if self.a is not None else 0))
         self.auto_ratio = bool(state.get("auto_ratio", self.auto_ratio))
+        self._timings = [tuple(t) for t in state.get("timings", [])]

@@ -7,7 +7,8 @@ most one (ranges may cross Trainer's gradient-accumulation micro-batches):
     h_j = grad f(x + e_j, B_j)
     the base optimizer steps with sum_j (|B_j| / |B|) h_j
 
-m = 1 is SAM. Cost: two passes over B, in 2m smaller pieces. Memory: the
+m = 1 is SAM. A batch with fewer than m samples (an epoch's short last batch) uses one micro-batch per
+sample. Cost: two passes over B, in 2m smaller pieces. Memory: the
 weight backup and one gradient accumulator. Only the final gradient is
 all-reduced across ranks; each rank takes its share of the m micro-batches.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batching import split_samples
+from ..batching import batch_size, split_samples
 from .base import SharpnessMethod, StepResult, perturb_, restore, run_pieces, zero_grads
 
 
@@ -35,7 +36,9 @@ class MSAM(SharpnessMethod):
         saved = None
         loss = perturbed_loss = 0.0
         norms, skipped = [], 0.0
-        for pieces in split_samples(batches, self.local_micro_batches):
+        # An epoch's short last batch may hold fewer samples than m: then each sample is its own micro-batch.
+        parts = min(self.local_micro_batches, sum(batch_size(b) for b in batches))
+        for pieces in split_samples(batches, parts):
             zero_grads(params)
             piece_loss = run_pieces(passes, pieces, clean=True)
             if saved is None:

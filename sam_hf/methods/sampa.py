@@ -44,6 +44,12 @@ def _count(batch):
     return getattr(batch, "num_items_in_batch", None)
 
 
+def _all_finite(tensors) -> bool:
+    """One device sync for the whole list, not one per parameter."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
 def _scalar(value, params) -> torch.Tensor:
     device = params[0].device if params else "cpu"
     return value.detach().to(device) if torch.is_tensor(value) else torch.tensor(float(value), device=device)
@@ -114,7 +120,7 @@ class SAMPa(SharpnessMethod):
                 return {}
             loss, applied, norm = self.perturbed_grad(passes, passes.loss_scale())
             return {"perturbed_loss": loss, "applied": float(applied), "ascent_grad_norm": norm}
-        finite = self.g is not None and all(t is None or bool(torch.isfinite(t).all()) for t in self.g)
+        finite = self.g is not None and _all_finite(self.g)
         return {"loss": self.lookahead_grad(batches, passes, finite_g=finite)}
 
     def step(self, batches, passes):
@@ -132,7 +138,7 @@ class SAMPa(SharpnessMethod):
         loss = _scalar(extras.get("loss", 0.0), params)
         first, self.g = self.g is None, None  # g_t is spent: free it before building G
         if first:  # keep g_0, leave x and the optimizer state alone
-            if all(t is None or bool(torch.isfinite(t).all()) for t in g_next):
+            if _all_finite(g_next):
                 self.g, self.held = g_next, list(batches)
                 _set_grads(params, [None if t is None else torch.zeros_like(t) for t in g_next], 1.0)
             else:  # an overflow: hand it on so a GradScaler backs off; the next step is a first step again
