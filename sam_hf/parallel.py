@@ -21,6 +21,7 @@ never a silent hang. Replicas are compared by checksum every `check_every` steps
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import faulthandler
 import logging
@@ -65,6 +66,13 @@ class ParallelPlan:
         return f"{self.mode} ({self.world_size} processes)"
 
 
+def _destroy_process_group() -> None:
+    """At exit, tear the process group down while Python still runs: left to interpreter teardown, gloo's
+    threads can abort the process ("terminate called without an active exception") after a finished run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> ParallelPlan:
     """Decide the layout from the method, `parallel` and the world size; reject what cannot work."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -81,6 +89,8 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
     if not any(b in backend for b in SUPPORTED_BACKENDS):
         raise SharpnessConfigError(f"sam_hf runs on the gloo and nccl backends, not {backend!r}; "
                                    "use --ddp_backend gloo (CPU) or nccl (GPUs)")
+    atexit.unregister(_destroy_process_group)  # registered once, however many trainers a script builds
+    atexit.register(_destroy_process_group)
     rank = dist.get_rank()
     staging = torch.device("cpu") if backend == "gloo" else device
     base = dict(world_size=world, rank=rank, timeout_s=timeout_s, staging_device=staging)
