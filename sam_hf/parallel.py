@@ -154,9 +154,9 @@ def pack(tensors: list[torch.Tensor | None], like: list[torch.Tensor], out: torc
     out[offset:offset + len(like)] = torch.tensor([float(t is not None) for t in tensors], dtype=torch.float32)
 
 
-def flatten(tensors: list[torch.Tensor | None], like: list[torch.Tensor], device, scale: float = 1.0) -> torch.Tensor:
+def flatten(tensors: list[torch.Tensor | None], like: list[torch.Tensor], device) -> torch.Tensor:
     out = torch.empty(flat_size(like), device=device, dtype=torch.float32)
-    pack(tensors, like, out, scale)
+    pack(tensors, like, out)
     return out
 
 

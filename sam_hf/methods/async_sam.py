@@ -24,14 +24,11 @@ import torch
 
 from ..batching import batch_size as _size
 from ..batching import leading_samples
-from .base import SharpnessMethod, StepResult, backup, grads_fp32, perturb_, restore, run_batches, run_pieces, zero_grads
+from .base import (SharpnessMethod, StepResult, as_tensor, backup, grads_fp32, perturb_, restore, run_batches,
+                   run_pieces, to_device, zero_grads)
 
 logger = logging.getLogger(__name__)
 AUTO_STEPS = 3  # steps measured (after the first) before ascent_batch_ratio=auto fixes r
-
-
-def _scalar(value, device) -> torch.Tensor:
-    return value.detach().to(device) if torch.is_tensor(value) else torch.tensor(float(value), device=device)
 
 
 def _synchronize(params) -> None:
@@ -112,11 +109,11 @@ class AsyncSAM(SharpnessMethod):
         if self.role_parallel and self.auto_ratio and self.steps_seen > 1:
             self._measure(extras, batches)
         device = params[0].device if params else "cpu"
-        loss = _scalar(extras.get("loss", 0.0), device)
-        metrics = {"sam/perturbed_loss": _scalar(extras.get("perturbed_loss", 0.0), device),
+        loss = as_tensor(extras.get("loss", 0.0), device)
+        metrics = {"sam/perturbed_loss": as_tensor(extras.get("perturbed_loss", 0.0), device),
                    "sam/ascent_batch_ratio": self.ratio}
         if self.steps_seen > 1:
-            metrics.update({"sam/ascent_grad_norm": _scalar(extras.get("ascent_grad_norm", 0.0), device),
+            metrics.update({"sam/ascent_grad_norm": as_tensor(extras.get("ascent_grad_norm", 0.0), device),
                             "sam/skipped_ascent": 1.0 - float(extras.get("applied", 0.0))})
         return StepResult(loss, metrics=metrics)
 
@@ -140,7 +137,7 @@ class AsyncSAM(SharpnessMethod):
 
     def load_state_dict(self, state):
         device = self.params[0].device if self.params else "cpu"
-        self.a = None if state.get("a") is None else [None if t is None else t.to(device) for t in state["a"]]
+        self.a = to_device(state.get("a"), device)
         self.ratio = float(state.get("ratio", self.ratio))
         self.steps_seen = int(state.get("steps_seen", 1 if self.a is not None else 0))
         self.auto_ratio = bool(state.get("auto_ratio", self.auto_ratio))

@@ -63,6 +63,22 @@ class SharpnessMethod:
         pass
 
 
+def as_tensor(value, device) -> torch.Tensor:
+    """A metric or loss as a detached tensor on `device` (floats from the role exchange included)."""
+    return value.detach().to(device) if torch.is_tensor(value) else torch.tensor(float(value), device=device)
+
+
+def to_device(obj, device):
+    """Tensors inside nested lists and dicts (checkpointed method state) moved to `device`."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_device(v, device) for v in obj]
+    return obj
+
+
 def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     """The parameters the base optimizer updates (with PEFT: only the adapters)."""
     seen, out = set(), []

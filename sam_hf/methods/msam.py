@@ -56,7 +56,8 @@ class MSAM(SharpnessMethod):
             with torch.no_grad():  # the pieces' fractions already weight h_j by |B_j| / |B|
                 for i, p in enumerate(params):
                     if p.grad is not None:
-                        acc[i] = p.grad.detach().clone() if acc[i] is None else acc[i].add_(p.grad)
+                        # the first h_j is kept as it is: the next pass allocates a fresh .grad
+                        acc[i] = p.grad if acc[i] is None else acc[i].add_(p.grad)
         for p, a in zip(params, acc):
             p.grad = a
         passes.all_reduce_grads(params)

@@ -25,18 +25,8 @@ import torch
 
 from ..batching import TrainerBatch
 from ..lookahead import apply_lookahead_
-from .base import (SharpnessMethod, StepResult, backup, grads_fp32, perturb_, restore, run_batches,
-                   zero_grads)
-
-
-def _to_device(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    return obj
+from .base import (SharpnessMethod, StepResult, as_tensor, backup, grads_fp32, perturb_, restore, run_batches,
+                   to_device, zero_grads)
 
 
 def _count(batch):
@@ -50,9 +40,8 @@ def _all_finite(tensors) -> bool:
     return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
-def _scalar(value, params) -> torch.Tensor:
-    device = params[0].device if params else "cpu"
-    return value.detach().to(device) if torch.is_tensor(value) else torch.tensor(float(value), device=device)
+def _device(params):
+    return params[0].device if params else "cpu"
 
 
 def _set_grads(params, grads, scale: float) -> None:
@@ -135,7 +124,7 @@ class SAMPa(SharpnessMethod):
     def finish(self, g_tilde, g_next, batches, extras, scale) -> StepResult:
         """G_t = (1 - lam) g~_t + lam g_{t+1} into .grad (scaled); g_t <- g_{t+1}; B_t <- B_{t+1}."""
         params, lam = self.params, self.config.lam
-        loss = _scalar(extras.get("loss", 0.0), params)
+        loss = as_tensor(extras.get("loss", 0.0), _device(params))
         first, self.g = self.g is None, None  # g_t is spent: free it before building G
         if first:  # keep g_0, leave x and the optimizer state alone
             if _all_finite(g_next):
@@ -160,8 +149,8 @@ class SAMPa(SharpnessMethod):
                   if dots else torch.zeros(()))
         applied = float(extras.get("applied", 0.0))
         return StepResult(loss, metrics={
-            "sam/perturbed_loss": _scalar(extras.get("perturbed_loss", 0.0), params),
-            "sam/ascent_grad_norm": _scalar(extras.get("ascent_grad_norm", 0.0), params),
+            "sam/perturbed_loss": as_tensor(extras.get("perturbed_loss", 0.0), _device(params)),
+            "sam/ascent_grad_norm": as_tensor(extras.get("ascent_grad_norm", 0.0), _device(params)),
             "sam/skipped_ascent": 1.0 - applied, "sam/grad_cosine": cosine,
         })
 
@@ -174,10 +163,10 @@ class SAMPa(SharpnessMethod):
 
     def load_state_dict(self, state):
         device = self.params[0].device if self.params else torch.device("cpu")
-        self.g = _to_device(state.get("g"), device)
+        self.g = to_device(state.get("g"), device)
         self.held = None
         if state.get("held") is not None:
             counts = state.get("held_num_items") or [None] * len(state["held"])
             steps = state.get("held_accumulation_steps") or [None] * len(state["held"])
-            self.held = [TrainerBatch.of(b, _to_device(c, device), n)
-                         for b, c, n in zip(_to_device(state["held"], device), counts, steps)]
+            self.held = [TrainerBatch.of(b, to_device(c, device), n)
+                         for b, c, n in zip(to_device(state["held"], device), counts, steps)]
