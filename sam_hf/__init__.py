@@ -9,6 +9,7 @@ from .config import METHODS, SharpnessConfig, SharpnessConfigError
 from .integration import install as _install
 from .methods import METHOD_CLASSES
 from .optimizer import SharpnessOptimizer
+from .placement import place_ascent_rank
 from .trainer import SharpnessMixin, SharpnessTrainer
 
 _install()
@@ -16,4 +17,4 @@ _install()
 __version__ = "0.1.0"
 
 __all__ = ["METHODS", "METHOD_CLASSES", "SharpnessConfig", "SharpnessConfigError", "SharpnessMixin",
-           "SharpnessOptimizer", "SharpnessTrainer", "__version__"]
+           "SharpnessOptimizer", "SharpnessTrainer", "__version__", "place_ascent_rank"]

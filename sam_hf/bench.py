@@ -35,7 +35,20 @@ CONFIGS = [
     ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 2),
     ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 2),
     ("AsyncSAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5", 2),
+    # the paper's heterogeneous case: rank 0 on the GPU, rank 1's ascent on the CPU (run where CUDA is present)
+    ("AsyncSAM (CPU ascent, r=auto)", "asyncsam",
+     "rho=0.05,ascent_batch_ratio=auto,ascent_device=cpu", 2),
 ]
+
+
+def runnable(procs: int, optim_args: str, cuda_devices: int) -> tuple[bool, str]:
+    """Whether this machine can run a configuration, and why not."""
+    cpu_ascent = "ascent_device=cpu" in optim_args
+    if cpu_ascent and not cuda_devices:
+        return False, "no GPU: with CPUs only it is the AsyncSAM row above"
+    if cuda_devices and procs > 1 and not cpu_ascent and cuda_devices < procs:
+        return False, f"needs {procs} GPUs, this machine has {cuda_devices}"
+    return True, ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +79,9 @@ def _worker(opts) -> None:
     torch.set_num_threads(1)
     label, optim, optim_args = json.loads(opts.worker)
     rank = int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available()
+    sam_hf.place_ascent_rank(optim, optim_args)  # ascent_device=cpu: rank 1 on the CPU
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") != "true"
+    two_kinds = "ascent_device=cpu" in optim_args
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -96,7 +111,7 @@ def _worker(opts) -> None:
         output_dir=os.path.join(opts.out, "runs"), optim=optim, optim_args=optim_args or None, max_steps=steps,
         per_device_train_batch_size=opts.batch, learning_rate=1e-4, report_to=[], save_strategy="no",
         logging_steps=1, disable_tqdm=True, use_cpu=not cuda, dataloader_num_workers=0,
-        ddp_backend=("nccl" if cuda else "gloo") if "RANK" in os.environ else None)
+        ddp_backend=("nccl" if cuda and not two_kinds else "gloo") if "RANK" in os.environ else None)
     timer = StepTimer()
     trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
     if cuda:
@@ -111,7 +126,9 @@ def _worker(opts) -> None:
         "exchange_s": statistics.median(exchange[opts.warmup:] or exchange) if exchange else 0.0,
         "peak_mem_mb": (torch.cuda.max_memory_allocated() if cuda else
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "mem_kind": "gpu" if cuda else "rss",
         "device": torch.cuda.get_device_name() if cuda else "cpu (1 thread per process)",
+        "ascent_batch_ratio": getattr(getattr(trainer.optimizer, "method", None), "ratio", None),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
     with open(os.path.join(opts.out, f"worker_{rank}.json"), "w") as f:
@@ -155,8 +172,11 @@ def summarize(results: list[dict]) -> dict:
         rows.append({"label": label, "processes": procs, "step_s": lead["step_s"], "rounds": len(leads),
                      "round_steps_s": [r["step_s"] for r in leads],
                      "exchange_share": lead["exchange_s"] / lead["step_s"] if lead["step_s"] else 0.0,
-                     "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks), "device": lead["device"],
-                     "params_m": lead["params_m"]})
+                     # GPU memory and a CPU rank's resident set are not comparable: rank 0's kind
+                     "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks
+                                        if r.get("mem_kind") == lead.get("mem_kind")),
+                     "device": lead["device"], "params_m": lead["params_m"],
+                     "ascent_batch_ratio": lead.get("ascent_batch_ratio")})
     adamw = next((r["step_s"] for r in rows if r["label"] == "AdamW" and r["processes"] == 1), None)
     sam = next((r["step_s"] for r in rows if r["label"] == "SAM" and r["processes"] == 1), None)
     for r in rows:
@@ -184,6 +204,10 @@ def to_markdown(summary: dict, opts) -> str:
         share = f"{100 * r['exchange_share']:.1f}%" if r["exchange_share"] else "-"
         lines.append(f"| {r['label']} | {r['processes']} | {1000 * r['step_s']:.0f} | {r['vs_adamw_1']:.2f}x | "
                      f"{r['speedup_vs_sam_1']:.2f}x | {share} | {r['peak_mem_mb']:.0f} |")
+    auto = [r for r in rows if "r=auto" in r["label"] and r.get("ascent_batch_ratio")]
+    if auto:
+        lines += [""] + [f"{r['label']}: `ascent_batch_ratio=auto` chose r = {r['ascent_batch_ratio']:.3f}."
+                         for r in auto]
     if summary["targets"]:
         lines += ["", "| target | measured |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in summary["targets"].items()]
@@ -196,10 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         _worker(opts)
         return 0
     only = set(opts.only.split(",")) if opts.only else None
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     results = []
     for round_ in range(opts.repeats):
         for label, optim, optim_args, procs in CONFIGS:
             if only and label not in only:
+                continue
+            ok, why = runnable(procs, optim_args, gpus)
+            if not ok:
+                if round_ == 0:
+                    print(f"[bench] skipping {label} on {procs} process(es): {why}", flush=True)
                 continue
             print(f"[bench] round {round_ + 1}/{opts.repeats}: {label} on {procs} process(es) ...", flush=True)
             results += _run(opts, label, optim, optim_args, procs)

@@ -86,7 +86,7 @@ class SharpnessConfig:
     lookahead: str = "optimizer"  # SAMPa's ModelUpdate: the base optimizer's own step, or plain SGD
     parallel: str = "auto"  # auto | on | off
     sync_ascent: bool = True  # SAM with DDP: average the ascent gradient over ranks
-    ascent_device: str = "auto"  # Asynchronous SAM's ascent rank; only auto (same device kind) for now
+    ascent_device: str = "auto"  # Asynchronous SAM's ascent rank: auto (Trainer's device) or cpu
     bn_stats: str = "clean"  # which pass updates BatchNorm running statistics: clean | all
     check_every: int = 50  # steps between replica checksums in role-parallel mode
     base_optim_args: dict[str, str] = field(default_factory=dict)
@@ -135,10 +135,14 @@ class SharpnessConfig:
             raise bad("lookahead", self.lookahead, "use lookahead=optimizer (the base optimizer's own step) or sgd")
         if self.parallel not in ("auto", "on", "off"):
             raise bad("parallel", self.parallel, "use auto, on or off")
-        if self.ascent_device != "auto":
+        if self.ascent_device not in ("auto", "cpu"):
             raise bad("ascent_device", self.ascent_device,
-                      "only auto (the ascent rank uses the same device kind as the descent rank) is supported; "
-                      "a CPU ascent rank beside a GPU descent rank is not implemented yet")
+                      "use auto (the ascent rank uses Trainer's device) or cpu (rank 1 computes the ascent on the CPU)")
+        if self.ascent_device == "cpu" and self.method != "asyncsam":
+            raise bad("ascent_device", self.ascent_device, f"it applies to asyncsam only, not {self.method}; drop it")
+        if self.ascent_device == "cpu" and self.parallel == "off":
+            raise bad("ascent_device", self.ascent_device,
+                      "a CPU ascent rank needs the role-parallel layout; drop parallel=off")
         if self.bn_stats not in ("clean", "all"):
             raise bad("bn_stats", self.bn_stats, "use clean (running stats from the unperturbed pass only) or all")
         if self.check_every < 0:

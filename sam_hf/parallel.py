@@ -14,6 +14,11 @@ Two layouts (DESIGN.md, "With several processes"):
   zeros in the other) gives every rank both gradients averaged over the dp
   ranks, and every rank then takes the same optimizer step.
 
+Asynchronous SAM may put its ascent rank on the CPU beside a GPU descent rank
+(`ascent_device=cpu`, placement.py): the exchange goes through CPU buffers over
+gloo, and since the two devices' optimizer steps differ by round-off, the
+replica check allows for it and then copies rank 0's weights to rank 1.
+
 Every collective here waits at most `timeout` (Trainer's `ddp_timeout`): a peer
 that died or hangs ends training with an error naming the step and the role,
 never a silent hang. Replicas are compared by checksum every `check_every` steps.
@@ -54,6 +59,7 @@ class ParallelPlan:
     timeout_s: float = 1800.0
     mesh: object = None
     dp_group: object = None
+    mixed_devices: bool = False  # ascent_device=cpu: a CPU ascent rank beside the descent rank's device
     staging_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -80,6 +86,10 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
         raise SharpnessConfigError(f"optim_args: parallel=on (two roles) applies to sampa and asyncsam; "
                                    f"{cfg.method} is data parallel over all ranks: drop parallel=on")
     if world == 1:
+        if cfg.ascent_device == "cpu":
+            raise SharpnessConfigError(
+                "optim_args: ascent_device=cpu needs 2 processes (a descent rank and a CPU ascent rank), this run "
+                "has 1; launch with sam-hf launch under torchrun --nproc_per_node 2, or drop ascent_device")
         if cfg.parallel == "on" and cfg.method in ROLE_NAMES:
             raise SharpnessConfigError(
                 f"optim_args: parallel=on needs 2 processes or more, this run has 1; launch with "
@@ -93,7 +103,10 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
     atexit.register(_destroy_process_group)
     rank = dist.get_rank()
     staging = torch.device("cpu") if backend == "gloo" else device
-    base = dict(world_size=world, rank=rank, timeout_s=timeout_s, staging_device=staging)
+    kinds: list[str] = [""] * world
+    dist.all_gather_object(kinds, device.type)
+    mixed = _check_devices(cfg, kinds, backend)
+    base = dict(world_size=world, rank=rank, timeout_s=timeout_s, staging_device=staging, mixed_devices=mixed)
     if cfg.method not in ROLE_NAMES:
         return ParallelPlan(mode="data", **base)
     roles = cfg.parallel == "on" or (cfg.parallel == "auto" and world % 2 == 0)
@@ -116,9 +129,34 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
     from torch.distributed.device_mesh import init_device_mesh
 
     k = world // 2
-    mesh = init_device_mesh(device.type, (2, k), mesh_dim_names=("role", "dp"))
+    mesh = init_device_mesh(staging.type, (2, k), mesh_dim_names=("role", "dp"))
     return ParallelPlan(mode="roles", role=mesh.get_local_rank("role"), dp_rank=mesh.get_local_rank("dp"),
                         dp_size=k, mesh=mesh, dp_group=mesh.get_group("dp"), **base)
+
+
+def _check_devices(cfg: SharpnessConfig, kinds: list[str], backend: str) -> bool:
+    """Every rank on the same device kind, or the one mix sam_hf supports (ascent_device=cpu). Returns whether
+    the replicas may differ by round-off: with ascent_device=cpu, even where both ranks happen to be CPUs."""
+    mixed = len(set(kinds)) > 1
+    if cfg.ascent_device != "cpu":
+        if mixed:
+            raise SharpnessConfigError(
+                f"sam_hf: the ranks run on different device kinds {kinds}; every rank must take the same optimizer "
+                "step, so put them on one kind, or use asyncsam with ascent_device=cpu (only rank 1 on the CPU)")
+        return False
+    if len(kinds) != 2:
+        raise SharpnessConfigError(
+            f"optim_args: ascent_device=cpu needs exactly 2 processes (a descent rank and a CPU ascent rank), "
+            f"got {len(kinds)}; launch 2, or drop ascent_device")
+    if "gloo" not in backend:
+        raise SharpnessConfigError(f"optim_args: ascent_device=cpu needs --ddp_backend gloo (NCCL cannot reach a CPU "
+                                   f"rank), this run uses {backend!r}; add --ddp_backend gloo")
+    if kinds[1] != "cpu":
+        raise SharpnessConfigError(
+            f"optim_args: ascent_device=cpu, but rank 1 (the ascent rank) runs on {kinds[1]}; start the script "
+            "through `sam-hf launch` (or -m sam_hf.launch), which places it, or call "
+            "sam_hf.place_ascent_rank(optim, optim_args) before building TrainingArguments")
+    return True
 
 
 EXIT_GRACE_S = 5.0  # after a peer failure, time left for the error to unwind before the process is ended
@@ -221,8 +259,14 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     return slots[0], slots[1], merged
 
 
-def check_replicas(plan: ParallelPlan, params: list[torch.Tensor], step: int, rtol: float = 0.0) -> None:
-    """Compare a float64 checksum of the weights over all ranks; a mismatch is an error, not a silent drift."""
+MIXED_RTOL = 1e-5  # CPU and GPU optimizer steps on the same gradients differ by round-off only
+
+
+def check_replicas(plan: ParallelPlan, params: list[torch.Tensor], step: int) -> None:
+    """Compare a float64 checksum of the weights over all ranks; a mismatch is an error, not a silent drift.
+
+    With mixed devices the ranks' round-off differs: the checksums must agree to MIXED_RTOL, and rank 0's
+    weights are then copied to the others."""
     with torch.no_grad():
         s1 = sum((p.detach().double().sum() for p in params), torch.zeros((), dtype=torch.float64))
         s2 = sum((p.detach().double().pow(2).sum() for p in params), torch.zeros((), dtype=torch.float64))
@@ -230,26 +274,35 @@ def check_replicas(plan: ParallelPlan, params: list[torch.Tensor], step: int, rt
     gathered = [torch.zeros_like(mine) for _ in range(plan.world_size)]
     _wait(dist.all_gather(gathered, mine, async_op=True), plan, f"the replica check at step {step}")
     ref = gathered[0]
+    numel = sum(p.numel() for p in params)
+    # |sum| <= sqrt(n * sum of squares): scale both checksums' tolerances by what they can reach
+    tol = torch.stack([(numel * ref[1]).sqrt(), ref[1]]) * (MIXED_RTOL if plan.mixed_devices else 0.0)
     for rank, other in enumerate(gathered):
-        if not torch.allclose(other, ref, rtol=rtol, atol=0.0):
+        if not bool(((other - ref).abs() <= tol).all()):
             raise PeerFailure(
                 f"sam_hf: replicas diverged at step {step}: rank {rank}'s weight checksum {other.tolist()} != "
                 f"rank 0's {ref.tolist()}. Every rank must take the same optimizer step; something changed the "
                 "weights on one rank only (a callback, a non-deterministic kernel, or a mixed device setup).")
+    if plan.mixed_devices:
+        broadcast_tensors(plan, params, 0, f"the weight re-sync at step {step}")
+
+
+def broadcast_tensors(plan: ParallelPlan, tensors: list[torch.Tensor], src: int, what: str) -> None:
+    """Copy rank `src`'s values of `tensors` to every rank in place (one broadcast per dtype)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        flat = torch.cat([t.detach().reshape(-1).to(plan.staging_device) for t in group])
+        _wait(dist.broadcast(flat, src=src, async_op=True), plan, what)
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def broadcast_buffers(plan: ParallelPlan, modules: list[torch.nn.Module], src: int, step: int) -> None:
-    """Give every rank the BatchNorm statistics of the rank that ran the clean pass (one broadcast per dtype)."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for module in modules:
-        for _, buf in module.named_buffers(recurse=False):
-            if buf is not None:
-                by_dtype.setdefault(buf.dtype, []).append(buf)
-    for dtype, bufs in by_dtype.items():
-        flat = torch.cat([b.detach().reshape(-1).to(plan.staging_device) for b in bufs])
-        _wait(dist.broadcast(flat, src=src, async_op=True), plan, f"the BatchNorm broadcast at step {step}")
-        offset = 0
-        with torch.no_grad():
-            for b in bufs:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+    """Give every rank the BatchNorm statistics of the rank that ran the clean pass."""
+    buffers = [b for module in modules for _, b in module.named_buffers(recurse=False) if b is not None]
+    broadcast_tensors(plan, buffers, src, f"the BatchNorm broadcast at step {step}")

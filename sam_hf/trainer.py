@@ -90,8 +90,8 @@ class TrainerPasses:
 
     def __init__(self, trainer: "SharpnessMixin", model: nn.Module, num_items_in_batch):
         self.trainer = trainer
-        # The passes run on the bare module: DDP's hooks would average the two roles' gradients, and the
-        # data-parallel reductions happen where the method asks for them (`all_reduce_grads`).
+        # The passes run on the bare module (sam_hf does not wrap it in DDP, see `_wrap_model`; a wrapper from
+        # elsewhere would average the two roles' gradients): reductions happen where the method asks for them.
         self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.num_items_in_batch = num_items_in_batch
         self.batchnorms = trainer._sharpness_batchnorms
@@ -186,6 +186,10 @@ class SharpnessMixin:
             raise SharpnessConfigError(
                 f"optim={name} does not support FSDP yet (perturbing sharded parameters needs a sharded norm); "
                 "drop --fsdp and use torchrun/accelerate DDP, or PEFT/LoRA to fit the model")
+        if cfg.ascent_device == "cpu" and args.fp16:
+            raise SharpnessConfigError(
+                "optim_args: ascent_device=cpu with --fp16: the CPU rank has no loss scaler, so a step the GPU "
+                "rank's GradScaler skips for overflow would still be taken on the CPU; use --bf16, or fp32")
         if args.n_gpu > 1:
             raise SharpnessConfigError(
                 f"optim={name} does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); "
@@ -194,9 +198,9 @@ class SharpnessMixin:
     def _check_world(self, cfg: SharpnessConfig, plan: parallel.ParallelPlan) -> None:
         if plan.distributed and self.args.torch_compile:
             raise SharpnessConfigError(
-                f"optim={cfg.method} with --torch_compile on {plan.world_size} processes is not supported: accelerate "
-                "compiles the DDP wrapper, whose hooks would average the passes sam_hf keeps apart; drop "
-                "--torch_compile, or run one process")
+                f"optim={cfg.method} with --torch_compile on {plan.world_size} processes is not supported yet (a "
+                "compiled module beside sam_hf's own gradient reduction is untested); drop --torch_compile, or run "
+                "one process")
         from_trl = any(c.__module__.split(".")[0] == "trl" for c in type(self).__mro__)
         if plan.distributed and from_trl:
             raise SharpnessConfigError(
@@ -248,6 +252,19 @@ class SharpnessMixin:
         method.role_parallel = self._sharpness_plan.mode == "roles"
         self.optimizer = self._sharpness_optimizer = SharpnessOptimizer(base, method)
         return self.optimizer
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        plan = getattr(self, "_sharpness_plan", None)
+        if (self.sharpness_config is None or plan is None or not plan.distributed or not training
+                or self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model):
+            return super()._wrap_model(model, training, dataloader)
+        # No DistributedDataParallel: sam_hf reduces gradients itself (`all_reduce_grads`, the role exchange), so
+        # DDP's buckets would only hold one more copy of the gradients; and DDP cannot span a CPU ascent rank.
+        # Accelerate still places the model and adds mixed-precision autocast.
+        model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        # what DDP's construction did: every replica starts from rank 0's weights and buffers
+        parallel.broadcast_tensors(plan, [*model.parameters(), *model.buffers()], 0, "the initial weight broadcast")
+        return model
 
     # ---- one step -----------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):

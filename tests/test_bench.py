@@ -32,3 +32,19 @@ def test_one_configuration_end_to_end(tmp_path):
     report = json.loads((out / "bench.json").read_text())
     assert {r["label"] for r in report["rows"]} == {"AdamW", "SAM"}
     assert "| SAM | 1 |" in (out / "bench.md").read_text()
+
+
+def test_configurations_this_machine_cannot_run_are_skipped():
+    cpu_ascent = "rho=0.05,ascent_device=cpu"
+    assert not bench.runnable(2, cpu_ascent, 0)[0]  # CPUs only: the same as the plain AsyncSAM row
+    assert bench.runnable(2, cpu_ascent, 1)[0]  # one GPU and the CPU: the heterogeneous case
+    ok, why = bench.runnable(2, "rho=0.05", 1)
+    assert not ok and "needs 2 GPUs" in why
+    assert bench.runnable(2, "rho=0.05", 0)[0] and bench.runnable(1, "", 1)[0]
+
+
+def test_a_gpu_and_a_cpu_rank_report_the_gpu_memory():
+    gpu = {**_r("AsyncSAM (CPU ascent, r=auto)", 2, 1.0, mem=500.0), "mem_kind": "gpu", "ascent_batch_ratio": 0.25}
+    cpu = {**_r("AsyncSAM (CPU ascent, r=auto)", 2, 1.0, rank=1, mem=4000.0), "mem_kind": "rss"}
+    row = bench.summarize([_r("AdamW", 1, 1.0), _r("SAM", 1, 2.0), gpu, cpu])["rows"][-1]
+    assert row["peak_mem_mb"] == 500.0 and row["ascent_batch_ratio"] == 0.25

@@ -27,7 +27,9 @@ BAD = [
     ("sam", "parallel=maybe", ["parallel='maybe'", "auto, on or off"]),
     ("sam", "sync_ascent=2", ["sync_ascent='2'", "true"]),
     ("sam", "bn_stats=never", ["bn_stats='never'", "clean"]),
-    ("asyncsam", "ascent_device=cpu", ["ascent_device='cpu'", "not implemented"]),
+    ("asyncsam", "ascent_device=gpu", ["ascent_device='gpu'", "auto", "cpu"]),
+    ("sampa", "ascent_device=cpu", ["ascent_device='cpu'", "asyncsam only"]),
+    ("asyncsam", "ascent_device=cpu,parallel=off", ["ascent_device='cpu'", "parallel=off"]),
     ("sam", "rhoo=0.1", ["rhoo='0.1'", "unknown key", "rho"]),
     ("sam", "momentum=0.9", ["momentum='0.9'", "unknown key"]),  # momentum is sgd's, not adamw's
     ("sam", "base=sgd,momentun=0.9", ["momentun", "sgd takes", "momentum"]),

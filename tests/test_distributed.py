@@ -29,6 +29,12 @@ PARITY = {
                                      ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 12)),
     "asyncsam_roles": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8,
                        ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
+    # ascent_device=cpu (here both ranks are CPUs): the tolerant replica check and re-sync run every 2 steps
+    "asyncsam_roles_cpu_ascent": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5,ascent_device=cpu,check_every=2", 8,
+                                  ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
+    # every rank builds a different model: training starts from rank 0's weights, as DDP's construction did
+    "sampa_roles_rankinit": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
+    "sam_ddp_rankinit": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 8)),
     # BatchNorm: running statistics come from role 1's lookahead pass and are broadcast to every rank
     "sampa_roles_bn": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
     "sam_ddp": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 8)),
@@ -72,6 +78,14 @@ def test_two_processes_equal_one(two_process_runs, tmp_path, name):
     assert_close(one, torch.load(two_process_runs / f"{name}.pt"))
     if "_roles" in name:  # the two passes really ran on two ranks
         assert any("sam/exchange_seconds" in h for h in torch.load(two_process_runs / f"{name}.log"))
+
+
+@pytest.mark.parametrize("name", list(PARITY))
+def test_replicas_are_identical_and_not_wrapped_in_ddp(two_process_runs, name):
+    assert_close(torch.load(two_process_runs / f"{name}.rank0.pt"), torch.load(two_process_runs / f"{name}.rank1.pt"),
+                 atol=0)
+    # sam_hf reduces the gradients itself: a DDP wrapper would only add a copy of them in its buckets
+    assert (two_process_runs / f"{name}.wrapper").read_text() == "MeanLossModel"
 
 
 def test_data_parallel_sampa_runs_both_passes_on_every_rank(two_process_runs):
@@ -119,10 +133,21 @@ def test_a_dead_or_silent_peer_ends_training_with_a_clear_error(tmp_path, fault)
     assert elapsed < 90, elapsed
 
 
-def test_diverged_replicas_are_an_error(tmp_path):
-    proc = launch(tmp_path, 2, "--steps", "8", "--corrupt_at", "3", "--cases", "c:sampa:rho=0.1,check_every=2:8")
+@pytest.mark.parametrize("case", ["c:sampa:rho=0.1,check_every=2:8",
+                                  "c:asyncsam:rho=0.1,ascent_device=cpu,check_every=2:8"], ids=["exact", "cpu-ascent"])
+def test_diverged_replicas_are_an_error(tmp_path, case):
+    proc = launch(tmp_path, 2, "--steps", "8", "--corrupt_at", "3", "--cases", case)
     assert proc.returncode != 0
     assert "replicas diverged at step 4" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_cpu_ascent_rank_round_off_is_resynced_from_rank_0(tmp_path):
+    # a round-off-sized difference (as between a GPU's and a CPU's optimizer step) passes the check at step 4,
+    # which then copies rank 0's weights to rank 1: the replicas end identical
+    proc = launch(tmp_path, 2, "--steps", "6", "--corrupt_at", "3", "--corrupt_by", "1e-6",
+                  "--cases", "n:asyncsam:rho=0.1,ascent_batch_ratio=0.5,ascent_device=cpu,check_every=2:8")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert_close(torch.load(tmp_path / "n.rank0.pt"), torch.load(tmp_path / "n.rank1.pt"), atol=0)
 
 
 def test_odd_world_size_with_parallel_on_fails_before_training(tmp_path):

@@ -48,10 +48,10 @@ RUNS = {
     "asyncsam": ([TORCHRUN, "--standalone", "--nproc_per_node", "1", "-m", "sam_hf.launch", str(SCRIPT)],
                  ["--optim", "asyncsam", "--optim_args", "ascent_batch_ratio=0.5"], "Trainer"),
     # accelerate's --cpu launcher is single-process (multi-CPU needs mpirun); --multi_gpu goes through
-    # torchrun, and --use_cpu --ddp_backend gloo keeps both processes on the CPU
+    # torchrun. ascent_device=cpu: the launcher puts rank 1 on the CPU and adds --ddp_backend gloo itself.
     "accelerate": ([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sam_hf.launch", str(SCRIPT)],
-                   ["--optim", "asyncsam", "--optim_args", "rho=0.1", "--ddp_backend", "gloo"], "Trainer"),
+                   ["--optim", "asyncsam", "--optim_args", "rho=0.1,ascent_device=cpu"], "Trainer"),
     "torchrun2": ([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sam_hf.launch", str(SCRIPT)],
                   ["--optim", "sampa", "--optim_args", "rho=0.1,lam=0.2", "--ddp_backend", "gloo"], "Trainer"),
     # a plain optimizer through the launcher must be exactly a plain run
@@ -164,6 +164,14 @@ def test_two_launched_processes_split_the_passes(runs, name):
     rc, stdout, _ = get(runs, name)
     assert rc == 0, stdout[-4000:]
     assert stdout.count("'sam/exchange_seconds'") >= STEPS - 1, stdout[-4000:]
+
+
+def test_launcher_places_the_cpu_ascent_rank(runs):
+    rc, stdout, _ = get(runs, "accelerate")
+    assert rc == 0, stdout[-4000:]
+    # both ranks on gloo (added by the launcher), rank 1 on the CPU (on a GPU machine rank 0 stays on cuda)
+    assert "[rank 1] device=cpu ddp_backend=gloo" in stdout, stdout[-4000:]
+    assert "[rank 0] device=" in stdout and "ddp_backend=gloo" in stdout.split("[rank 0] ")[1].splitlines()[0]
 
 
 def test_torchrun_one_process(runs):

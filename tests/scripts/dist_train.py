@@ -1,9 +1,11 @@
 """Train a tiny model with SharpnessTrainer, in 1 process or under torchrun with N.
 
 `--cases NAME:OPTIM:OPTIM_ARGS:BATCH ...` trains several configurations one after the other in the same
-processes (one launch, several results; a NAME ending in _bn uses a model with BatchNorm); rank 0 saves each final state dict as OUT_DIR/NAME.pt and its
-log history as NAME.log. Fault injection for the failure tests (the last rank, at step N):
---kill_at N exits, --hang_at N stops answering, --corrupt_at N nudges one weight (replicas diverge).
+processes (one launch, several results; a NAME ending in _bn uses a model with BatchNorm, one ending in _rankinit
+initialises the model differently on every rank); rank 0 saves each final state dict as OUT_DIR/NAME.pt, its log
+history as NAME.log and what Trainer wrapped the model in as NAME.wrapper; every rank r saves its weights as
+NAME.rank{r}.pt. Fault injection for the failure tests (the last rank, at step N): --kill_at N exits, --hang_at N
+stops answering, --corrupt_at N nudges one weight by --corrupt_by (replicas diverge).
 """
 
 import argparse
@@ -34,7 +36,7 @@ class FaultInjection(TrainerCallback):
             time.sleep(3600)  # alive but silent: the peers' next collective gets no answer
         if state.global_step == self.opts.corrupt_at:
             with torch.no_grad():
-                next(model.parameters()).view(-1)[0] += 1e-3
+                next(model.parameters()).view(-1)[0] += self.opts.corrupt_by
 
 
 def slow_roles(descent_s, ascent_s_per_sample):
@@ -56,13 +58,14 @@ def slow_roles(descent_s, ascent_s_per_sample):
 
 
 def train(out_dir, optim, optim_args, batch=8, steps=4, ga=1, save_steps=0, resume=None, timeout=60,
-          batchnorm=False, callbacks=()):
+          batchnorm=False, callbacks=(), model_seed=0):
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
     distributed = "RANK" in os.environ
+    sam_hf.place_ascent_rank(optim, optim_args or None)  # ascent_device=cpu: rank 1 on the CPU
     targs = make_args(os.path.join(out_dir, "run"), optim, optim_args or None, max_steps=steps,
                       per_device_train_batch_size=batch, gradient_accumulation_steps=ga, ddp_timeout=timeout,
                       ddp_backend="gloo" if distributed else None, **save)
-    model = MeanLossModel(batchnorm=batchnorm)
+    model = MeanLossModel(batchnorm=batchnorm, seed=model_seed)
     trainer = sam_hf.SharpnessTrainer(model=model, args=targs, train_dataset=vector_data(n=64),
                                       callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume)
@@ -80,6 +83,7 @@ def main():
     p.add_argument("--kill_at", type=int, default=-1)
     p.add_argument("--hang_at", type=int, default=-1)
     p.add_argument("--corrupt_at", type=int, default=-1)
+    p.add_argument("--corrupt_by", type=float, default=1e-3)
     p.add_argument("--slow_roles", default=None,
                    help="DESCENT_S,ASCENT_S_PER_SAMPLE: asyncsam's passes sleep this long (a slower ascent device)")
     opts = p.parse_args()
@@ -89,10 +93,18 @@ def main():
         name, optim, optim_args, batch = case.split(":")
         trainer, state = train(os.path.join(opts.out_dir, name), optim, optim_args, int(batch), opts.steps,
                                save_steps=opts.save_steps, resume=opts.resume, timeout=opts.timeout,
-                               batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)])
+                               batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)],
+                               model_seed=trainer_rank() if name.endswith("_rankinit") else 0)
+        torch.save(state, os.path.join(opts.out_dir, f"{name}.rank{trainer.args.process_index}.pt"))
         if trainer.args.process_index == 0:
             torch.save(state, os.path.join(opts.out_dir, f"{name}.pt"))
             torch.save(trainer.state.log_history, os.path.join(opts.out_dir, f"{name}.log"))
+            with open(os.path.join(opts.out_dir, f"{name}.wrapper"), "w") as f:
+                f.write(type(trainer.model_wrapped).__name__)
+
+
+def trainer_rank() -> int:
+    return int(os.environ.get("RANK", 0))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def main():
 
     logging.basicConfig(level=logging.WARNING)
     logger.info("Training parameters %s", training_args)
+    print(f"[rank {training_args.process_index}] device={training_args.device.type} "
+          f"ddp_backend={training_args.ddp_backend}", flush=True)
     set_seed(training_args.seed)
 
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,73 @@
+"""Heterogeneous Asynchronous SAM: the ascent rank on the CPU, the descent rank on the GPU.
+
+`TrainingArguments` picks each process's device, and starts the process group, the
+moment it is built, before any Trainer exists. So the placement is decided
+earlier, from the command line: on rank 1 of a 2-process `asyncsam` run with
+`ascent_device=cpu`, `ACCELERATE_USE_CPU=true` makes TrainingArguments choose the
+CPU, and both ranks must use gloo (NCCL cannot reach a CPU rank).
+
+`sam-hf launch` (and `-m sam_hf.launch`) does this from the script's own flags.
+A script that builds TrainingArguments itself without the launcher calls
+`sam_hf.place_ascent_rank(optim, optim_args)` first; SharpnessTrainer checks the
+result and says what to do if a rank is on the wrong device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import MutableMapping
+
+from .config import SharpnessConfig, SharpnessConfigError
+
+logger = logging.getLogger(__name__)
+
+ASCENT_RANK = 1
+
+
+def wants_cpu_ascent(optim, optim_args: str | None) -> bool:
+    if str(getattr(optim, "value", optim)) != "asyncsam":
+        return False
+    return SharpnessConfig.from_optim_args("asyncsam", optim_args).ascent_device == "cpu"
+
+
+def place_ascent_rank(optim, optim_args: str | None, env: MutableMapping[str, str] = os.environ) -> bool:
+    """Before TrainingArguments: put the ascent rank of an `ascent_device=cpu` run on the CPU.
+
+    Returns whether this run is one (whatever this rank's role); the world size and rank come from the
+    launcher's environment (torchrun, accelerate launch). Other runs are left alone."""
+    if not wants_cpu_ascent(optim, optim_args):
+        return False
+    if int(env.get("WORLD_SIZE", "1")) != 2:
+        return True  # SharpnessTrainer rejects it with the full explanation
+    if int(env.get("RANK", "0")) == ASCENT_RANK:
+        env["ACCELERATE_USE_CPU"] = "true"
+    return True
+
+
+def _flag_value(argv: list[str], flag: str) -> tuple[int, str | None]:
+    """(index, value) of `--flag value` or `--flag=value` in argv; (-1, None) when absent."""
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            return i, argv[i + 1] if i + 1 < len(argv) else None
+        if arg.startswith(flag + "="):
+            return i, arg.split("=", 1)[1]
+    return -1, None
+
+
+def place_from_argv(argv: list[str], env: MutableMapping[str, str] = os.environ) -> list[str]:
+    """`sam-hf launch`: apply `place_ascent_rank` to a script's `--optim`/`--optim_args` flags.
+
+    Returns argv, with `--ddp_backend gloo` added when the script's command line gives no backend."""
+    _, optim = _flag_value(argv, "--optim")
+    _, optim_args = _flag_value(argv, "--optim_args")
+    if optim is None or not place_ascent_rank(optim, optim_args, env):
+        return argv
+    _, backend = _flag_value(argv, "--ddp_backend")
+    if backend is None:
+        logger.info("sam_hf: ascent_device=cpu: adding --ddp_backend gloo (NCCL cannot reach a CPU rank)")
+        return [*argv, "--ddp_backend", "gloo"]
+    if backend != "gloo":
+        raise SharpnessConfigError(f"optim_args: ascent_device=cpu needs --ddp_backend gloo (NCCL cannot reach a "
+                                   f"CPU rank), got --ddp_backend {backend}; use gloo or drop the flag")
+    return argv

@@ -1,0 +1,89 @@
+"""Heterogeneous Asynchronous SAM (ascent_device=cpu): which rank goes where, and what is refused before training.
+
+The 2-process runs are in test_distributed.py (parity, re-sync, divergence) and test_launch.py (the launcher
+placing rank 1 under `accelerate launch`). Here: the placement rules and the device check, without processes.
+"""
+
+import pytest
+
+import sam_hf
+from sam_hf import SharpnessConfigError, launch
+from sam_hf.config import SharpnessConfig
+from sam_hf.parallel import _check_devices
+from sam_hf.placement import place_ascent_rank, place_from_argv
+from tiny import MeanLossModel, args, vector_data
+
+CPU_ASCENT = "rho=0.05,ascent_device=cpu"
+
+
+@pytest.mark.parametrize("rank,cpu", [("0", False), ("1", True)])
+def test_only_the_ascent_rank_goes_to_the_cpu(rank, cpu):
+    env = {"WORLD_SIZE": "2", "RANK": rank}
+    assert place_ascent_rank("asyncsam", CPU_ASCENT, env)
+    assert (env.get("ACCELERATE_USE_CPU") == "true") is cpu
+
+
+@pytest.mark.parametrize("optim,optim_args,world", [
+    ("asyncsam", "rho=0.05", "2"),  # ascent_device=auto
+    ("adamw_torch", None, "2"),
+    ("asyncsam", CPU_ASCENT, "1"),  # one process: the trainer refuses it, with the reason
+    ("asyncsam", CPU_ASCENT, "4"),
+])
+def test_other_runs_are_left_alone(optim, optim_args, world):
+    env = {"WORLD_SIZE": world, "RANK": "1"}
+    place_ascent_rank(optim, optim_args, env)
+    assert "ACCELERATE_USE_CPU" not in env
+
+
+def test_launcher_adds_gloo_and_refuses_nccl():
+    env = {"WORLD_SIZE": "2", "RANK": "1"}
+    argv = ["--optim", "asyncsam", f"--optim_args={CPU_ASCENT}", "--output_dir", "x"]
+    assert place_from_argv(argv, env) == [*argv, "--ddp_backend", "gloo"]
+    assert env["ACCELERATE_USE_CPU"] == "true"
+    assert place_from_argv([*argv, "--ddp_backend", "gloo"], {}) == [*argv, "--ddp_backend", "gloo"]
+    with pytest.raises(SharpnessConfigError, match="ascent_device=cpu needs --ddp_backend gloo.*got --ddp_backend nccl"):
+        place_from_argv([*argv, "--ddp_backend=nccl"], {"WORLD_SIZE": "2", "RANK": "0"})
+    plain = ["--optim", "sampa", "--optim_args", "rho=0.1"]
+    assert place_from_argv(plain, env) == plain
+
+
+def test_launcher_reports_a_bad_combination_before_running(tmp_path, capsys):
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('the script must not start')\n")
+    rc = launch.main([str(script), "--optim", "asyncsam", "--optim_args", CPU_ASCENT, "--ddp_backend", "nccl"])
+    assert rc == 2
+    assert "needs --ddp_backend gloo" in capsys.readouterr().err
+
+
+def test_one_process_refuses_a_cpu_ascent_rank(tmp_path):
+    with pytest.raises(SharpnessConfigError, match="ascent_device=cpu needs 2 processes"):
+        sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, "asyncsam", CPU_ASCENT),
+                                train_dataset=vector_data())
+
+
+def test_fp16_with_a_cpu_ascent_rank_is_refused(tmp_path):
+    with pytest.raises(SharpnessConfigError, match="ascent_device=cpu with --fp16.*--bf16"):
+        sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, "asyncsam", CPU_ASCENT, fp16=True),
+                                train_dataset=vector_data())
+
+
+def _cfg(optim_args):
+    return SharpnessConfig.from_optim_args("asyncsam", optim_args)
+
+
+@pytest.mark.parametrize("optim_args,kinds,backend,message", [
+    ("rho=0.05", ["cuda", "cpu"], "gloo", "different device kinds"),
+    (CPU_ASCENT, ["cuda", "cuda"], "gloo", "rank 1 \\(the ascent rank\\) runs on cuda.*sam-hf launch"),
+    (CPU_ASCENT, ["cuda", "cpu"], "nccl", "needs --ddp_backend gloo"),
+    (CPU_ASCENT, ["cuda", "cpu", "cpu"], "gloo", "exactly 2 processes"),
+], ids=["mixed-without-cpu-ascent", "ascent-rank-on-gpu", "nccl", "three-ranks"])
+def test_impossible_device_layouts_are_refused(optim_args, kinds, backend, message):
+    with pytest.raises(SharpnessConfigError, match=message):
+        _check_devices(_cfg(optim_args), kinds, backend)
+
+
+@pytest.mark.parametrize("kinds", [["cuda", "cpu"], ["cpu", "cpu"]])
+def test_a_cpu_ascent_rank_is_accepted(kinds):
+    # ascent_device=cpu always uses the tolerant check and re-sync, so a CPU-only run exercises that path too
+    assert _check_devices(_cfg(CPU_ASCENT), kinds, "gloo") is True
+    assert _check_devices(_cfg("rho=0.05"), ["cuda", "cuda"], "nccl") is False
