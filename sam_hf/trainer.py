@@ -173,6 +173,8 @@ class SharpnessMixin:
                                       and m.track_running_stats]
         self._sharpness_plan = parallel.make_plan(cfg, self.args.device, float(self.args.ddp_timeout))
         self._check_world(cfg, self._sharpness_plan)
+        if self._sharpness_plan.mixed_devices and self.args.device.type == "cpu":
+            self.args.dataloader_pin_memory = False  # pinning would open a CUDA context on the CPU rank
         if self._sharpness_plan.distributed:
             logger.info("sam_hf: %s runs %s", cfg.method, self._sharpness_plan.describe())
 

@@ -80,6 +80,19 @@ def test_two_processes_equal_one(two_process_runs, tmp_path, name):
         assert any("sam/exchange_seconds" in h for h in torch.load(two_process_runs / f"{name}.log"))
 
 
+@pytest.mark.parametrize("name", ["sampa_roles", "asyncsam_roles_cpu_ascent", "sam_ddp"])
+def test_evaluation_is_sharded_over_all_ranks(two_process_runs, tmp_path, name):
+    from dist_train import evaluate
+
+    optim, optim_args, batch = PARITY[name][3]
+    trainer, _ = train(str(tmp_path), optim, optim_args, batch=batch, steps=7)
+    one, two = evaluate(trainer), torch.load(two_process_runs / f"{name}.eval")
+    assert (one["batches"], two["batches"]) == (4, 2)  # 32 samples in batches of 8
+    assert two["predictions"].shape == one["predictions"].shape  # the padding is dropped again
+    torch.testing.assert_close(two["predictions"], one["predictions"], atol=1e-6, rtol=0)
+    assert abs(two["eval_loss"] - one["eval_loss"]) < 1e-6
+
+
 @pytest.mark.parametrize("name", list(PARITY))
 def test_replicas_are_identical_and_not_wrapped_in_ddp(two_process_runs, name):
     assert_close(torch.load(two_process_runs / f"{name}.rank0.pt"), torch.load(two_process_runs / f"{name}.rank1.pt"),

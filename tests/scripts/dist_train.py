@@ -96,11 +96,23 @@ def main():
                                batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)],
                                model_seed=trainer_rank() if name.endswith("_rankinit") else 0)
         torch.save(state, os.path.join(opts.out_dir, f"{name}.rank{trainer.args.process_index}.pt"))
+        evaluation = evaluate(trainer)
         if trainer.args.process_index == 0:
             torch.save(state, os.path.join(opts.out_dir, f"{name}.pt"))
             torch.save(trainer.state.log_history, os.path.join(opts.out_dir, f"{name}.log"))
             with open(os.path.join(opts.out_dir, f"{name}.wrapper"), "w") as f:
                 f.write(type(trainer.model_wrapped).__name__)
+            torch.save(evaluation, os.path.join(opts.out_dir, f"{name}.eval"))
+
+
+def evaluate(trainer) -> dict:
+    """Evaluation after training, sharded over all ranks as Trainer does it: metrics, and this rank's batches.
+
+    The loss on 32 samples (whole batches on every rank: Trainer's eval_loss averages per-batch means, so a
+    padded batch would weigh differently); predictions on 20 (the last batch padded, the padding dropped)."""
+    data, odd = vector_data(n=32, seed=1), vector_data(n=20, seed=1)
+    return {"eval_loss": trainer.evaluate(data)["eval_loss"], "batches": len(trainer.get_eval_dataloader(data)),
+            "predictions": torch.as_tensor(trainer.predict(odd).predictions)}
 
 
 def trainer_rank() -> int:
