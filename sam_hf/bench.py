@@ -79,9 +79,10 @@ def _worker(opts) -> None:
     torch.set_num_threads(1)
     label, optim, optim_args = json.loads(opts.worker)
     rank = int(os.environ.get("RANK", 0))
-    sam_hf.place_ascent_rank(optim, optim_args)  # ascent_device=cpu: rank 1 on the CPU
-    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") != "true"
     two_kinds = "ascent_device=cpu" in optim_args
+    backend = ("nccl" if torch.cuda.is_available() and not two_kinds else "gloo") if "RANK" in os.environ else None
+    sam_hf.place_ascent_rank(optim, optim_args, backend)  # ascent_device=cpu: rank 1 on the CPU
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") != "true"
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -111,7 +112,7 @@ def _worker(opts) -> None:
         output_dir=os.path.join(opts.out, "runs"), optim=optim, optim_args=optim_args or None, max_steps=steps,
         per_device_train_batch_size=opts.batch, learning_rate=1e-4, report_to=[], save_strategy="no",
         logging_steps=1, disable_tqdm=True, use_cpu=not cuda, dataloader_num_workers=0,
-        ddp_backend=("nccl" if cuda and not two_kinds else "gloo") if "RANK" in os.environ else None)
+        ddp_backend=backend)
     timer = StepTimer()
     trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
     if cuda:
@@ -194,7 +195,9 @@ def summarize(results: list[dict]) -> dict:
 
 def to_markdown(summary: dict, opts) -> str:
     rows = summary["rows"]
-    device = rows[0]["device"] if rows else "?"
+    if not rows:
+        return "No configuration ran on this machine (see the skipped lines above).\n"
+    device = rows[0]["device"]
     lines = [f"Model: BERT, hidden {opts.hidden}, {opts.layers} layers ({rows[0]['params_m']:.1f} M parameters), "
              f"per-device batch {opts.batch} x {opts.seq} tokens; device: {device}; median of {opts.steps} steps "
              f"after {opts.warmup} warm-up steps; median of {opts.repeats} interleaved round(s).", "",

@@ -87,6 +87,7 @@ class SharpnessConfig:
     parallel: str = "auto"  # auto | on | off
     sync_ascent: bool = True  # SAM with DDP: average the ascent gradient over ranks
     ascent_device: str = "auto"  # Asynchronous SAM's ascent rank: auto (Trainer's device) or cpu
+    ascent_threads: int = 0  # with ascent_device=cpu: the CPU rank's threads (0: every core but one)
     bn_stats: str = "clean"  # which pass updates BatchNorm running statistics: clean | all
     check_every: int = 50  # steps between replica checksums in role-parallel mode
     base_optim_args: dict[str, str] = field(default_factory=dict)
@@ -103,7 +104,7 @@ class SharpnessConfig:
             "rho": _float, "adaptive": _bool, "eta": _float, "lam": _float, "micro_batches": _int,
             "base": lambda k, v: v, "lookahead": lambda k, v: v.lower(), "parallel": lambda k, v: v.lower(),
             "sync_ascent": _bool, "ascent_device": lambda k, v: v.lower(), "bn_stats": lambda k, v: v.lower(),
-            "check_every": _int,
+            "check_every": _int, "ascent_threads": _int,
             "ascent_batch_ratio": lambda k, v: "auto" if v.lower() == "auto" else _float(k, v),
         }
         base_args: dict[str, str] = {}
@@ -143,6 +144,10 @@ class SharpnessConfig:
         if self.ascent_device == "cpu" and self.parallel == "off":
             raise bad("ascent_device", self.ascent_device,
                       "a CPU ascent rank needs the role-parallel layout; drop parallel=off")
+        if self.ascent_threads < 0 or (self.ascent_threads and self.ascent_device != "cpu"):
+            raise bad("ascent_threads", self.ascent_threads,
+                      "it sets the CPU ascent rank's threads: use a number >= 0 (0: every core but one) together "
+                      "with ascent_device=cpu")
         if self.bn_stats not in ("clean", "all"):
             raise bad("bn_stats", self.bn_stats, "use clean (running stats from the unperturbed pass only) or all")
         if self.check_every < 0:

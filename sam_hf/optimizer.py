@@ -10,6 +10,8 @@ so Trainer's own `optimizer.pt` checkpoints and resumes it.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .methods import SharpnessMethod
@@ -56,7 +58,15 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if self.skip_next_step:
             self.skip_next_step = False
             return None
-        return self.base.step(closure)
+        if not getattr(self.method, "times_optimizer_step", False):
+            return self.base.step(closure)
+        # Asynchronous SAM's ascent_batch_ratio=auto: each rank's step costs time outside the passes too
+        self.method.synchronize()
+        start = time.perf_counter()
+        out = self.base.step(closure)
+        self.method.synchronize()
+        self.method.last_step_seconds = time.perf_counter() - start
+        return out
 
     def zero_grad(self, set_to_none: bool = True):
         self.base.zero_grad(set_to_none=set_to_none)

@@ -101,6 +101,11 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
                                    "use --ddp_backend gloo (CPU) or nccl (GPUs)")
     atexit.unregister(_destroy_process_group)  # registered once, however many trainers a script builds
     atexit.register(_destroy_process_group)
+    # TrainingArguments gives a CPU process's group no timeout (gloo's 30 min default): let --ddp_timeout bound
+    # gloo's own waits on every rank, as it does on GPU ranks
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None:
+        set_timeout(datetime.timedelta(seconds=timeout_s))
     rank = dist.get_rank()
     staging = torch.device("cpu") if backend == "gloo" else device
     kinds: list[str] = [""] * world
@@ -155,7 +160,7 @@ def _check_devices(cfg: SharpnessConfig, kinds: list[str], backend: str) -> bool
         raise SharpnessConfigError(
             f"optim_args: ascent_device=cpu, but rank 1 (the ascent rank) runs on {kinds[1]}; start the script "
             "through `sam-hf launch` (or -m sam_hf.launch), which places it, or call "
-            "sam_hf.place_ascent_rank(optim, optim_args) before building TrainingArguments")
+            "sam_hf.place_ascent_rank(optim, optim_args, 'gloo') before building TrainingArguments")
     return True
 
 
@@ -287,17 +292,26 @@ def check_replicas(plan: ParallelPlan, params: list[torch.Tensor], step: int) ->
         broadcast_tensors(plan, params, 0, f"the weight re-sync at step {step}")
 
 
+BROADCAST_BUCKET_BYTES = 256 * 2**20  # as DDP's start-up broadcast: a large model never needs a second copy at once
+
+
 def broadcast_tensors(plan: ParallelPlan, tensors: list[torch.Tensor], src: int, what: str) -> None:
-    """Copy rank `src`'s values of `tensors` to every rank in place (one broadcast per dtype)."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    """Copy rank `src`'s values of `tensors` to every rank in place: one broadcast per dtype and bucket."""
+    open_buckets: dict[torch.dtype, tuple[list[torch.Tensor], int]] = {}
+    buckets: list[list[torch.Tensor]] = []
     for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for dtype, group in by_dtype.items():
-        flat = torch.cat([t.detach().reshape(-1).to(plan.staging_device) for t in group])
+        bucket, size = open_buckets.get(t.dtype, (None, 0))
+        if bucket is None or size >= BROADCAST_BUCKET_BYTES:
+            bucket, size = [], 0
+            buckets.append(bucket)
+        bucket.append(t)
+        open_buckets[t.dtype] = (bucket, size + t.numel() * t.element_size())
+    for bucket in buckets:
+        flat = torch.cat([t.detach().reshape(-1).to(plan.staging_device) for t in bucket])
         _wait(dist.broadcast(flat, src=src, async_op=True), plan, what)
         offset = 0
         with torch.no_grad():
-            for t in group:
+            for t in bucket:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
 

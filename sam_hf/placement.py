@@ -31,43 +31,54 @@ def wants_cpu_ascent(optim, optim_args: str | None) -> bool:
     return SharpnessConfig.from_optim_args("asyncsam", optim_args).ascent_device == "cpu"
 
 
-def place_ascent_rank(optim, optim_args: str | None, env: MutableMapping[str, str] = os.environ) -> bool:
+def place_ascent_rank(optim, optim_args: str | None, ddp_backend: str | None,
+                      env: MutableMapping[str, str] = os.environ) -> bool:
     """Before TrainingArguments: put the ascent rank of an `ascent_device=cpu` run on the CPU.
 
     Returns whether this run is one (whatever this rank's role); the world size and rank come from the
-    launcher's environment (torchrun, accelerate launch). Other runs are left alone."""
+    launcher's environment (torchrun, accelerate launch). Other runs are left alone. `ddp_backend` is the
+    one the script will give TrainingArguments: it must be gloo, or the GPU rank would start NCCL while the
+    CPU rank starts gloo, and neither could reach the other."""
     if not wants_cpu_ascent(optim, optim_args):
         return False
     if int(env.get("WORLD_SIZE", "1")) != 2:
         return True  # SharpnessTrainer rejects it with the full explanation
+    if ddp_backend != "gloo":
+        raise SharpnessConfigError(f"optim_args: ascent_device=cpu needs --ddp_backend gloo (NCCL cannot reach a "
+                                   f"CPU rank), got {ddp_backend!r}; pass ddp_backend='gloo' to TrainingArguments")
     if int(env.get("RANK", "0")) == ASCENT_RANK:
         env["ACCELERATE_USE_CPU"] = "true"
     return True
 
 
-def _flag_value(argv: list[str], flag: str) -> tuple[int, str | None]:
-    """(index, value) of `--flag value` or `--flag=value` in argv; (-1, None) when absent."""
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of `--flag value` or `--flag=value` in argv (also spelt with dashes, as HfArgumentParser
+    accepts: --optim-args); None when absent."""
+    spellings = (flag, flag.replace("_", "-"))
     for i, arg in enumerate(argv):
-        if arg == flag:
-            return i, argv[i + 1] if i + 1 < len(argv) else None
-        if arg.startswith(flag + "="):
-            return i, arg.split("=", 1)[1]
-    return -1, None
+        if arg in spellings:
+            return argv[i + 1] if i + 1 < len(argv) else None
+        name, sep, value = arg.partition("=")
+        if sep and name in spellings:
+            return value
+    return None
 
 
 def place_from_argv(argv: list[str], env: MutableMapping[str, str] = os.environ) -> list[str]:
     """`sam-hf launch`: apply `place_ascent_rank` to a script's `--optim`/`--optim_args` flags.
 
-    Returns argv, with `--ddp_backend gloo` added when the script's command line gives no backend."""
-    _, optim = _flag_value(argv, "--optim")
-    _, optim_args = _flag_value(argv, "--optim_args")
-    if optim is None or not place_ascent_rank(optim, optim_args, env):
+    Returns argv, with `--ddp_backend gloo` added when the script's command line gives no backend. (A script
+    reading its arguments from a JSON file is not looked into: it calls `place_ascent_rank` itself.)"""
+    optim = _flag_value(argv, "--optim")
+    optim_args = _flag_value(argv, "--optim_args")
+    if optim is None or not wants_cpu_ascent(optim, optim_args):
         return argv
-    _, backend = _flag_value(argv, "--ddp_backend")
-    if backend is None:
-        logger.info("sam_hf: ascent_device=cpu: adding --ddp_backend gloo (NCCL cannot reach a CPU rank)")
-        return [*argv, "--ddp_backend", "gloo"]
-    if backend != "gloo":
+    backend = _flag_value(argv, "--ddp_backend")
+    if backend not in (None, "gloo"):
         raise SharpnessConfigError(f"optim_args: ascent_device=cpu needs --ddp_backend gloo (NCCL cannot reach a "
                                    f"CPU rank), got --ddp_backend {backend}; use gloo or drop the flag")
+    if backend is None:
+        logger.info("sam_hf: ascent_device=cpu: adding --ddp_backend gloo (NCCL cannot reach a CPU rank)")
+        argv = [*argv, "--ddp_backend", "gloo"]
+    place_ascent_rank(optim, optim_args, "gloo", env)
     return argv

@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import time
 from collections import defaultdict
 
 import torch
 from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
-
-import time
 
 from . import lookahead, parallel
 from .batching import TrainerBatch
@@ -173,10 +173,18 @@ class SharpnessMixin:
                                       and m.track_running_stats]
         self._sharpness_plan = parallel.make_plan(cfg, self.args.device, float(self.args.ddp_timeout))
         self._check_world(cfg, self._sharpness_plan)
-        if self._sharpness_plan.mixed_devices and self.args.device.type == "cpu":
-            self.args.dataloader_pin_memory = False  # pinning would open a CUDA context on the CPU rank
+        if self._sharpness_plan.mixed_devices and self._sharpness_plan.role == 1:
+            self._setup_cpu_ascent_rank(cfg)
         if self._sharpness_plan.distributed:
             logger.info("sam_hf: %s runs %s", cfg.method, self._sharpness_plan.describe())
+
+    def _setup_cpu_ascent_rank(self, cfg: SharpnessConfig) -> None:
+        self.args.dataloader_pin_memory = False  # pinning would open a CUDA context on the CPU rank
+        # torchrun sets OMP_NUM_THREADS=1 for every rank; the CPU ascent rank needs the cores to keep pace
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = cfg.ascent_threads or max(1, cores - 1)
+        torch.set_num_threads(threads)
+        logger.info("sam_hf: the CPU ascent rank computes with %d threads", threads)
 
     def _check_combination(self, cfg: SharpnessConfig) -> None:
         name, args = cfg.method, self.args
@@ -188,10 +196,11 @@ class SharpnessMixin:
             raise SharpnessConfigError(
                 f"optim={name} does not support FSDP yet (perturbing sharded parameters needs a sharded norm); "
                 "drop --fsdp and use torchrun/accelerate DDP, or PEFT/LoRA to fit the model")
-        if cfg.ascent_device == "cpu" and args.fp16:
+        # fp16 may also come from accelerate's config (ACCELERATE_MIXED_PRECISION), the same on every rank
+        if cfg.ascent_device == "cpu" and "fp16" in (args.fp16 and "fp16", getattr(args, "mixed_precision", None)):
             raise SharpnessConfigError(
-                "optim_args: ascent_device=cpu with --fp16: the CPU rank has no loss scaler, so a step the GPU "
-                "rank's GradScaler skips for overflow would still be taken on the CPU; use --bf16, or fp32")
+                "optim_args: ascent_device=cpu with fp16 mixed precision: the CPU rank has no loss scaler, so a step the GPU "
+                "rank's GradScaler skips for overflow would still be taken on the CPU; use --bf16 (or --mixed_precision bf16), or fp32")
         if args.n_gpu > 1:
             raise SharpnessConfigError(
                 f"optim={name} does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); "

@@ -43,6 +43,10 @@ def test_configurations_this_machine_cannot_run_are_skipped():
     assert bench.runnable(2, "rho=0.05", 0)[0] and bench.runnable(1, "", 1)[0]
 
 
+def test_a_report_with_nothing_run_says_so():
+    assert "No configuration ran" in bench.to_markdown(bench.summarize([]), None)
+
+
 def test_a_gpu_and_a_cpu_rank_report_the_gpu_memory():
     gpu = {**_r("AsyncSAM (CPU ascent, r=auto)", 2, 1.0, mem=500.0), "mem_kind": "gpu", "ascent_batch_ratio": 0.25}
     cpu = {**_r("AsyncSAM (CPU ascent, r=auto)", 2, 1.0, rank=1, mem=4000.0), "mem_kind": "rss"}

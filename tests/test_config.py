@@ -30,6 +30,8 @@ BAD = [
     ("asyncsam", "ascent_device=gpu", ["ascent_device='gpu'", "auto", "cpu"]),
     ("sampa", "ascent_device=cpu", ["ascent_device='cpu'", "asyncsam only"]),
     ("asyncsam", "ascent_device=cpu,parallel=off", ["ascent_device='cpu'", "parallel=off"]),
+    ("asyncsam", "ascent_threads=4", ["ascent_threads=4", "ascent_device=cpu"]),
+    ("asyncsam", "ascent_device=cpu,ascent_threads=-1", ["ascent_threads=-1", ">= 0"]),
     ("sam", "rhoo=0.1", ["rhoo='0.1'", "unknown key", "rho"]),
     ("sam", "momentum=0.9", ["momentum='0.9'", "unknown key"]),  # momentum is sgd's, not adamw's
     ("sam", "base=sgd,momentun=0.9", ["momentun", "sgd takes", "momentum"]),

@@ -4,6 +4,7 @@ The 2-process cases run together in one torchrun launch (tests/scripts/dist_trai
 with the same configuration trained in this process on the same global batch.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -29,9 +30,6 @@ PARITY = {
                                      ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 12)),
     "asyncsam_roles": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8,
                        ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
-    # ascent_device=cpu (here both ranks are CPUs): the tolerant replica check and re-sync run every 2 steps
-    "asyncsam_roles_cpu_ascent": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5,ascent_device=cpu,check_every=2", 8,
-                                  ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
     # every rank builds a different model: training starts from rank 0's weights, as DDP's construction did
     "sampa_roles_rankinit": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
     "sam_ddp_rankinit": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 8)),
@@ -42,6 +40,11 @@ PARITY = {
     "sam_nosync_is_msam2": ("sam", "rho=0.1,sync_ascent=false", 4, ("msam", "rho=0.1,micro_batches=2", 8)),
     # data-parallel SAMPa: each rank holds its shard of B_t; the all-reduced halves are the global-batch rule
     "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, ("sampa", "rho=0.1", 8)),
+    # ascent_device=cpu (here both ranks are CPUs): the tolerant replica check and re-sync run every 2 steps (last:
+    # it leaves rank 1 with 2 threads)
+    "asyncsam_roles_cpu_ascent": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5,ascent_device=cpu,check_every=2,"
+                                  "ascent_threads=2", 8,
+                                  ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
 }
 
 
@@ -80,6 +83,12 @@ def test_two_processes_equal_one(two_process_runs, tmp_path, name):
         assert any("sam/exchange_seconds" in h for h in torch.load(two_process_runs / f"{name}.log"))
 
 
+def test_the_cpu_ascent_rank_gets_its_threads(two_process_runs):
+    # torchrun (and this test's environment) set OMP_NUM_THREADS=1; ascent_threads=2 applies to rank 1 only
+    info = [json.loads((two_process_runs / f"asyncsam_roles_cpu_ascent.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["threads"] for i in info] == [1, 2]
+
+
 @pytest.mark.parametrize("name", ["sampa_roles", "asyncsam_roles_cpu_ascent", "sam_ddp"])
 def test_evaluation_is_sharded_over_all_ranks(two_process_runs, tmp_path, name):
     from dist_train import evaluate
@@ -106,14 +115,32 @@ def test_data_parallel_sampa_runs_both_passes_on_every_rank(two_process_runs):
     assert any("sam/grad_cosine" in h for h in log) and all("sam/exchange_seconds" not in h for h in log)
 
 
-def test_auto_ascent_ratio_hides_the_ascent_behind_the_descent(tmp_path):
+@pytest.mark.parametrize("slow,expected", [
     # descent 0.16 s per step; ascent 0.04 s per sample on a batch of 8: r = 0.16 / (0.04 * 8) = 0.5
-    proc = launch(tmp_path, 2, "--steps", "7", "--slow_roles", "0.16,0.04",
+    ("0.16,0.04", 0.5),
+    # the ascent rank's optimizer step costs 0.08 s more (a CPU rank's AdamW): r = (0.16 - 0.08) / 0.32 = 0.25
+    ("0.16,0.04,0.08", 0.25),
+], ids=["passes", "passes-and-optimizer-step"])
+def test_auto_ascent_ratio_hides_the_ascent_behind_the_descent(tmp_path, slow, expected):
+    proc = launch(tmp_path, 2, "--steps", "7", "--slow_roles", slow,
                   "--cases", "auto:asyncsam:rho=0.1,ascent_batch_ratio=auto:8")
     assert proc.returncode == 0, proc.stderr[-6000:]
     ratios = [h["sam/ascent_batch_ratio"] for h in torch.load(tmp_path / "auto.log") if "sam/ascent_batch_ratio" in h]
     assert ratios[0] == 1.0  # r = 1 while measuring
-    assert 0.35 < ratios[-1] < 0.65, ratios
+    assert abs(ratios[-1] - expected) < 0.12, ratios
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU + CPU case needs a GPU (CPU-only: the cases above)")
+def test_gpu_descent_with_a_cpu_ascent_rank_matches_one_gpu_process(tmp_path):
+    args = "rho=0.1,ascent_batch_ratio=0.5,ascent_device=cpu,check_every=2"
+    proc = launch(tmp_path, 2, "--steps", "7", "--device", "cuda", "--cases", f"het:asyncsam:{args}:8")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    info = [json.loads((tmp_path / f"het.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["device"] for i in info] == ["cuda", "cpu"]
+    _, one = train(str(tmp_path / "one"), "asyncsam", "rho=0.1,ascent_batch_ratio=0.5", batch=8, steps=7, device="cuda")
+    # two device kinds: equal up to their round-off, not bit for bit
+    assert_close(one, torch.load(tmp_path / "het.pt"), atol=1e-4)
+    assert_close(torch.load(tmp_path / "het.rank0.pt"), torch.load(tmp_path / "het.rank1.pt"), atol=1e-4)
 
 
 def test_sampa_on_a_2x2_mesh_equals_one_process(tmp_path):

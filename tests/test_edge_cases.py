@@ -70,3 +70,27 @@ def test_torch_compile_and_trl_are_refused_on_several_processes(tmp_path):
     trainer.__class__ = fake_trl_trainer
     with pytest.raises(sam_hf.SharpnessConfigError, match="TRL trainer runs in one process only"):
         trainer._check_world(trainer.sharpness_config, two)
+
+
+def test_broadcasts_go_in_bounded_buckets_per_dtype(monkeypatch):
+    # the start-up weight broadcast must not need a second copy of a large model at once
+    from sam_hf import parallel
+
+    sent = []
+
+    class Done:
+        def wait(self, timeout=None):
+            pass
+
+    def fake_broadcast(flat, src, async_op):
+        sent.append((flat.dtype, flat.numel()))
+        flat.add_(1.0)  # what rank 0's values look like on arrival
+        return Done()
+
+    monkeypatch.setattr(parallel.dist, "broadcast", fake_broadcast)
+    monkeypatch.setattr(parallel, "BROADCAST_BUCKET_BYTES", 64)
+    tensors = [torch.zeros(8), torch.zeros(8), torch.zeros(4, dtype=torch.float64), torch.zeros(20),
+               torch.zeros(3, dtype=torch.float64)]
+    parallel.broadcast_tensors(ParallelPlan(world_size=2), tensors, 0, "a test")
+    assert sent == [(torch.float32, 16), (torch.float64, 7), (torch.float32, 20)]
+    assert all(bool((t == 1.0).all()) for t in tensors)  # every tensor received its values in place

@@ -169,9 +169,10 @@ def test_two_launched_processes_split_the_passes(runs, name):
 def test_launcher_places_the_cpu_ascent_rank(runs):
     rc, stdout, _ = get(runs, "accelerate")
     assert rc == 0, stdout[-4000:]
-    # both ranks on gloo (added by the launcher), rank 1 on the CPU (on a GPU machine rank 0 stays on cuda)
-    assert "[rank 1] device=cpu ddp_backend=gloo" in stdout, stdout[-4000:]
-    assert "[rank 0] device=" in stdout and "ddp_backend=gloo" in stdout.split("[rank 0] ")[1].splitlines()[0]
+    # both ranks on gloo (added by the launcher); the launcher sent rank 1, and only rank 1, to the CPU (these
+    # runs pass --use_cpu anyway, so the placement shows in the environment variable it sets)
+    assert "[rank 1] device=cpu ddp_backend=gloo ACCELERATE_USE_CPU=true" in stdout, stdout[-4000:]
+    assert "[rank 0] device=cpu ddp_backend=gloo ACCELERATE_USE_CPU=None" in stdout, stdout[-4000:]
 
 
 def test_torchrun_one_process(runs):

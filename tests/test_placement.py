@@ -19,8 +19,17 @@ CPU_ASCENT = "rho=0.05,ascent_device=cpu"
 @pytest.mark.parametrize("rank,cpu", [("0", False), ("1", True)])
 def test_only_the_ascent_rank_goes_to_the_cpu(rank, cpu):
     env = {"WORLD_SIZE": "2", "RANK": rank}
-    assert place_ascent_rank("asyncsam", CPU_ASCENT, env)
+    assert place_ascent_rank("asyncsam", CPU_ASCENT, "gloo", env)
     assert (env.get("ACCELERATE_USE_CPU") == "true") is cpu
+
+
+@pytest.mark.parametrize("backend", [None, "nccl"])
+def test_placement_without_gloo_is_refused_rather_than_hanging(backend):
+    # the GPU rank would start NCCL and the CPU rank gloo: neither could reach the other
+    env = {"WORLD_SIZE": "2", "RANK": "1"}
+    with pytest.raises(SharpnessConfigError, match="ascent_device=cpu needs --ddp_backend gloo"):
+        place_ascent_rank("asyncsam", CPU_ASCENT, backend, env)
+    assert "ACCELERATE_USE_CPU" not in env
 
 
 @pytest.mark.parametrize("optim,optim_args,world", [
@@ -31,7 +40,7 @@ def test_only_the_ascent_rank_goes_to_the_cpu(rank, cpu):
 ])
 def test_other_runs_are_left_alone(optim, optim_args, world):
     env = {"WORLD_SIZE": world, "RANK": "1"}
-    place_ascent_rank(optim, optim_args, env)
+    place_ascent_rank(optim, optim_args, "gloo", env)
     assert "ACCELERATE_USE_CPU" not in env
 
 
@@ -40,6 +49,8 @@ def test_launcher_adds_gloo_and_refuses_nccl():
     argv = ["--optim", "asyncsam", f"--optim_args={CPU_ASCENT}", "--output_dir", "x"]
     assert place_from_argv(argv, env) == [*argv, "--ddp_backend", "gloo"]
     assert env["ACCELERATE_USE_CPU"] == "true"
+    dashed = ["--optim", "asyncsam", "--optim-args", CPU_ASCENT]  # HfArgumentParser's other spelling
+    assert place_from_argv(dashed, {}) == [*dashed, "--ddp_backend", "gloo"]
     assert place_from_argv([*argv, "--ddp_backend", "gloo"], {}) == [*argv, "--ddp_backend", "gloo"]
     with pytest.raises(SharpnessConfigError, match="ascent_device=cpu needs --ddp_backend gloo.*got --ddp_backend nccl"):
         place_from_argv([*argv, "--ddp_backend=nccl"], {"WORLD_SIZE": "2", "RANK": "0"})
@@ -61,10 +72,15 @@ def test_one_process_refuses_a_cpu_ascent_rank(tmp_path):
                                 train_dataset=vector_data())
 
 
-def test_fp16_with_a_cpu_ascent_rank_is_refused(tmp_path):
-    with pytest.raises(SharpnessConfigError, match="ascent_device=cpu with --fp16.*--bf16"):
-        sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, "asyncsam", CPU_ASCENT, fp16=True),
-                                train_dataset=vector_data())
+@pytest.mark.parametrize("how", ["flag", "accelerate-config"])
+def test_fp16_with_a_cpu_ascent_rank_is_refused(tmp_path, monkeypatch, how):
+    if how == "flag":
+        targs = args(tmp_path, "asyncsam", CPU_ASCENT, fp16=True)
+    else:  # `accelerate launch --mixed_precision fp16` reaches TrainingArguments through the environment
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        targs = args(tmp_path, "asyncsam", CPU_ASCENT)
+    with pytest.raises(SharpnessConfigError, match="ascent_device=cpu with fp16 mixed precision.*--bf16"):
+        sam_hf.SharpnessTrainer(model=MeanLossModel(), args=targs, train_dataset=vector_data())
 
 
 def _cfg(optim_args):

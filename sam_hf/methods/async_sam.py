@@ -46,10 +46,18 @@ class AsyncSAM(SharpnessMethod):
         self.ratio = 1.0 if r == "auto" else float(r)
         self.a = None  # a_{t-1}, unscaled fp32
         self.steps_seen = 0
-        self._timings: list[tuple[float, float]] = []
+        self._timings: list[tuple[float, float, float]] = []  # descent s, ascent s/sample, step-time gap s
 
     EXTRA_KEYS = ("loss", "perturbed_loss", "applied", "ascent_grad_norm", "descent_seconds", "ascent_seconds",
-                  "ascent_samples")
+                  "ascent_samples", "descent_step_seconds", "ascent_step_seconds")
+    last_step_seconds = 0.0  # this rank's last optimizer step, timed by SharpnessOptimizer while measuring
+
+    @property
+    def times_optimizer_step(self) -> bool:
+        return self.auto_ratio and self.role_parallel
+
+    def synchronize(self) -> None:
+        _synchronize(self.params)
 
     def descent_grad(self, batches, passes):
         """grad f(x_t + rho a_{t-1}/||a_{t-1}||, B_t) in .grad (unperturbed on the first step)."""
@@ -81,6 +89,7 @@ class AsyncSAM(SharpnessMethod):
         if self.auto_ratio and self.role_parallel:  # timing a GPU pass needs its kernels finished
             _synchronize(self.params)
         out[key] = time.perf_counter() - start
+        out["descent_step_seconds" if role == 0 else "ascent_step_seconds"] = self.last_step_seconds
         return out
 
     def step(self, batches, passes):
@@ -118,18 +127,22 @@ class AsyncSAM(SharpnessMethod):
         return StepResult(loss, metrics=metrics)
 
     def _measure(self, extras, batches) -> None:
-        """`ascent_batch_ratio=auto`: pick r so the ascent (per-sample speed of its device) hides behind the descent."""
-        samples = max(float(extras.get("ascent_samples", 0.0)), 1.0)
-        self._timings.append((float(extras.get("descent_seconds", 0.0)), float(extras.get("ascent_seconds", 0.0)) / samples))
+        """`ascent_batch_ratio=auto`: pick r so the ascent rank's step hides behind the descent rank's.
+
+        Per step, the descent rank spends its pass plus its optimizer step, and the ascent rank r |B| samples at
+        its per-sample speed plus its own optimizer step (on a CPU ascent rank, not negligible):
+        r = (descent + its step - ascent rank's step) / (seconds per sample x |B|), within [1/|B|, 1]."""
+        get = lambda key: float(extras.get(key, 0.0))  # noqa: E731
+        self._timings.append((get("descent_seconds"), get("ascent_seconds") / max(get("ascent_samples"), 1.0),
+                              get("descent_step_seconds") - get("ascent_step_seconds")))
         if len(self._timings) < AUTO_STEPS:
             return
-        descent = sorted(t for t, _ in self._timings)[len(self._timings) // 2]
-        per_sample = sorted(t for _, t in self._timings)[len(self._timings) // 2]
+        descent, per_sample, step_gap = (sorted(t[i] for t in self._timings)[len(self._timings) // 2] for i in range(3))
         total = sum(_size(b) for b in batches)
-        self.ratio = min(1.0, max(1.0 / total, descent / max(per_sample * total, 1e-12)))
+        self.ratio = min(1.0, max(1.0 / total, (descent + step_gap) / max(per_sample * total, 1e-12)))
         self.auto_ratio = False
-        logger.info("sam_hf: ascent_batch_ratio=auto chose r=%.3f (descent %.4f s/step, ascent %.6f s/sample)",
-                    self.ratio, descent, per_sample)
+        logger.info("sam_hf: ascent_batch_ratio=auto chose r=%.3f (descent %.4f s/step, ascent %.6f s/sample, "
+                    "optimizer steps: descent rank minus ascent rank %.4f s)", self.ratio, descent, per_sample, step_gap)
 
     def state_dict(self):
         return {"a": self.a, "ratio": self.ratio, "steps_seen": self.steps_seen, "auto_ratio": self.auto_ratio,
@@ -141,4 +154,4 @@ class AsyncSAM(SharpnessMethod):
         self.ratio = float(state.get("ratio", self.ratio))
         self.steps_seen = int(state.get("steps_seen", 1 if self.a is not None else 0))
         self.auto_ratio = bool(state.get("auto_ratio", self.auto_ratio))
-        self._timings = [tuple(t) for t in state.get("timings", [])]
+        self._timings = [tuple(t) + (0.0,) * (3 - len(t)) for t in state.get("timings", [])]

@@ -3,12 +3,14 @@
 `--cases NAME:OPTIM:OPTIM_ARGS:BATCH ...` trains several configurations one after the other in the same
 processes (one launch, several results; a NAME ending in _bn uses a model with BatchNorm, one ending in _rankinit
 initialises the model differently on every rank); rank 0 saves each final state dict as OUT_DIR/NAME.pt, its log
-history as NAME.log and what Trainer wrapped the model in as NAME.wrapper; every rank r saves its weights as
-NAME.rank{r}.pt. Fault injection for the failure tests (the last rank, at step N): --kill_at N exits, --hang_at N
+history as NAME.log, what Trainer wrapped the model in as NAME.wrapper and its evaluation as NAME.eval; every
+rank r saves its weights as NAME.rank{r}.pt and its thread count and device as NAME.rank{r}.json.
+--device cuda trains on the GPU (with ascent_device=cpu: rank 0 on the GPU, rank 1 on the CPU). Fault injection for the failure tests (the last rank, at step N): --kill_at N exits, --hang_at N
 stops answering, --corrupt_at N nudges one weight by --corrupt_by (replicas diverge).
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,8 +41,9 @@ class FaultInjection(TrainerCallback):
                 next(model.parameters()).view(-1)[0] += self.opts.corrupt_by
 
 
-def slow_roles(descent_s, ascent_s_per_sample):
-    """Make asyncsam's two passes take known times, as on devices of different speeds."""
+def slow_roles(descent_s, ascent_s_per_sample, ascent_step_s=0.0):
+    """Make asyncsam's two passes (and the ascent rank's optimizer step) take known times, as on devices of
+    different speeds."""
     from sam_hf.batching import leading_samples
     from sam_hf.methods import AsyncSAM
 
@@ -55,16 +58,24 @@ def slow_roles(descent_s, ascent_s_per_sample):
         return out
 
     AsyncSAM.role_pass = slowed
+    if ascent_step_s and int(os.environ.get("RANK", 0)) == 1:
+        adamw_step = torch.optim.AdamW.step
+
+        def slow_step(self, *args, **kwargs):
+            time.sleep(ascent_step_s)
+            return adamw_step(self, *args, **kwargs)
+
+        torch.optim.AdamW.step = slow_step
 
 
 def train(out_dir, optim, optim_args, batch=8, steps=4, ga=1, save_steps=0, resume=None, timeout=60,
-          batchnorm=False, callbacks=(), model_seed=0):
+          batchnorm=False, callbacks=(), model_seed=0, device="cpu"):
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
     distributed = "RANK" in os.environ
-    sam_hf.place_ascent_rank(optim, optim_args or None)  # ascent_device=cpu: rank 1 on the CPU
+    sam_hf.place_ascent_rank(optim, optim_args or None, "gloo")  # ascent_device=cpu: rank 1 on the CPU
     targs = make_args(os.path.join(out_dir, "run"), optim, optim_args or None, max_steps=steps,
                       per_device_train_batch_size=batch, gradient_accumulation_steps=ga, ddp_timeout=timeout,
-                      ddp_backend="gloo" if distributed else None, **save)
+                      ddp_backend="gloo" if distributed else None, use_cpu=device == "cpu", **save)
     model = MeanLossModel(batchnorm=batchnorm, seed=model_seed)
     trainer = sam_hf.SharpnessTrainer(model=model, args=targs, train_dataset=vector_data(n=64),
                                       callbacks=list(callbacks))
@@ -80,12 +91,14 @@ def main():
     p.add_argument("--save_steps", type=int, default=0)
     p.add_argument("--resume", default=None)
     p.add_argument("--timeout", type=int, default=60)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--kill_at", type=int, default=-1)
     p.add_argument("--hang_at", type=int, default=-1)
     p.add_argument("--corrupt_at", type=int, default=-1)
     p.add_argument("--corrupt_by", type=float, default=1e-3)
     p.add_argument("--slow_roles", default=None,
-                   help="DESCENT_S,ASCENT_S_PER_SAMPLE: asyncsam's passes sleep this long (a slower ascent device)")
+                   help="DESCENT_S,ASCENT_S_PER_SAMPLE[,ASCENT_STEP_S]: asyncsam's passes (and the ascent rank's "
+                        "optimizer step) sleep this long (a slower ascent device)")
     opts = p.parse_args()
     if opts.slow_roles:
         slow_roles(*map(float, opts.slow_roles.split(",")))
@@ -94,8 +107,11 @@ def main():
         trainer, state = train(os.path.join(opts.out_dir, name), optim, optim_args, int(batch), opts.steps,
                                save_steps=opts.save_steps, resume=opts.resume, timeout=opts.timeout,
                                batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)],
-                               model_seed=trainer_rank() if name.endswith("_rankinit") else 0)
-        torch.save(state, os.path.join(opts.out_dir, f"{name}.rank{trainer.args.process_index}.pt"))
+                               model_seed=trainer_rank() if name.endswith("_rankinit") else 0, device=opts.device)
+        rank_file = os.path.join(opts.out_dir, f"{name}.rank{trainer.args.process_index}")
+        torch.save(state, rank_file + ".pt")
+        with open(rank_file + ".json", "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "device": trainer.args.device.type}, f)
         evaluation = evaluate(trainer)
         if trainer.args.process_index == 0:
             torch.save(state, os.path.join(opts.out_dir, f"{name}.pt"))

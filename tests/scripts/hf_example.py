@@ -57,7 +57,8 @@ def main():
     logging.basicConfig(level=logging.WARNING)
     logger.info("Training parameters %s", training_args)
     print(f"[rank {training_args.process_index}] device={training_args.device.type} "
-          f"ddp_backend={training_args.ddp_backend}", flush=True)
+          f"ddp_backend={training_args.ddp_backend} ACCELERATE_USE_CPU={os.environ.get('ACCELERATE_USE_CPU')}",
+          flush=True)
     set_seed(training_args.seed)
 
     g = torch.Generator().manual_seed(0)
