@@ -41,11 +41,13 @@ CONFIGS = [
 ]
 
 
-def runnable(procs: int, optim_args: str, cuda_devices: int) -> tuple[bool, str]:
+def runnable(procs: int, optim_args: str, cuda_devices: int, precision: str = "fp32") -> tuple[bool, str]:
     """Whether this machine can run a configuration, and why not."""
     cpu_ascent = "ascent_device=cpu" in optim_args
     if cpu_ascent and not cuda_devices:
         return False, "no GPU: with CPUs only it is the AsyncSAM row above"
+    if cpu_ascent and precision == "fp16":
+        return False, "a CPU ascent rank has no GradScaler for fp16 (sam_hf refuses it); use --precision bf16"
     if cuda_devices and procs > 1 and not cpu_ascent and cuda_devices < procs:
         return False, f"needs {procs} GPUs, this machine has {cuda_devices}"
     return True, ""
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16, help="per-device batch")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="mixed precision of every configuration (Trainer's --bf16 / --fp16)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
     p.add_argument("--repeats", type=int, default=1,
@@ -112,6 +116,7 @@ def _worker(opts) -> None:
         output_dir=os.path.join(opts.out, "runs"), optim=optim, optim_args=optim_args or None, max_steps=steps,
         per_device_train_batch_size=opts.batch, learning_rate=1e-4, report_to=[], save_strategy="no",
         logging_steps=1, disable_tqdm=True, use_cpu=not cuda, dataloader_num_workers=0,
+        bf16=opts.precision == "bf16", fp16=opts.precision == "fp16",
         ddp_backend=backend)
     timer = StepTimer()
     trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
@@ -150,6 +155,7 @@ def _run(opts, label, optim, optim_args, procs) -> list[dict]:
         f.unlink()
     common = ["--out", str(out), "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch",
               str(opts.batch), "--seq", str(opts.seq), "--hidden", str(opts.hidden), "--layers", str(opts.layers),
+              "--precision", opts.precision,
               "--worker", json.dumps([label, optim, optim_args])]
     launcher = [sys.executable, "-m", "sam_hf.bench"] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
@@ -199,7 +205,8 @@ def to_markdown(summary: dict, opts) -> str:
         return "No configuration ran on this machine (see the skipped lines above).\n"
     device = rows[0]["device"]
     lines = [f"Model: BERT, hidden {opts.hidden}, {opts.layers} layers ({rows[0]['params_m']:.1f} M parameters), "
-             f"per-device batch {opts.batch} x {opts.seq} tokens; device: {device}; median of {opts.steps} steps "
+             f"per-device batch {opts.batch} x {opts.seq} tokens, {opts.precision}; device: {device}; median of "
+             f"{opts.steps} steps "
              f"after {opts.warmup} warm-up steps; median of {opts.repeats} interleaved round(s).", "",
              "| method | processes | step (ms) | vs AdamW on 1 | speed-up vs SAM on 1 | exchange share | "
              "peak memory / process (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, optim, optim_args, procs in CONFIGS:
             if only and label not in only:
                 continue
-            ok, why = runnable(procs, optim_args, gpus)
+            ok, why = runnable(procs, optim_args, gpus, opts.precision)
             if not ok:
                 if round_ == 0:
                     print(f"[bench] skipping {label} on {procs} process(es): {why}", flush=True)

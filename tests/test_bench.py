@@ -27,11 +27,12 @@ def test_summary_ratios_medians_and_targets():
 def test_one_configuration_end_to_end(tmp_path):
     out = tmp_path / "bench"
     code = bench.main(["--out", str(out), "--only", "AdamW,SAM", "--steps", "2", "--warmup", "1", "--hidden", "32",
-                       "--layers", "1", "--seq", "8", "--batch", "4"])
+                       "--layers", "1", "--seq", "8", "--batch", "4", "--precision", "bf16"])
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
     assert {r["label"] for r in report["rows"]} == {"AdamW", "SAM"}
-    assert "| SAM | 1 |" in (out / "bench.md").read_text()
+    markdown = (out / "bench.md").read_text()
+    assert "| SAM | 1 |" in markdown and "tokens, bf16;" in markdown
 
 
 def test_configurations_this_machine_cannot_run_are_skipped():
@@ -41,6 +42,7 @@ def test_configurations_this_machine_cannot_run_are_skipped():
     ok, why = bench.runnable(2, "rho=0.05", 1)
     assert not ok and "needs 2 GPUs" in why
     assert bench.runnable(2, "rho=0.05", 0)[0] and bench.runnable(1, "", 1)[0]
+    assert not bench.runnable(2, cpu_ascent, 1, "fp16")[0] and bench.runnable(2, cpu_ascent, 1, "bf16")[0]
 
 
 def test_a_report_with_nothing_run_says_so():
