@@ -1,8 +1,10 @@
-"""Classification and regression metrics in numpy, so evaluation needs no Hub download.
+"""Classification and regression metrics in numpy, by GLUE's definitions, so evaluation needs no Hub download.
 
 Classification reports accuracy, Matthews correlation (CoLA's metric) and, for
 two classes, F1 of class 1 (MRPC's and QQP's); regression reports Pearson and
-Spearman correlation (STS-B's).
+Spearman correlation (STS-B's) and the mean squared error. The recipes use them,
+and so does glue_scripts/glue_metrics.py (tests check them against scikit-learn
+and scipy).
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ def classification_metrics(eval_pred) -> dict:
     logits, labels = eval_pred
     logits = logits[0] if isinstance(logits, tuple) else logits
     preds = np.asarray(logits).argmax(-1)
-    labels = np.asarray(labels)
-    out = {"accuracy": float((preds == labels).mean()), "matthews_correlation": matthews(labels, preds)}
+    out = {"accuracy": accuracy(preds, labels), "matthews_correlation": matthews_correlation(preds, labels)}
     if logits.shape[-1] == 2:
-        out["f1"] = f1_binary(labels, preds)
+        out["f1"] = f1(preds, labels)
     return out
 
 
@@ -25,39 +26,52 @@ def regression_metrics(eval_pred) -> dict:
     preds, labels = eval_pred
     preds = np.asarray(preds[0] if isinstance(preds, tuple) else preds).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
-    return {"pearson": _corr(preds, labels), "spearmanr": _corr(_rank(preds), _rank(labels)),
+    return {"pearson": pearson(preds, labels), "spearmanr": spearmanr(preds, labels),
             "mse": float(((preds - labels) ** 2).mean())}
 
 
-def f1_binary(labels, preds) -> float:
-    tp = np.sum((preds == 1) & (labels == 1))
-    fp = np.sum((preds == 1) & (labels != 1))
-    fn = np.sum((preds != 1) & (labels == 1))
-    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+def accuracy(preds, labels) -> float:
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    return float((preds == labels).mean())
 
 
-def matthews(labels, preds) -> float:
-    """Multi-class Matthews correlation (Gorodkin's R_K), as scikit-learn defines it."""
-    classes = np.union1d(labels, preds)
-    c = np.array([[np.sum((labels == a) & (preds == b)) for b in classes] for a in classes], dtype=float)
-    t, p, n = c.sum(1), c.sum(0), c.sum()
-    cov_yp = np.trace(c) * n - t @ p
+def f1(preds, labels) -> float:
+    """Binary F1 of the positive class 1; 0.0 when undefined, as scikit-learn."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    tp = float(np.sum((preds == 1) & (labels == 1)))
+    denom = float(np.sum(preds == 1) + np.sum(labels == 1))
+    return 2 * tp / denom if denom else 0.0
+
+
+def matthews_correlation(preds, labels) -> float:
+    """Matthews correlation (multiclass form); 0.0 when undefined, as scikit-learn."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    classes, idx = np.unique(np.concatenate([labels, preds]), return_inverse=True)
+    k = len(classes)
+    confusion = np.zeros((k, k))
+    np.add.at(confusion, (idx[: len(labels)], idx[len(labels):]), 1)
+    t, p = confusion.sum(axis=1), confusion.sum(axis=0)  # true / predicted counts
+    n, c = confusion.sum(), np.trace(confusion)
     denom = np.sqrt((n * n - p @ p) * (n * n - t @ t))
-    return float(cov_yp / denom) if denom else 0.0
+    return float((c * n - t @ p) / denom) if denom else 0.0
 
 
-def _corr(a, b) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom else 0.0
+def pearson(x, y) -> float:
+    """Pearson correlation; nan for a constant input, as scipy."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = np.sqrt((dx @ dx) * (dy @ dy))
+    return float(dx @ dy / denom) if denom else float("nan")
 
 
-def _rank(x):
-    """Ranks with ties averaged, as Spearman's correlation needs."""
-    order = np.argsort(x, kind="stable")
+def _average_ranks(x) -> np.ndarray:
+    # Ties share the mean of their ranks, as scipy.stats.rankdata's default.
+    x = np.asarray(x, dtype=np.float64)
     ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    for value in np.unique(x):
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+    ranks[np.argsort(x, kind="mergesort")] = np.arange(len(x))
+    _, group = np.unique(x, return_inverse=True)
+    return (np.bincount(group, weights=ranks) / np.bincount(group))[group]
+
+
+def spearmanr(x, y) -> float:
+    return pearson(_average_ranks(x), _average_ranks(y))
