@@ -73,10 +73,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ---- one configuration (a worker process) ---------------------------------------
+def step_timer(synchronize=None):
+    """A Trainer callback holding the wall time of every optimizer step (logging and evaluation excluded);
+    `synchronize` (e.g. torch.cuda.synchronize) runs at both ends so queued GPU work is counted."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self._start = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if synchronize:
+                synchronize()
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if synchronize:
+                synchronize()
+            self.times.append(time.perf_counter() - self._start)
+
+    return StepTimer()
+
+
 def _worker(opts) -> None:
     import torch
     from datasets import Dataset
-    from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
     import sam_hf
 
@@ -87,20 +109,6 @@ def _worker(opts) -> None:
     backend = ("nccl" if torch.cuda.is_available() and not two_kinds else "gloo") if "RANK" in os.environ else None
     sam_hf.place_ascent_rank(optim, optim_args, backend)  # ascent_device=cpu: rank 1 on the CPU
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") != "true"
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.start)
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=1000, hidden_size=opts.hidden, num_hidden_layers=opts.layers,
@@ -118,7 +126,7 @@ def _worker(opts) -> None:
         logging_steps=1, disable_tqdm=True, use_cpu=not cuda, dataloader_num_workers=0,
         bf16=opts.precision == "bf16", fp16=opts.precision == "fp16",
         ddp_backend=backend)
-    timer = StepTimer()
+    timer = step_timer(torch.cuda.synchronize if cuda else None)
     trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
     if cuda:
         torch.cuda.reset_peak_memory_stats()

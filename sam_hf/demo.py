@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .placement import cpu_cores
+
 # name -> (label, optim, optim_args, processes). SAMPa-0.2 uses twice SAM's rho, as in the paper.
 METHODS = {
     "adamw": ("AdamW", "adamw_torch", None, 1),
@@ -111,29 +113,13 @@ def vit(size: Size):
 
 
 def accuracy(eval_pred):
+    from sam_hf.recipes.metrics import accuracy as accuracy_of
+
     logits, labels = eval_pred
-    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+    return {"accuracy": accuracy_of(logits.argmax(-1), labels)}
 
 
 # ---------------------------------------------------------------- one method
-
-
-def _step_timer():
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        """Wall time of each optimizer step, logging and evaluation excluded."""
-
-        def __init__(self):
-            self.times, self._start = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
-
-    return StepTimer()
 
 
 def train_one(method: str, args, output_dir: Path) -> dict | None:
@@ -142,6 +128,7 @@ def train_one(method: str, args, output_dir: Path) -> dict | None:
     from transformers import PrinterCallback, TrainingArguments, set_seed
 
     import sam_hf
+    from sam_hf.bench import step_timer
 
     # One thread per process, so a process stands for one device: SAM and AdamW get
     # one core, the 2-process SAMPa two (as in the paper: one GPU vs two). It also
@@ -160,7 +147,7 @@ def train_one(method: str, args, output_dir: Path) -> dict | None:
         save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         dataloader_pin_memory=False, use_cpu=True, ddp_backend="gloo" if args.worker else None,
     )
-    timer = _step_timer()
+    timer = step_timer()
     trainer = sam_hf.SharpnessTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
                                       compute_metrics=accuracy, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # the demo prints its own summary
@@ -182,14 +169,10 @@ def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def run_two_processes(method: str, args, output_dir: Path) -> tuple[dict | None, str]:
     """Run one method under torchrun with 2 processes; (result, why-skipped)."""
-    if _cores() < 2:
-        return None, f"needs 2 CPU cores, this machine has {_cores()}"
+    if cpu_cores() < 2:
+        return None, f"needs 2 CPU cores, this machine has {cpu_cores()}"
     result_file, error_file = output_dir / f"{method}.json", output_dir / f"{method}.error"
     result_file.unlink(missing_ok=True)
     error_file.unlink(missing_ok=True)
@@ -250,7 +233,8 @@ def report(results: list[dict], skipped: dict[str, str], args, seconds: float) -
     lines = [
         "# sam_hf demo: ViT on scikit-learn digits", "",
         "Command: `" + " ".join(["sam-hf demo", *args.argv]) + "`", "",
-        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {_cores()} CPU cores; "
+        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {cpu_cores()} CPU "
+        "cores; "
         f"torch {torch.__version__}, transformers {transformers.__version__}. Total time {seconds:.0f} s; "
         f"load average {args.load_before:.1f} before the runs, {_load():.1f} after (timings mean most on an "
         "otherwise idle machine).", "",

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 ASCENT_RANK = 1
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def wants_cpu_ascent(optim, optim_args: str | None) -> bool:
     if str(getattr(optim, "value", optim)) != "asyncsam":
         return False

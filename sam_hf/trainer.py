@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import time
 from collections import defaultdict
 
@@ -28,6 +27,7 @@ from .batching import TrainerBatch
 from .config import METHODS, SharpnessConfig, SharpnessConfigError
 from .methods import METHOD_CLASSES
 from .optimizer import SharpnessOptimizer
+from .placement import cpu_cores
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +181,7 @@ class SharpnessMixin:
     def _setup_cpu_ascent_rank(self, cfg: SharpnessConfig) -> None:
         self.args.dataloader_pin_memory = False  # pinning would open a CUDA context on the CPU rank
         # torchrun sets OMP_NUM_THREADS=1 for every rank; the CPU ascent rank needs the cores to keep pace
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = cfg.ascent_threads or max(1, cores - 1)
+        threads = cfg.ascent_threads or max(1, cpu_cores() - 1)
         torch.set_num_threads(threads)
         logger.info("sam_hf: the CPU ascent rank computes with %d threads", threads)
 
@@ -197,10 +196,12 @@ class SharpnessMixin:
                 f"optim={name} does not support FSDP yet (perturbing sharded parameters needs a sharded norm); "
                 "drop --fsdp and use torchrun/accelerate DDP, or PEFT/LoRA to fit the model")
         # fp16 may also come from accelerate's config (ACCELERATE_MIXED_PRECISION), the same on every rank
-        if cfg.ascent_device == "cpu" and "fp16" in (args.fp16 and "fp16", getattr(args, "mixed_precision", None)):
+        fp16 = args.fp16 or getattr(args, "mixed_precision", None) == "fp16"
+        if cfg.ascent_device == "cpu" and fp16:
             raise SharpnessConfigError(
-                "optim_args: ascent_device=cpu with fp16 mixed precision: the CPU rank has no loss scaler, so a step the GPU "
-                "rank's GradScaler skips for overflow would still be taken on the CPU; use --bf16 (or --mixed_precision bf16), or fp32")
+                "optim_args: ascent_device=cpu with fp16 mixed precision: the CPU rank has no loss scaler, so a step "
+                "the GPU rank's GradScaler skips for overflow would still be taken on the CPU; use --bf16 (or "
+                "--mixed_precision bf16), or fp32")
         if args.n_gpu > 1:
             raise SharpnessConfigError(
                 f"optim={name} does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); "

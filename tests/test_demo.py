@@ -36,7 +36,7 @@ def test_tiny_demo_writes_table_plot_and_report(tmp_path, capsys):
 
 def test_two_process_row_is_skipped_with_a_reason(tmp_path, capsys, monkeypatch):
     """Without 2 cores the 2-process row is left out and the report says why; the rest still runs."""
-    monkeypatch.setattr(demo, "_cores", lambda: 1)
+    monkeypatch.setattr(demo, "cpu_cores", lambda: 1)
     assert demo.main(["--tiny", "--output_dir", str(tmp_path), "--methods", "sam,sampa-2proc"]) == 0
     assert "skipped, needs 2 CPU cores" in capsys.readouterr().out
     report = (tmp_path / "report.md").read_text()
@@ -49,7 +49,7 @@ def test_unknown_method_is_an_error(tmp_path):
         demo.main(["--tiny", "--output_dir", str(tmp_path), "--methods", "adamw,sgdd"])
 
 
-@pytest.mark.skipif(os.environ.get("SAM_HF_SLOW_TESTS") != "1" or demo._cores() < 2,
+@pytest.mark.skipif(os.environ.get("SAM_HF_SLOW_TESTS") != "1" or demo.cpu_cores() < 2,
                     reason="launches torchrun (~20 s); set SAM_HF_SLOW_TESTS=1 on a machine with 2+ cores")
 def test_two_process_sampa_row_matches_one_process(tmp_path):
     """The torchrun row runs and, as DESIGN.md requires, gives the 1-process losses up to round-off."""

@@ -31,11 +31,6 @@ logger = logging.getLogger(__name__)
 AUTO_STEPS = 3  # steps measured (after the first) before ascent_batch_ratio=auto fixes r
 
 
-def _synchronize(params) -> None:
-    if params and params[0].device.type == "cuda":
-        torch.cuda.synchronize(params[0].device)
-
-
 class AsyncSAM(SharpnessMethod):
     name = "asyncsam"
 
@@ -57,7 +52,9 @@ class AsyncSAM(SharpnessMethod):
         return self.auto_ratio and self.role_parallel
 
     def synchronize(self) -> None:
-        _synchronize(self.params)
+        """Wait for this rank's queued GPU work, so a timing counts it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def descent_grad(self, batches, passes):
         """grad f(x_t + rho a_{t-1}/||a_{t-1}||, B_t) in .grad (unperturbed on the first step)."""
@@ -87,7 +84,7 @@ class AsyncSAM(SharpnessMethod):
             out = {"loss": run_pieces(passes, pieces, clean=True) / share, "ascent_samples": samples}
             key = "ascent_seconds"
         if self.auto_ratio and self.role_parallel:  # timing a GPU pass needs its kernels finished
-            _synchronize(self.params)
+            self.synchronize()
         out[key] = time.perf_counter() - start
         out["descent_step_seconds" if role == 0 else "ascent_step_seconds"] = self.last_step_seconds
         return out
@@ -117,7 +114,7 @@ class AsyncSAM(SharpnessMethod):
         self.steps_seen += 1
         if self.role_parallel and self.auto_ratio and self.steps_seen > 1:
             self._measure(extras, batches)
-        device = params[0].device if params else "cpu"
+        device = self.device
         loss = as_tensor(extras.get("loss", 0.0), device)
         metrics = {"sam/perturbed_loss": as_tensor(extras.get("perturbed_loss", 0.0), device),
                    "sam/ascent_batch_ratio": self.ratio}
@@ -142,15 +139,15 @@ class AsyncSAM(SharpnessMethod):
         self.ratio = min(1.0, max(1.0 / total, (descent + step_gap) / max(per_sample * total, 1e-12)))
         self.auto_ratio = False
         logger.info("sam_hf: ascent_batch_ratio=auto chose r=%.3f (descent %.4f s/step, ascent %.6f s/sample, "
-                    "optimizer steps: descent rank minus ascent rank %.4f s)", self.ratio, descent, per_sample, step_gap)
+                    "optimizer steps: descent rank minus ascent rank %.4f s)",
+                    self.ratio, descent, per_sample, step_gap)
 
     def state_dict(self):
         return {"a": self.a, "ratio": self.ratio, "steps_seen": self.steps_seen, "auto_ratio": self.auto_ratio,
                 "timings": self._timings}
 
     def load_state_dict(self, state):
-        device = self.params[0].device if self.params else "cpu"
-        self.a = to_device(state.get("a"), device)
+        self.a = to_device(state.get("a"), self.device)
         self.ratio = float(state.get("ratio", self.ratio))
         self.steps_seen = int(state.get("steps_seen", 1 if self.a is not None else 0))
         self.auto_ratio = bool(state.get("auto_ratio", self.auto_ratio))

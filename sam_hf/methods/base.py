@@ -53,6 +53,11 @@ class SharpnessMethod:
         self.max_grad_norm = max_grad_norm
         self.params = trainable_params(optimizer)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the trainable weights (and so the method's state) live."""
+        return self.params[0].device if self.params else torch.device("cpu")
+
     def step(self, batches: list[Batch], passes: GradientPasses) -> StepResult:
         raise NotImplementedError
 
@@ -131,12 +136,19 @@ def _direction(p: torch.Tensor, d: torch.Tensor, scale: float, cfg: SharpnessCon
 
 
 @torch.no_grad()
+def global_norm(tensors) -> torch.Tensor | None:
+    """The 2-norm of all `tensors` together (they may sit on several devices); None when there are none."""
+    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    if not norms:
+        return None
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+@torch.no_grad()
 def ascent_norm(params, directions, scale: float, cfg: SharpnessConfig) -> torch.Tensor:
     """||d|| (or ||T d|| for ASAM) in fp32 over all trainable parameters."""
-    norms = [torch.linalg.vector_norm(_direction(p, d, scale, cfg)) for p, d in zip(params, directions) if d is not None]
-    if not norms:
-        return torch.zeros((), device=params[0].device if params else "cpu")
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    norm = global_norm(_direction(p, d, scale, cfg) for p, d in zip(params, directions) if d is not None)
+    return torch.zeros((), device=params[0].device if params else "cpu") if norm is None else norm
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import batch_size, split_samples
-from .base import SharpnessMethod, StepResult, perturb_, restore, run_pieces, zero_grads
+from .base import SharpnessMethod, StepResult, backup, perturb_, restore, run_pieces, zero_grads
 
 
 class MSAM(SharpnessMethod):
@@ -42,7 +42,7 @@ class MSAM(SharpnessMethod):
             zero_grads(params)
             piece_loss = run_pieces(passes, pieces, clean=True)
             if saved is None:
-                saved = [p.detach().clone() for p in params]
+                saved = backup(params)
             applied, norm = perturb_(params, [p.grad for p in params], scale, cfg)
             norms.append(norm)
             if applied:

@@ -25,8 +25,8 @@ import torch
 
 from ..batching import TrainerBatch
 from ..lookahead import apply_lookahead_
-from .base import (SharpnessMethod, StepResult, as_tensor, backup, grads_fp32, perturb_, restore, run_batches,
-                   to_device, zero_grads)
+from .base import (SharpnessMethod, StepResult, as_tensor, backup, global_norm, grads_fp32, perturb_, restore,
+                   run_batches, to_device, zero_grads)
 
 
 def _count(batch):
@@ -38,10 +38,6 @@ def _all_finite(tensors) -> bool:
     """One device sync for the whole list, not one per parameter."""
     flags = [torch.isfinite(t).all() for t in tensors if t is not None]
     return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
-
-
-def _device(params):
-    return params[0].device if params else "cpu"
 
 
 def _set_grads(params, grads, scale: float) -> None:
@@ -64,7 +60,7 @@ class SAMPa(SharpnessMethod):
         self.held: list[dict] | None = None  # B_t
 
     # ---- the two independent halves ------------------------------------
-    def perturbed_grad(self, passes, scale):
+    def perturbed_grad(self, passes):
         """g~_t = grad f(x_t + rho g_t/||g_t||, B_t), left in .grad. Returns (loss, applied, ||g_t||)."""
         params = self.params
         zero_grads(params)
@@ -92,10 +88,9 @@ class SAMPa(SharpnessMethod):
         """Trainer's clipping of g_t, as torch.nn.utils.clip_grad_norm_ computes it (applied per parameter)."""
         if not self.max_grad_norm or self.max_grad_norm <= 0:
             return 1.0
-        norms = [torch.linalg.vector_norm(t) for t in self.g if t is not None]
-        if not norms:
+        norm = global_norm(t for t in self.g if t is not None)
+        if norm is None:
             return 1.0
-        norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
         return torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
 
     # ---- one Trainer step ------------------------------------------------
@@ -107,7 +102,7 @@ class SAMPa(SharpnessMethod):
             zero_grads(self.params)
             if self.g is None:  # first step: nothing to perturb yet
                 return {}
-            loss, applied, norm = self.perturbed_grad(passes, passes.loss_scale())
+            loss, applied, norm = self.perturbed_grad(passes)
             return {"perturbed_loss": loss, "applied": float(applied), "ascent_grad_norm": norm}
         finite = self.g is not None and _all_finite(self.g)
         return {"loss": self.lookahead_grad(batches, passes, finite_g=finite)}
@@ -124,7 +119,7 @@ class SAMPa(SharpnessMethod):
     def finish(self, g_tilde, g_next, batches, extras, scale) -> StepResult:
         """G_t = (1 - lam) g~_t + lam g_{t+1} into .grad (scaled); g_t <- g_{t+1}; B_t <- B_{t+1}."""
         params, lam = self.params, self.config.lam
-        loss = as_tensor(extras.get("loss", 0.0), _device(params))
+        loss = as_tensor(extras.get("loss", 0.0), self.device)
         first, self.g = self.g is None, None  # g_t is spent: free it before building G
         if first:  # keep g_0, leave x and the optimizer state alone
             if _all_finite(g_next):
@@ -149,8 +144,8 @@ class SAMPa(SharpnessMethod):
                   if dots else torch.zeros(()))
         applied = float(extras.get("applied", 0.0))
         return StepResult(loss, metrics={
-            "sam/perturbed_loss": as_tensor(extras.get("perturbed_loss", 0.0), _device(params)),
-            "sam/ascent_grad_norm": as_tensor(extras.get("ascent_grad_norm", 0.0), _device(params)),
+            "sam/perturbed_loss": as_tensor(extras.get("perturbed_loss", 0.0), self.device),
+            "sam/ascent_grad_norm": as_tensor(extras.get("ascent_grad_norm", 0.0), self.device),
             "sam/skipped_ascent": 1.0 - applied, "sam/grad_cosine": cosine,
         })
 
@@ -162,7 +157,7 @@ class SAMPa(SharpnessMethod):
         return {"g": self.g, "held": held, "held_num_items": counts, "held_accumulation_steps": steps}
 
     def load_state_dict(self, state):
-        device = self.params[0].device if self.params else torch.device("cpu")
+        device = self.device
         self.g = to_device(state.get("g"), device)
         self.held = None
         if state.get("held") is not None:
