@@ -150,6 +150,7 @@ class SharpnessMixin:
     """
 
     sharpness_config: SharpnessConfig | None = None
+    _sharpness_plan: parallel.ParallelPlan | None = None  # set with sharpness_config, before training
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -266,8 +267,8 @@ class SharpnessMixin:
         return self.optimizer
 
     def _wrap_model(self, model, training=True, dataloader=None):
-        plan = getattr(self, "_sharpness_plan", None)
-        if (self.sharpness_config is None or plan is None or not plan.distributed or not training
+        plan = self._sharpness_plan
+        if (plan is None or not plan.distributed or not training
                 or self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model):
             return super()._wrap_model(model, training, dataloader)
         # No DistributedDataParallel: sam_hf reduces gradients itself (`all_reduce_grads`, the role exchange), so
@@ -321,8 +322,8 @@ class SharpnessMixin:
     # ---- data: ranks (0, i) and (1, i) read the same shard stream --------------
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()
-        plan = getattr(self, "_sharpness_plan", None)
-        if self.sharpness_config is not None and plan is not None and plan.mode == "roles":
+        plan = self._sharpness_plan
+        if plan is not None and plan.mode == "roles":
             shard = getattr(dataloader, "batch_sampler", None)
             if not hasattr(shard, "num_processes"):
                 raise SharpnessConfigError(
@@ -336,8 +337,8 @@ class SharpnessMixin:
         return dataloader
 
     def get_total_train_batch_size(self, args) -> int:
-        plan = getattr(self, "_sharpness_plan", None)
-        if self.sharpness_config is not None and plan is not None and plan.mode == "roles":
+        plan = self._sharpness_plan
+        if plan is not None and plan.mode == "roles":
             return self._train_batch_size * args.gradient_accumulation_steps * plan.dp_size
         return super().get_total_train_batch_size(args)
 
