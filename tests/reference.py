@@ -21,7 +21,7 @@ Conventions restated from DESIGN.md and issue 2:
 
 Methods (one Trainer step each):
 
-  SAM     e = rho g/||g||, ASAM e = rho T^2 g/||T g||, T = |x| + eta;
+  SAM     e = rho g/||g||, ASAM e = rho T^2 g/||T g||, T = |x| + eta (T = 1 for biases);
           step with grad f(x + e, B); x restored by copy.
   mSAM    B split into m consecutive micro-batches (sizes differ by <= 1, the
           first ones larger); step with sum_j |B_j|/|B| grad f(x + e_j, B_j).
@@ -155,6 +155,8 @@ class Reference:
         self.base = base
         self.opt = base.build(model)
         self.params = [p for group in self.opt.param_groups for p in group["params"]]
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        self.names = [by_id[id(p)] for p in self.params]
         self.max_grad_norm = max_grad_norm
         self.rho, self.adaptive, self.eta = rho, adaptive, eta
         self.skipped = 0  # steps whose ascent gradient was zero or non-finite
@@ -180,8 +182,9 @@ class Reference:
 
     def ascent(self, g):
         """e = rho g/||g|| (ASAM: rho T^2 g/||T g||), or None for a zero or non-finite g."""
-        if self.adaptive:
-            T = [p.detach().float().abs() + self.eta for p in self.params]
+        if self.adaptive:  # T = |w| + eta for weights, 1 for biases (the ASAM authors' code)
+            T = [torch.ones_like(p, dtype=torch.float32) if name.endswith("bias") else p.detach().float().abs() + self.eta
+                 for name, p in zip(self.names, self.params)]
             tg = [None if gi is None else t * gi for t, gi in zip(T, g)]
             n = self.norm(tg)
             e = [None if gi is None else self.rho * t * t * gi / n for t, gi in zip(T, g)]
