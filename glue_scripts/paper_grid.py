@@ -1,7 +1,8 @@
 """Shared machinery of the papers' GLUE grids: build, print and run the runs.
 
 A grid is a settings table (see grid_sampa_table6.py, grid_msam_table3.py):
-flags common to every run, flags per task, and flags per method. Each run is
+flags common to every run, flags per task, and flags per method, each value
+citing the paper's table or section it comes from. Each run is
 one `run_glue.py` process writing to OUTPUT_DIR/<task>/<method>/seed<k>, which
 is what summarize.py reads. Runs that already have eval_results.json are
 skipped, so an interrupted grid resumes where it stopped.
@@ -35,8 +36,13 @@ class Grid:
     tasks: dict[str, dict]  # task -> run_glue flags, plus "rho", which only fills {rho} in method flags
     methods: dict[str, list[str]]  # method -> run_glue flags, e.g. ["--optim", "sam", "--optim_args", "rho={rho}"]
     notes: str = ""  # caveats, printed before every run or dry run
-    seeds: tuple[int, ...] = (1, 2, 3)
+    seeds: tuple[int, ...] = (1, 2, 3)  # default --seeds: a paper grid sets its paper's number of runs
     data_dir: str | None = None  # default --data_dir (local GLUE json lines), None: the Hub
+
+    def __post_init__(self):
+        unknown = sorted(set(self.tasks) - set(GLUE_TASKS))
+        if unknown:
+            raise ValueError(f"grid {self.name!r}: unknown GLUE tasks {unknown}; known: {', '.join(GLUE_TASKS)}")
 
 
 @dataclass

@@ -219,13 +219,13 @@ def _flag(cmd, name):
 
 
 def _cmd(lines, task, method, seed=1):
-    [cmd] = [c for c in lines if f"/{task}/{method}/seed{seed}" in c]
+    [cmd] = [c for c in lines if any(part.endswith(f"/{task}/{method}/seed{seed}") for part in c.split())]
     return cmd
 
 
 def test_sampa_table6_dry_run():
     lines = _dry_run("grid_sampa_table6.py")
-    assert len(lines) == 9 * 4 * 3  # all tasks, methods and seeds by default
+    assert len(lines) == 9 * 4 * 10  # all tasks, methods and Sec. 5.3's 10 runs by default
     rte_sam = _cmd(lines, "rte", "sam")
     assert _flag(rte_sam, "--optim") == "sam" and _flag(rte_sam, "--optim_args") == "rho=0.005"
     assert _flag(_cmd(lines, "stsb", "sampa-0"), "--optim_args") == "rho=0.005,lam=0"
@@ -254,6 +254,13 @@ def test_grid_filters_data_dir_and_passthrough(tmp_path):
     assert cmd.endswith("--fp16 False --num_train_epochs 1")  # last flag wins: overrides the table's epochs
 
 
+def test_grid_rejects_unknown_task_in_its_table():
+    import paper_grid
+
+    with pytest.raises(ValueError, match=r"unknown GLUE tasks \['sst5'\]"):
+        paper_grid.Grid(name="x", title="x", model="m", common={}, tasks={"sst5": {}}, methods={})
+
+
 def test_grid_rejects_unknown_method():
     proc = subprocess.run([sys.executable, str(GLUE_SCRIPTS / "grid_sampa_table6.py"), "--dry_run",
                            "--methods", "adamw,lamb"], capture_output=True, text=True, timeout=120)
@@ -261,13 +268,26 @@ def test_grid_rejects_unknown_method():
 
 
 def test_msam_table3_dry_run():
-    lines = _dry_run("grid_msam_table3.py", "--tasks", "rte,cola", "--seeds", "1")
-    assert len(lines) == 2 * 3
-    cmd = _cmd(lines, "rte", "msam")
-    assert _flag(cmd, "--optim") == "msam" and "micro_batches=8" in _flag(cmd, "--optim_args")
-    assert _flag(cmd, "--model_name_or_path") == "roberta-base"
-    assert _flag(cmd, "--weight_decay") == "0.01" and _flag(cmd, "--warmup_steps") == "0.06"
-    assert _flag(cmd, "--per_device_train_batch_size") == "32"
+    """mSAM Table 3 with Table D.1's settings: the paper's four tasks by default, per-task lr, epochs, rho."""
+    assert len(_dry_run("grid_msam_table3.py")) == 4 * 3 * 5  # Section 4: five runs per setting by default
+    lines = _dry_run("grid_msam_table3.py", "--seeds", "1")
+    assert len(lines) == 4 * 3  # CoLA, MRPC, SST-2, QQP x AdamW, SAM, mSAM
+    table_d1 = {"cola": ("1e-05", "60", "0.01"), "mrpc": ("1e-05", "60", "0.01"),
+                "sst2": ("5e-06", "20", "0.05"), "qqp": ("2e-05", "15", "0.05")}
+    for task, (lr, epochs, rho) in table_d1.items():
+        for method in ("adamw", "sam", "msam"):
+            cmd = _cmd(lines, task, method)
+            assert _flag(cmd, "--learning_rate") == lr and _flag(cmd, "--num_train_epochs") == epochs
+            assert _flag(cmd, "--model_name_or_path") == "roberta-base"
+            assert _flag(cmd, "--weight_decay") == "0.01" and _flag(cmd, "--per_device_train_batch_size") == "32"
+            assert _flag(cmd, "--lr_scheduler_type") == "cosine" and _flag(cmd, "--warmup_steps") == "0.06"
+        assert "--optim_args" not in _cmd(lines, task, "adamw")
+        assert _flag(_cmd(lines, task, "sam"), "--optim_args") == f"rho={rho}"
+        assert _flag(_cmd(lines, task, "msam"), "--optim_args") == f"rho={rho},micro_batches=8"
+    proc = subprocess.run([sys.executable, str(GLUE_SCRIPTS / "grid_msam_table3.py"), "--dry_run", "--seeds", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert "placeholder" not in proc.stdout.lower() + proc.stderr.lower()
+    assert "warning" not in proc.stdout.lower() + proc.stderr.lower()
 
 
 def test_accuracy_study_dry_run(tmp_path):

@@ -1,7 +1,7 @@
 """`sam-hf train RECIPE [--section.key value ...]`: the papers' runs as YAML recipes.
 
-RECIPE is a path to a YAML file or the name of a recipe shipped in this folder
-(`sam-hf train --list`). Every field can be overridden with a dotted key:
+RECIPE is a path to a YAML file or the name of a shipped recipe (`sam-hf train --list`):
+the repository's top-level recipes/ folder, which a built wheel carries as sam_hf/recipes/*.yaml. Every field can be overridden with a dotted key:
 
     sam-hf train sampa_vit_cifar10_sampa --training.num_train_epochs 1 \\
         --data.image_folder ./my_images --model.name_or_path ./tiny_vit
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"sam-hf train: error: {err}", file=sys.stderr)
         return 2
-    scores = {k: v for k, v in metrics["eval"].items() if not k.endswith(("runtime", "per_second", "epoch"))}
+    scores = {k: v for split in ("eval", "test") for k, v in metrics.get(split, {}).items()
+              if not k.endswith(("runtime", "per_second", "epoch"))}
     print(f"done: {recipe.name}; " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     return 0
 

@@ -31,6 +31,7 @@ class Splits:
     label_names: list[str] | None  # None: a regression target (e.g. STS-B)
     image_column: str | None = None
     text_columns: tuple[str, ...] = ()
+    test: object = None  # with data.validation_fraction: the eval split, reported after training as test_*
 
 
 def load_splits(spec: DataSpec, seed: int) -> Splits:
@@ -46,9 +47,16 @@ def load_splits(spec: DataSpec, seed: int) -> Splits:
         train, evaluation = parts["train"], parts["test"]
     else:
         evaluation = ds[eval_name]
+    test = None
+    if spec.validation_fraction is not None:  # model selection on held-out training data, test at the end
+        parts = train.train_test_split(test_size=spec.validation_fraction, seed=seed)
+        train, test, evaluation = parts["train"], evaluation, parts["test"]
     train = _limit(train, spec.max_train_samples, seed)
     evaluation = _limit(evaluation, spec.max_eval_samples, seed)
-    return _describe(train, evaluation, spec)
+    test = None if test is None else _limit(test, spec.max_eval_samples, seed)
+    splits = _describe(train, evaluation, spec)
+    splits.test = test
+    return splits
 
 
 def _load(spec: DataSpec):
@@ -113,8 +121,10 @@ def prepare(splits: Splits, spec: DataSpec, processor, model_config):
     """(train, eval, data_collator) holding only the model's inputs and `labels`."""
     if splits.kind == "image":
         mode = "L" if getattr(model_config, "num_channels", 3) == 1 else "RGB"
-        train = splits.train.with_transform(_image_transform(splits, processor, mode, spec.hflip))
-        evaluation = splits.eval.with_transform(_image_transform(splits, processor, mode, False))
+        train = splits.train.with_transform(_image_transform(splits, spec, processor, mode, augment=True))
+        evaluation = splits.eval.with_transform(_image_transform(splits, spec, processor, mode, augment=False))
+        if splits.test is not None:
+            splits.test = splits.test.with_transform(_image_transform(splits, spec, processor, mode, augment=False))
         return train, evaluation, None
     from transformers import DataCollatorWithPadding
 
@@ -130,17 +140,66 @@ def prepare(splits: Splits, spec: DataSpec, processor, model_config):
     def encode(ds):
         return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
 
+    if splits.test is not None:
+        splits.test = encode(splits.test)
     return encode(splits.train), encode(splits.eval), DataCollatorWithPadding(processor)
 
 
-def _image_transform(splits: Splits, processor, mode: str, hflip: bool):
+def _image_transform(splits: Splits, spec: DataSpec, processor, mode: str, augment: bool):
+    """Training images get the recipe's augmentations (before the processor resizes them); every image is
+    normalised with data.image_mean/image_std when given, else with the processor's own statistics."""
     from PIL import ImageOps
+
+    normalise = {} if spec.image_mean is None else {"image_mean": list(spec.image_mean),
+                                                    "image_std": list(spec.image_std)}
 
     def transform(batch):
         images = [img.convert(mode) for img in batch[splits.image_column]]
-        if hflip:
-            images = [ImageOps.mirror(im) if random.random() < 0.5 else im for im in images]
-        pixels = processor(images, return_tensors="pt")["pixel_values"]
+        if augment:
+            if spec.inception_crop:
+                images = [inception_crop(im) for im in images]
+            if spec.crop_padding:
+                images = [padded_crop(im, spec.crop_padding) for im in images]
+            if spec.hflip:
+                images = [ImageOps.mirror(im) if random.random() < 0.5 else im for im in images]
+        pixels = processor(images, return_tensors="pt", **normalise)["pixel_values"]
         return {"pixel_values": pixels, "labels": batch[splits.label_column]}
 
     return transform
+
+
+def padded_crop(image, padding: int):
+    """A random crop of the image's own size from the image padded with `padding` black pixels per side
+    (the CIFAR augmentation of SAMPa's Section 5.1)."""
+    from PIL import ImageOps
+
+    width, height = image.size
+    padded = ImageOps.expand(image, border=padding, fill=0)
+    left, top = random.randint(0, 2 * padding), random.randint(0, 2 * padding)
+    return padded.crop((left, top, left + width, top + height))
+
+
+def inception_crop(image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10):
+    """Inception-style random-resized crop (torchvision's RandomResizedCrop rule): a random area in
+    `scale` of the image and aspect ratio in `ratio` (log-uniform); the centre crop when no draw fits.
+    The processor then resizes the crop to the model's input size."""
+    import math
+
+    width, height = image.size
+    area = width * height
+    for _ in range(attempts):
+        target = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = random.randint(0, width - w), random.randint(0, height - h)
+            return image.crop((left, top, left + w, top + h))
+    aspect = width / height  # fallback: the largest centre crop within the ratio bounds
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return image.crop((left, top, left + w, top + h))

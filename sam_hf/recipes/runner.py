@@ -21,7 +21,11 @@ def training_arguments(recipe: Recipe):
     try:
         return TrainingArguments(**values)
     except (ValueError, TypeError) as err:
-        raise RecipeError(f"training: {err}") from None
+        hint = ""
+        if values.get("load_best_model_at_end") and "load_best_model_at_end" in str(err):
+            hint = ("\n(this recipe selects its best checkpoint: with another eval_strategy or save_strategy add "
+                    "--training.load_best_model_at_end false, or set both strategies alike)")
+        raise RecipeError(f"training: {err}{hint}") from None
 
 
 def build_model(spec: ModelSpec, splits: Splits):
@@ -67,7 +71,9 @@ def load_processor(spec: ModelSpec, config, kind: str):
 
 
 def run(recipe: Recipe) -> dict:
-    """Train and evaluate; returns {"train": metrics, "eval": metrics}. Results land in output_dir."""
+    """Train and evaluate; returns {"train": metrics, "eval": metrics} (and "test" with
+    data.validation_fraction, after the best checkpoint is loaded when load_best_model_at_end is set).
+    Results land in output_dir."""
     from transformers import set_seed
 
     from .. import SharpnessTrainer
@@ -84,6 +90,8 @@ def run(recipe: Recipe) -> dict:
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = {"train": result.metrics, "eval": trainer.evaluate()}
+    if splits.test is not None:  # data.validation_fraction: eval is the held-out validation split
+        metrics["test"] = trainer.evaluate(splits.test, metric_key_prefix="test")
     for split, values in metrics.items():
         trainer.log_metrics(split, values)
         trainer.save_metrics(split, values)

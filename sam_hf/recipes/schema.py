@@ -22,7 +22,19 @@ import yaml
 
 from ..config import METHODS, SharpnessConfig, SharpnessConfigError
 
-RECIPE_DIR = Path(__file__).parent
+# One copy of the recipes: the top-level recipes/ folder of the repository. A built wheel carries them
+# as sam_hf/recipes/*.yaml (setup.py's build_py copies them there); a source checkout or an editable
+# install (`pip install -e .`) reads recipes/ in place.
+PACKAGED_RECIPES = Path(__file__).resolve().parent
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def recipe_dir() -> Path:
+    """Where the shipped recipes are: the checkout's recipes/ when sam_hf runs from source, else the
+    copies inside the installed package."""
+    if (SOURCE_ROOT / "setup.py").is_file() and (SOURCE_ROOT / "recipes").is_dir():
+        return SOURCE_ROOT / "recipes"
+    return PACKAGED_RECIPES
 
 
 class _Loader(yaml.SafeLoader):
@@ -65,6 +77,9 @@ class DataSpec:
     train_split: str = "train"
     eval_split: str | None = None  # default: validation, else test, else held out from train
     eval_fraction: float = 0.1  # held-out share of train when there is no eval split
+    # Hold out this share of train as a validation split: evaluation during training (and
+    # load_best_model_at_end) uses it, and the eval split is reported at the end as test_*.
+    validation_fraction: float | None = None
     image_column: str | None = None  # default: the first Image column
     label_column: str | None = None  # default: label, labels or fine_label
     text_columns: list | None = None  # default: GLUE's column names found in the data
@@ -72,6 +87,10 @@ class DataSpec:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     hflip: bool = False  # random horizontal flip of training images
+    crop_padding: int = 0  # random crop of the image's own size after padding each side with N black pixels
+    inception_crop: bool = False  # random-resized crop: 8%-100% of the area, aspect ratio 3/4-4/3
+    image_mean: list | None = None  # per-channel normalisation instead of the image processor's
+    image_std: list | None = None
 
 
 @dataclass
@@ -135,7 +154,7 @@ def _training_fields() -> dict:
 
 
 def shipped_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+    return {p.stem: p for p in sorted(recipe_dir().glob("*.yaml"))}
 
 
 def resolve(recipe: str, relative_to: Path | None = None) -> Path:
@@ -404,6 +423,19 @@ def _check_data(data: DataSpec) -> None:
             raise RecipeError(f"data.{key}: expected a .csv, .json or .jsonl file, got {value!r}")
     if not 0 < data.eval_fraction < 1:
         raise RecipeError(f"data.eval_fraction: must be in (0, 1), got {data.eval_fraction}")
+    if data.validation_fraction is not None and not 0 < data.validation_fraction < 1:
+        raise RecipeError(f"data.validation_fraction: must be in (0, 1), got {data.validation_fraction}")
+    if data.crop_padding < 0:
+        raise RecipeError(f"data.crop_padding: must be >= 0, got {data.crop_padding}")
+    for key in ("image_mean", "image_std"):
+        value = getattr(data, key)
+        if value is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise RecipeError(f"data.{key}: expected a list of numbers, one per channel, got {value!r}")
+    if (data.image_mean is None) != (data.image_std is None) or (
+            data.image_mean is not None and len(data.image_mean) != len(data.image_std)):
+        raise RecipeError("data.image_mean and data.image_std: give both, with one value per channel")
+    if data.image_std is not None and any(v <= 0 for v in data.image_std):
+        raise RecipeError(f"data.image_std: must be > 0, got {data.image_std}")
 
 
 def _check_method(recipe: Recipe) -> None:
