@@ -3,14 +3,17 @@
 A step's batch B is the list of micro-batches Trainer hands in over one
 gradient-accumulation cycle. mSAM's micro-batches and Asynchronous SAM's ascent
 batch are sample ranges of B that may cross micro-batch boundaries, so a range
-becomes a list of *pieces*: (sub-batch, fraction of its micro-batch).
+becomes a list of *pieces*: (sub-batch, share of its micro-batch's samples, the
+micro-batch it was cut from, or None when it is the whole micro-batch). The
+parent is what fixes a slice's units: a slice contributes exactly its part of
+the loss Trainer computes for the whole micro-batch (trainer.TrainerPasses).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -56,19 +59,24 @@ def slice_batch(batch: Batch, start: int, stop: int) -> dict[str, Any]:
     return out
 
 
-Piece = tuple[dict[str, Any], float]
+class Piece(NamedTuple):
+    batch: Batch  # the samples of this piece
+    fraction: float  # their share of the parent micro-batch's samples
+    parent: Batch | None  # the micro-batch they were cut from; None: the piece is that whole micro-batch
 
 
 def sample_range(batches: list[Batch], start: int, stop: int) -> list[Piece]:
-    """Samples [start, stop) of the concatenation of `batches`, as pieces (sub-batch, share of its micro-batch)."""
+    """Samples [start, stop) of the concatenation of `batches`, as pieces."""
     pieces: list[Piece] = []
     offset = 0
     for batch in batches:
         n = batch_size(batch)
         lo, hi = max(start, offset), min(stop, offset + n)
         if lo < hi:
-            whole = lo == offset and hi == offset + n
-            pieces.append((batch if whole else slice_batch(batch, lo - offset, hi - offset), (hi - lo) / n))
+            if lo == offset and hi == offset + n:
+                pieces.append(Piece(batch, 1.0, None))
+            else:
+                pieces.append(Piece(slice_batch(batch, lo - offset, hi - offset), (hi - lo) / n, batch))
         offset += n
     return pieces
 

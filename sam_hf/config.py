@@ -16,12 +16,16 @@ from typing import Any
 
 METHODS = ("sam", "msam", "sampa", "asyncsam")
 
-# Base-optimizer keys that transformers' own handlers read from optim_args.
+# Base-optimizer keys that transformers' own handlers read from optim_args, less those Trainer then overrides:
+# its two parameter groups set `weight_decay` (args.weight_decay, and 0 for biases and LayerNorm weights), so
+# `weight_decay` in optim_args would be read and silently dropped (OVERRIDDEN_BASE_KEYS names the flag to use).
 BASE_OPTIM_KEYS = {
-    "sgd": ("momentum", "dampening", "weight_decay", "nesterov"),
-    "adagrad": ("lr_decay", "weight_decay", "eps"),
-    "rmsprop": ("alpha", "eps", "momentum", "centered", "weight_decay"),
+    "sgd": ("momentum", "dampening", "nesterov"),
+    "adagrad": ("lr_decay", "eps"),
+    "rmsprop": ("alpha", "eps", "momentum", "centered"),
 }
+OVERRIDDEN_BASE_KEYS = {"weight_decay": "--weight_decay (TrainingArguments.weight_decay)",
+                        "lr": "--learning_rate (TrainingArguments.learning_rate)"}
 
 # Base optimizers the methods are tested with; others run with lookahead=sgd only.
 LOOKAHEAD_BASES = ("adamw_torch", "adamw_torch_fused", "sgd")
@@ -170,6 +174,10 @@ class SharpnessConfig:
         allowed = BASE_OPTIM_KEYS.get(self.base, ())
         ours = sorted(f.name for f in dataclasses.fields(self) if f.name not in ("method", "base_optim_args"))
         for key, value in self.base_optim_args.items():
+            if key in OVERRIDDEN_BASE_KEYS:
+                raise SharpnessConfigError(
+                    f"optim_args: {key}={value!r} would be ignored: Trainer's parameter groups set the base "
+                    f"optimizer's {key} themselves; use {OVERRIDDEN_BASE_KEYS[key]} instead")
             if key not in allowed:
                 base_keys = f"; {self.base} takes {list(allowed)}" if allowed else ""
                 raise SharpnessConfigError(f"optim_args: unknown key {key}={value!r}; sam_hf takes {ours}{base_keys}")

@@ -39,15 +39,26 @@ def _adam(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict, decoupled:
     if wd and not decoupled:
         g = g + wd * x
     step = state.get("step")
-    k = 1.0 if step is None else (step.to(x.device, torch.float32) + 1 if torch.is_tensor(step) else float(step) + 1)
+    # Bias corrections in float64, as torch computes them (Python floats from a CPU step count, doubles in the
+    # fused kernels); a step count on a GPU (fused, capturable) stays there, so computing y never waits on it.
+    if step is None:
+        k = 1.0
+    elif torch.is_tensor(step) and step.device.type != "cpu":
+        k = step.to(x.device, torch.float64) + 1
+    else:
+        k = float(step) + 1
+    step_size = lr / (1 - b1**k)
+    bias_correction2_sqrt = (1 - b2**k) ** 0.5
     # In place on fresh tensors, fused where torch has the op: this runs on the critical path of every step.
     m = torch.lerp(state["exp_avg"].float(), g, 1 - b1) if "exp_avg" in state else g * (1 - b1)
     v = (state["exp_avg_sq"].float() * b2).addcmul_(g, g, value=1 - b2) if "exp_avg_sq" in state else g * g * (1 - b2)
     if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
         v = torch.maximum(state["max_exp_avg_sq"].float(), v)
-    denom = v.sqrt_().div_((1 - b2**k) ** 0.5).add_(eps)
+    denom = v.sqrt_().div_(bias_correction2_sqrt).add_(eps)
     y = x * (1 - lr * wd) if (wd and decoupled) else x.clone()
-    return y.sub_(m.div_(denom).mul_(lr / (1 - b1**k)))
+    if isinstance(step_size, float):
+        return y.addcdiv_(m, denom, value=-step_size)  # torch's own last line
+    return y.sub_(m.mul_(step_size).div_(denom))
 
 
 def _sgd(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Tensor:

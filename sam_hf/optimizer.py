@@ -3,7 +3,8 @@
 Trainer (and accelerate's AcceleratedOptimizer, the GradScaler, the LR
 scheduler) see an ordinary optimizer: parameter groups, state and `step()` are
 the base optimizer's. Two things are added: `step()` is skipped when the method
-says so (SAMPa's first step), and `state_dict()` carries the method's state
+says so (SAMPa's first step; the learning-rate schedule then waits as well, see
+trainer.SkippedUpdateCallback), and `state_dict()` carries the method's state
 (SAMPa's g_t and held batch, Asynchronous SAM's a_{t-1}) under one extra key,
 so Trainer's own `optimizer.pt` checkpoints and resumes it.
 """
@@ -26,6 +27,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self.base = base
         self.method = method
         self.skip_next_step = False
+        self.skipped_last_step = False  # read by trainer.SkippedUpdateCallback: the LR schedule waits too
 
     @property
     def param_groups(self):
@@ -55,6 +57,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self.base.add_param_group(param_group)
 
     def step(self, closure=None):
+        self.skipped_last_step = self.skip_next_step
         if self.skip_next_step:
             self.skip_next_step = False
             return None

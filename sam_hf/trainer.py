@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.training_args import OptimizerNames
 
 from . import lookahead, parallel
@@ -32,7 +33,7 @@ from .placement import cpu_cores
 logger = logging.getLogger(__name__)
 
 # Reported as a count per logging interval; every other sam/ metric is averaged over it.
-COUNTED_METRICS = ("sam/skipped_ascent",)
+COUNTED_METRICS = ("sam/skipped_ascent", "sam/skipped_update")
 
 
 def is_sharpness_optim(optim) -> bool:
@@ -86,7 +87,15 @@ def _kept_pass_metrics(trainer):
 
 
 class TrainerPasses:
-    """Forward + backward exactly as `Trainer.training_step` does them (see methods/base.py)."""
+    """Forward + backward exactly as `Trainer.training_step` does them (see methods/base.py).
+
+    Units (DESIGN.md): a whole micro-batch is normalised as Trainer normalises it; a slice of one (mSAM's B_j,
+    Asynchronous SAM's A_t) contributes exactly its part of that micro-batch's loss. It is given the cycle's
+    `num_items_in_batch`, so a loss that divides by the count (causal LMs, a `compute_loss_func` that uses it)
+    is its part as it stands; a loss that is a mean over the micro-batch (the model ignores the count, or gets
+    none) is weighted by the slice's share of the micro-batch's items (labels != -100, as Trainer counts them).
+    Which of the two a loss is, Trainer cannot know: it is measured once (`_loss_uses_count`).
+    """
 
     def __init__(self, trainer: "SharpnessMixin", model: nn.Module, num_items_in_batch):
         self.trainer = trainer
@@ -96,32 +105,92 @@ class TrainerPasses:
         self.num_items_in_batch = num_items_in_batch
         self.batchnorms = trainer._sharpness_batchnorms
 
-    def backward(self, batch, fraction: float = 1.0, clean: bool = True) -> torch.Tensor:
+    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None) -> torch.Tensor:
         t = self.trainer
-        whole = fraction >= 1.0
-        # A slice of a micro-batch has no count of its own: its loss is the model's mean, weighted by its share.
-        num_items = getattr(batch, "num_items_in_batch", self.num_items_in_batch) if whole else None
+        source = batch if part_of is None else part_of  # a slice is normalised as its micro-batch
+        num_items = getattr(source, "num_items_in_batch", self.num_items_in_batch)
         # A held batch (SAMPa's B_t) is normalised by the accumulation steps of the cycle it came from.
-        steps = getattr(batch, "accumulation_steps", None) or t.current_gradient_accumulation_steps
+        steps = getattr(source, "accumulation_steps", None) or t.current_gradient_accumulation_steps
+        num_items, world_factor = t._sharpness_role_units(num_items)
         freeze = not clean and t.sharpness_config.bn_stats == "clean" and self.batchnorms
         # Both contexts end after the backward: BatchNorm saves its running statistics for it, so restoring them
         # in place before would fail autograd's version check.
         with (_frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
               contextlib.nullcontext() if clean else _kept_pass_metrics(t)):
-            with t.compute_loss_context_manager():
-                # a shallow copy: Trainer's compute_loss pops "labels" (label smoothing, compute_loss_func), and
-                # the same batch runs again (SAM's second pass, SAMPa's held batch)
-                loss = t.compute_loss(self.model, dict(batch), num_items_in_batch=num_items)
+            loss = self._loss(batch, num_items)
+            if world_factor != 1.0:
+                loss = loss * world_factor
             if t.args.n_gpu > 1:
                 loss = loss.mean()
-            if t.loss_is_scaled_for_ga is not None and whole:
+            if t.loss_is_scaled_for_ga is not None:
                 scaled_for_ga = t.loss_is_scaled_for_ga
             else:  # Trainer's rule: the loss was normalised by num_items_in_batch already
                 scaled_for_ga = (t.model_accepts_loss_kwargs and num_items is not None) or t.compute_loss_func is not None
+            if part_of is not None and not self._loss_uses_count(batch, num_items):
+                loss = loss * self._item_share(batch, part_of, fraction)
             if not scaled_for_ga:
-                loss = loss * fraction / steps
+                loss = loss / steps
             t.accelerator.backward(loss)
         return loss.detach()
+
+    def _loss(self, batch, num_items):
+        with self.trainer.compute_loss_context_manager():
+            # a shallow copy: Trainer's compute_loss pops "labels" (label smoothing, compute_loss_func), and the
+            # same batch runs again (SAM's second pass, SAMPa's held batch)
+            return self.trainer.compute_loss(self.model, dict(batch), num_items_in_batch=num_items)
+
+    def _loss_uses_count(self, batch, num_items) -> bool:
+        """Whether the loss divides by `num_items_in_batch`: measured once per trainer, from two forward passes
+        of one slice with the count and twice the count (same RNG, BatchNorm statistics and metrics kept)."""
+        t = self.trainer
+        if num_items is None:
+            return False
+        if t._sharpness_loss_uses_count is not None:
+            return t._sharpness_loss_uses_count
+        devices = [self.model_device.index or 0] if self.model_device.type == "cuda" else []
+        losses = []
+        with torch.no_grad(), _frozen_running_stats(self.batchnorms), _kept_pass_metrics(t):
+            for count in (num_items, num_items * 2):
+                with torch.random.fork_rng(devices=devices):
+                    losses.append(float(self._loss(batch, count).float().mean()))
+        one, two = losses
+        if not (math.isfinite(one) and one != 0.0):
+            return True  # nothing to tell from this slice (no items): its part is 0 either way; ask again later
+        uses = abs(2 * two - one) <= 1e-3 * abs(one)
+        if not uses and abs(two - one) > 1e-3 * abs(one):
+            logger.warning("sam_hf: the loss neither divides by num_items_in_batch nor ignores it (%.6g with the "
+                           "count, %.6g with twice the count); slices of a micro-batch are given the cycle's count "
+                           "and taken as they are", one, two)
+            uses = True
+        t._sharpness_loss_uses_count = uses
+        logger.info("sam_hf: the loss %s num_items_in_batch: a slice of a micro-batch counts %s", 
+                    "divides by" if uses else "ignores",
+                    "as the loss gives it" if uses else "its share of the micro-batch's items")
+        return uses
+
+    @property
+    def model_device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _item_share(self, batch, whole, fraction: float):
+        """The slice's share of its micro-batch's items, as Trainer counts items (labels != -100, shifted for a
+        causal LM); the sample share where the batch has no labels."""
+        t = self.trainer
+
+        def items(b):
+            if "shift_labels" in b:
+                labels = b["shift_labels"]
+            else:
+                labels = b.get("labels")
+                if torch.is_tensor(labels) and getattr(t, "_loss_shifts_labels", False):
+                    labels = labels[..., 1:]
+            return labels.ne(-100).sum() if torch.is_tensor(labels) else None
+
+        part, total = items(batch), items(whole)
+        if part is None or total is None:
+            return fraction
+        return part / total.clamp_min(1)
 
     def loss_scale(self) -> float:
         scaler = getattr(self.trainer.accelerator, "scaler", None)
@@ -141,6 +210,21 @@ class TrainerPasses:
                 p.grad = None if g is None else g.to(p.dtype)
 
 
+class SkippedUpdateCallback(TrainerCallback):
+    """A step the method made no update in (SAMPa's first step) leaves the learning-rate schedule where it was, so
+    the k-th update uses the schedule's k-th value. Trainer steps the scheduler unless accelerate reports the
+    optimizer step as skipped (its rule for an fp16 overflow); this sets that report for such a step."""
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if getattr(optimizer, "_sam_hf_marked_skipped", False):  # without a GradScaler nothing else resets it
+            optimizer._is_overflow = optimizer._sam_hf_marked_skipped = False
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, SharpnessOptimizer) and inner.skipped_last_step and hasattr(optimizer, "_is_overflow"):
+            optimizer._is_overflow = optimizer._sam_hf_marked_skipped = True
+
+
 class SharpnessMixin:
     """Adds SAM, mSAM, SAMPa and Asynchronous SAM to any `transformers.Trainer` subclass.
 
@@ -151,6 +235,7 @@ class SharpnessMixin:
 
     sharpness_config: SharpnessConfig | None = None
     _sharpness_plan: parallel.ParallelPlan | None = None  # set with sharpness_config, before training
+    _sharpness_loss_uses_count: bool | None = None  # measured by TrainerPasses on the first slice
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -178,6 +263,8 @@ class SharpnessMixin:
             self._setup_cpu_ascent_rank(cfg)
         if self._sharpness_plan.distributed:
             logger.info("sam_hf: %s runs %s", cfg.method, self._sharpness_plan.describe())
+        if cfg.method == "sampa":
+            self.add_callback(SkippedUpdateCallback())
 
     def _setup_cpu_ascent_rank(self, cfg: SharpnessConfig) -> None:
         self.args.dataloader_pin_memory = False  # pinning would open a CUDA context on the CPU rank
@@ -261,7 +348,9 @@ class SharpnessMixin:
         kwargs = {}
         if cfg.method == "msam" and self._sharpness_plan.mode == "data":
             kwargs["micro_batches"] = cfg.micro_batches // self._sharpness_plan.world_size
-        method = METHOD_CLASSES[cfg.method](cfg, base, max_grad_norm=self.args.max_grad_norm, **kwargs)
+        names = {id(p): n for n, p in (model or self.model).named_parameters()}
+        method = METHOD_CLASSES[cfg.method](cfg, base, max_grad_norm=self.args.max_grad_norm, param_names=names,
+                                            **kwargs)
         method.role_parallel = self._sharpness_plan.mode == "roles"
         self.optimizer = self._sharpness_optimizer = SharpnessOptimizer(base, method)
         return self.optimizer
@@ -278,6 +367,17 @@ class SharpnessMixin:
         # what DDP's construction did: every replica starts from rank 0's weights and buffers
         parallel.broadcast_tensors(plan, [*model.parameters(), *model.buffers()], 0, "the initial weight broadcast")
         return model
+
+    def _sharpness_role_units(self, num_items):
+        """(num_items_in_batch, loss factor) under transformers' data-parallel rule, applied to the ranks that
+        really are data-parallel replicas. Trainer gathers the count over every rank and `compute_loss` multiplies
+        the loss by the number of processes; in role mode the 2k ranks are k replicas in two roles reading the same
+        batches, so the count holds each sample twice and the factor is 2k where k is right."""
+        args, plan = self.args, self._sharpness_plan
+        if (plan.mode != "roles" or num_items is None or not args.average_tokens_across_devices or args.n_gpu > 1
+                or not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)):
+            return num_items, 1.0
+        return num_items / 2, 0.5
 
     # ---- one step -----------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):

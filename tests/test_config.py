@@ -39,6 +39,12 @@ BAD = [
     ("sam", "base=sampa", ["base='sampa'", "plain optimizer"]),
     ("sam", "base=lomo", ["base='lomo'", "adamw_torch"]),
     ("sampa", "base=adagrad", ["lookahead=optimizer", "base='adagrad'", "lookahead=sgd"]),
+    # Trainer's parameter groups set weight_decay themselves: the key would be read and silently dropped
+    ("sam", "base=sgd,momentum=0.9,weight_decay=0.5", ["weight_decay='0.5'", "ignored", "--weight_decay"]),
+    ("msam", "base=rmsprop,weight_decay=0.1", ["weight_decay='0.1'", "--weight_decay"]),
+    ("sam", "base=adagrad,weight_decay=0.1", ["weight_decay='0.1'", "--weight_decay"]),
+    ("sam", "weight_decay=0.1", ["weight_decay='0.1'", "--weight_decay"]),
+    ("sam", "base=sgd,lr=0.1", ["lr='0.1'", "--learning_rate"]),
     ("sam", "rho", ["'rho'", "key=value"]),
     ("sam", "rho=0.1,rho=0.2", ["'rho'", "twice"]),
 ]
@@ -80,3 +86,11 @@ def test_base_optimizer_keys_pass_through(tmp_path):
     assert isinstance(base, torch.optim.SGD)
     assert base.defaults["momentum"] == 0.9 and base.defaults["nesterov"] is True
     assert trainer.sharpness_config.rho == 0.1
+
+
+def test_weight_decay_comes_from_training_arguments(tmp_path):
+    """What the rejected key would have set, --weight_decay does: on weights, not on biases and LayerNorm."""
+    trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), train_dataset=vector_data(),
+                                      args=args(tmp_path, "sam", "base=sgd,momentum=0.9", weight_decay=0.5,
+                                                max_steps=1))
+    assert [g["weight_decay"] for g in trainer.create_optimizer().param_groups] == [0.5, 0.0]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import MODELS
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_train import train  # noqa: E402
+from dist_train import model_kind, train  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -37,6 +38,20 @@ PARITY = {
     "sampa_roles_bn": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
     "sam_ddp": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 8)),
     "msam_ddp": ("msam", "rho=0.1,micro_batches=4", 4, ("msam", "rho=0.1,micro_batches=4", 8)),
+    # Models whose forward takes **kwargs, with transformers' default average_tokens_across_devices=True: Trainer
+    # gathers num_items_in_batch over all ranks and multiplies each rank's loss by the world size. _kw ignores the
+    # count (a plain mean, like BERT classifiers), _count divides by it (like causal LMs). Role mode on 2 processes
+    # equals 1 process with the same per-device batch; data parallel keeps transformers' DDP semantics (2 processes
+    # = 1 process accumulating the 2 micro-batches).
+    "sampa_roles_kw": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
+    "sampa_roles_count": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
+    "asyncsam_roles_kw": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.3", 8,
+                          ("asyncsam", "rho=0.1,ascent_batch_ratio=0.3", 8)),
+    "asyncsam_roles_count": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.3", 8,
+                             ("asyncsam", "rho=0.1,ascent_batch_ratio=0.3", 8)),
+    "sam_ddp_kw": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 4, 2)),
+    "msam_ddp_kw": ("msam", "rho=0.1,micro_batches=4", 4, ("msam", "rho=0.1,micro_batches=4", 4, 2)),
+    "msam_ddp_count": ("msam", "rho=0.1,micro_batches=4", 4, ("msam", "rho=0.1,micro_batches=4", 4, 2)),
     "sam_nosync_is_msam2": ("sam", "rho=0.1,sync_ascent=false", 4, ("msam", "rho=0.1,micro_batches=2", 8)),
     # data-parallel SAMPa: each rank holds its shard of B_t; the all-reduced halves are the global-batch rule
     "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, ("sampa", "rho=0.1", 8)),
@@ -76,9 +91,14 @@ def two_process_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(PARITY))
 def test_two_processes_equal_one(two_process_runs, tmp_path, name):
-    optim, optim_args, batch = PARITY[name][3]
-    _, one = train(str(tmp_path), optim, optim_args, batch=batch, steps=7, batchnorm=name.endswith("_bn"))
+    optim, optim_args, batch, *ga = PARITY[name][3]
+    trainer, one = train(str(tmp_path), optim, optim_args, batch=batch, steps=7, batchnorm=name.endswith("_bn"),
+                         model=model_kind(name), ga=ga[0] if ga else 1)
     assert_close(one, torch.load(two_process_runs / f"{name}.pt"))
+    # the logged training loss too (transformers' rule: the mean over the ranks of what each rank's step returns)
+    losses = lambda history: [h["loss"] for h in history if "loss" in h]  # noqa: E731
+    assert losses(torch.load(two_process_runs / f"{name}.log")) == pytest.approx(losses(trainer.state.log_history),
+                                                                                rel=1e-5)
     if "_roles" in name:  # the two passes really ran on two ranks
         assert any("sam/exchange_seconds" in h for h in torch.load(two_process_runs / f"{name}.log"))
 
@@ -107,7 +127,7 @@ def test_replicas_are_identical_and_not_wrapped_in_ddp(two_process_runs, name):
     assert_close(torch.load(two_process_runs / f"{name}.rank0.pt"), torch.load(two_process_runs / f"{name}.rank1.pt"),
                  atol=0)
     # sam_hf reduces the gradients itself: a DDP wrapper would only add a copy of them in its buckets
-    assert (two_process_runs / f"{name}.wrapper").read_text() == "MeanLossModel"
+    assert (two_process_runs / f"{name}.wrapper").read_text() == MODELS[model_kind(name)].__name__
 
 
 def test_data_parallel_sampa_runs_both_passes_on_every_rank(two_process_runs):

@@ -1,6 +1,8 @@
 """Edge cases a real run meets: label smoothing, an epoch's short last batch, a second train() call,
 the units of the logged loss, and combinations refused before training."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -94,3 +96,80 @@ def test_broadcasts_go_in_bounded_buckets_per_dtype(monkeypatch):
     parallel.broadcast_tensors(ParallelPlan(world_size=2), tensors, 0, "a test")
     assert sent == [(torch.float32, 16), (torch.float64, 7), (torch.float32, 20)]
     assert all(bool((t == 1.0).all()) for t in tensors)  # every tensor received its values in place
+
+
+# --------------------------------------------------------------------------- a term whose weight is 0
+
+
+@pytest.mark.parametrize("lam,bad", [(0.0, "g_next"), (1.0, "g_tilde")])
+def test_sampa_a_non_finite_term_of_weight_zero_stays_out_of_g(lam, bad):
+    """G = (1 - lam) g~_t + lam g_{t+1}: with lam = 0 a non-finite g_{t+1} (or with lam = 1 a non-finite g~_t) is
+    not computed into G (0 * inf would be NaN); the kept term passes through unchanged."""
+    from sam_hf.methods import SAMPa
+
+    model = MeanLossModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    method = SAMPa(sam_hf.SharpnessConfig(method="sampa", lam=lam), opt)
+    good = [torch.randn_like(p) for p in method.params]
+    nonfinite = [torch.full_like(p, float("inf")) for p in method.params]
+    method.g = [torch.ones_like(p) for p in method.params]  # not the first step
+    g_tilde, g_next = (good, nonfinite) if bad == "g_next" else (nonfinite, good)
+    method.finish([t.clone() for t in g_tilde], [t.clone() for t in g_next], [{}], {}, 1.0)
+    for p, want in zip(method.params, good):
+        torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- the lookahead is the optimizer's step
+
+
+@pytest.mark.parametrize("kind", ["single", "foreach", "fused", "amsgrad", "adam_l2"])
+def test_adam_lookahead_is_the_optimizers_own_step(kind):
+    """ModelUpdate in closed form equals the step torch takes from the same state, with bias corrections in
+    float64 as torch computes them (they were float32: ~1e-5 relative off), here after 30 steps."""
+    from sam_hf.lookahead import apply_lookahead_
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4)
+    options = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+               "amsgrad": dict(amsgrad=True, foreach=False), "adam_l2": dict(foreach=False)}[kind]
+    cls = torch.optim.Adam if kind == "adam_l2" else torch.optim.AdamW
+    opt = cls(model.parameters(), lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), **options)
+    for _ in range(30):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    grads = {p: torch.randn_like(p) for p in model.parameters()}
+    stepped = {id(p): p.detach().clone() for p in model.parameters()}
+    twin = torch.optim.AdamW if cls is torch.optim.AdamW else torch.optim.Adam
+    # the real step, on copies of the weights and the state
+    copies = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    real = twin(copies, lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), **options)
+    real.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict alone would share the state tensors
+    for c, p in zip(copies, model.parameters()):
+        c.grad = grads[p].clone()
+    real.step()
+    apply_lookahead_(opt, grads, "optimizer")
+    for c, p in zip(copies, model.parameters()):
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=0, atol=1e-7 if kind in ("fused", "foreach") else 0)
+        assert not torch.equal(p.detach(), stepped[id(p)])  # it moved
+    assert all(int(s["step"]) == 30 for s in opt.state.values())  # the state is untouched
+
+
+# --------------------------------------------------------------------------- ASAM leaves biases unscaled
+
+
+def test_asam_rescales_weights_not_biases(tmp_path):
+    """e = rho T^2 g/||T g|| with T = |w| + eta on weights and T = 1 on biases, as the ASAM authors' code does."""
+    from sam_hf.methods.base import perturb_
+
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    params = [lin.weight, lin.bias]
+    grads = [torch.randn_like(p) for p in params]
+    before = [p.detach().clone() for p in params]
+    cfg = sam_hf.SharpnessConfig(method="sam", rho=0.5, adaptive=True, eta=0.1)
+    perturb_(params, grads, 1.0, cfg, rescaled=[True, False])
+    T = [before[0].abs() + 0.1, torch.ones_like(before[1])]
+    norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(T, grads)))
+    for p, b, t, g in zip(params, before, T, grads):
+        torch.testing.assert_close(p.detach() - b, 0.5 * t * t * g / norm, rtol=1e-5, atol=1e-7)

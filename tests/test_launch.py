@@ -147,10 +147,11 @@ def test_seq2seq_keeps_its_own_arguments(runs):
 
 def test_script_subclass_compute_loss_is_used(runs):
     """The script's own Trainer subclass keeps its overrides: every mSAM pass goes through its compute_loss
-    (4 micro-batches x (clean + perturbed) per step)."""
+    (4 micro-batches x (clean + perturbed) per step), plus the two forward passes that tell, once, whether the
+    loss divides by num_items_in_batch (the slices' units)."""
     info, _ = info_of(runs, "msam")
     assert info["trainer_class"] == "SharpnessCustomTrainer"
-    assert info["loss_calls"] == STEPS * 4 * 2
+    assert info["loss_calls"] == STEPS * 4 * 2 + 2
 
 
 def test_plain_trainer_becomes_sharpness_trainer(runs):

@@ -67,6 +67,31 @@ class MeanLossModel(nn.Module):
         return out
 
 
+class KwargsMeanModel(MeanLossModel):
+    """forward takes **kwargs, so Trainer passes it num_items_in_batch and does not divide its loss by the
+    accumulation steps, yet the loss is a plain mean that ignores the count: transformers' rule for models such
+    as BertForSequenceClassification."""
+
+    def forward(self, x, labels=None, **kwargs):
+        return super().forward(x, labels)
+
+
+class CountLossModel(MeanLossModel):
+    """Sums the per-sample losses and divides by num_items_in_batch (Trainer's count over the accumulation cycle
+    and the processes), as transformers' causal LMs do with tokens."""
+
+    def forward(self, x, labels=None, num_items_in_batch=None, **kwargs):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+            out["loss"] = losses.mean() if num_items_in_batch is None else losses.sum() / num_items_in_batch
+        return out
+
+
+MODELS = {"mean": MeanLossModel, "kw": KwargsMeanModel, "count": CountLossModel}
+
+
 def vector_data(n: int = 32, dim: int = 6, classes: int = 3, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     return Dataset.from_dict({"x": torch.randn(n, dim, generator=g).tolist(),

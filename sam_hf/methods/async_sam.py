@@ -24,7 +24,7 @@ import torch
 
 from ..batching import batch_size as _size
 from ..batching import leading_samples
-from .base import (SharpnessMethod, StepResult, as_tensor, backup, grads_fp32, perturb_, restore, run_batches,
+from .base import (SharpnessMethod, StepResult, as_tensor, backup, grads_fp32, restore, run_batches,
                    run_pieces, to_device, zero_grads)
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class AsyncSAM(SharpnessMethod):
         if self.a is None:
             return run_batches(passes, batches, clean=True), False, torch.zeros(())
         saved = backup(params)
-        applied, norm = perturb_(params, self.a, 1.0, self.config)
+        applied, norm = self.perturb_(self.a, 1.0)
         loss = run_batches(passes, batches, clean=False)
         restore(params, saved)
         return loss, applied, norm
@@ -78,8 +78,8 @@ class AsyncSAM(SharpnessMethod):
         else:
             zero_grads(self.params)
             pieces = leading_samples(batches, self.ratio)
-            samples = sum(_size(b) for b, _ in pieces)
-            # the pieces carry their share of the batch; report the loss in the units of a whole batch
+            samples = sum(_size(p.batch) for p in pieces)
+            # each piece contributes its part of the step's loss: report it in the units of the whole batch
             share = samples / sum(_size(b) for b in batches)
             out = {"loss": run_pieces(passes, pieces, clean=True) / share, "ascent_samples": samples}
             key = "ascent_seconds"

@@ -7,6 +7,11 @@ most one (ranges may cross Trainer's gradient-accumulation micro-batches):
     h_j = grad f(x + e_j, B_j)
     the base optimizer steps with sum_j (|B_j| / |B|) h_j
 
+A slice is weighted by its part of the loss Trainer computes for the step
+(its tokens over the cycle's `num_items_in_batch` for a token-normalised
+loss, its share of the micro-batch's items for a mean loss), so with rho -> 0
+mSAM is exactly the base optimizer for any m (DESIGN.md, "Units").
+
 m = 1 is SAM. A batch with fewer than m samples (an epoch's short last batch) uses one micro-batch per
 sample. Cost: two passes over B, in 2m smaller pieces. Memory: the
 weight backup and one gradient accumulator. Only the final gradient is
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import batch_size, split_samples
-from .base import SharpnessMethod, StepResult, backup, perturb_, restore, run_pieces, zero_grads
+from .base import SharpnessMethod, StepResult, backup, restore, run_pieces, zero_grads
 
 
 class MSAM(SharpnessMethod):
@@ -43,7 +48,7 @@ class MSAM(SharpnessMethod):
             piece_loss = run_pieces(passes, pieces, clean=True)
             if saved is None:
                 saved = backup(params)
-            applied, norm = perturb_(params, [p.grad for p in params], scale, cfg)
+            applied, norm = self.perturb_([p.grad for p in params], scale)
             norms.append(norm)
             if applied:
                 zero_grads(params)
@@ -53,7 +58,7 @@ class MSAM(SharpnessMethod):
                 perturbed_loss = perturbed_loss + piece_loss
                 skipped += 1
             loss = loss + piece_loss
-            with torch.no_grad():  # the pieces' fractions already weight h_j by |B_j| / |B|
+            with torch.no_grad():  # each piece's loss is its part of the step's loss: the h_j simply add up
                 for i, p in enumerate(params):
                     if p.grad is not None:
                         # the first h_j is kept as it is: the next pass allocates a fresh .grad

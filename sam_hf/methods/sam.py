@@ -4,6 +4,7 @@ One step on batch B (all micro-batches of a gradient-accumulation cycle):
 
     g  = grad f(x, B)
     e  = rho g / ||g||                 ASAM: e = rho T^2 g / ||T g||, T = |x| + eta
+                                       (T = 1 for biases, as in the ASAM authors' code)
     g~ = grad f(x + e, B)
     x is restored by copy; the base optimizer steps with g~.
 
@@ -16,7 +17,7 @@ which is mSAM with m = world size.
 
 from __future__ import annotations
 
-from .base import SharpnessMethod, StepResult, backup, perturb_, restore, run_batches, zero_grads
+from .base import SharpnessMethod, StepResult, backup, restore, run_batches, zero_grads
 
 
 class SAM(SharpnessMethod):
@@ -29,7 +30,7 @@ class SAM(SharpnessMethod):
         if cfg.sync_ascent:
             passes.all_reduce_grads(params)
         saved = backup(params)
-        applied, norm = perturb_(params, [p.grad for p in params], passes.loss_scale(), cfg)
+        applied, norm = self.perturb_([p.grad for p in params], passes.loss_scale())
         if applied:
             zero_grads(params)
             perturbed_loss = run_batches(passes, batches, clean=False)

@@ -6,14 +6,20 @@ The step that updates x_t uses the held batch B_t and the new batch B_{t+1}:
     y_{t+1} = ModelUpdate_{m_t}(x_t, g_t)        g_{t+1} = grad f(y_{t+1}, B_{t+1})
     G_t     = (1 - lambda) g~_t + lambda g_{t+1}  x_{t+1}, m_{t+1} = O.step(x_t, G_t)
 
+A term whose weight is 0 is not computed into G: lambda = 0 steps with g~_t
+alone (g_{t+1} is still needed as the next g_t), lambda = 1 with g_{t+1} alone
+(g~_t is not computed at all).
+
 Both gradients depend only on g_t (from the previous step), never on each
 other: with two processes they run at the same time (see `parallel.py`).
 ModelUpdate is the base optimizer's own step, in closed form (`lookahead.py`),
 fed g_t clipped as Trainer clips the final gradient.
 
 Trainer hands one batch per step, so the first step only computes
-g_0 = grad f(x_0, B_0) (y_0 = x_0) and leaves x and the optimizer state
-unchanged; it still counts as a Trainer step. The reported `loss` is
+g_0 = grad f(x_0, B_0) (y_0 = x_0) and leaves x, the optimizer state and the
+learning-rate schedule unchanged; it still counts as a Trainer step (logged as
+`sam/skipped_update`), so the k-th update runs at Trainer step k + 1 with the
+schedule's k-th learning rate. The reported `loss` is
 f(y_{t+1}, B_{t+1}), the loss at the lookahead point (at x_0 on the first step).
 
 Memory: g_t, the weight backup and g~_t (three copies of the trainable weights).
@@ -25,7 +31,7 @@ import torch
 
 from ..batching import TrainerBatch
 from ..lookahead import apply_lookahead_
-from .base import (SharpnessMethod, StepResult, as_tensor, backup, global_norm, grads_fp32, perturb_, restore,
+from .base import (SharpnessMethod, StepResult, as_tensor, backup, global_norm, grads_fp32, restore,
                    run_batches, to_device, zero_grads)
 
 
@@ -65,7 +71,7 @@ class SAMPa(SharpnessMethod):
         params = self.params
         zero_grads(params)
         saved = backup(params)
-        applied, norm = perturb_(params, self.g, 1.0, self.config)
+        applied, norm = self.perturb_(self.g, 1.0)
         loss = run_batches(passes, self.held, clean=False)  # BatchNorm statistics come from the lookahead pass
         restore(params, saved)
         return loss, applied, norm
@@ -100,7 +106,7 @@ class SAMPa(SharpnessMethod):
         """Role 0: g~_t on the held batch; role 1: g_{t+1} on the new one (g_0 on the first step)."""
         if role == 0:
             zero_grads(self.params)
-            if self.g is None:  # first step: nothing to perturb yet
+            if self.g is None or self.config.lam == 1.0:  # first step: nothing to perturb; lam = 1: not used
                 return {}
             loss, applied, norm = self.perturbed_grad(passes)
             return {"perturbed_loss": loss, "applied": float(applied), "ascent_grad_norm": norm}
@@ -127,7 +133,11 @@ class SAMPa(SharpnessMethod):
                 _set_grads(params, [None if t is None else torch.zeros_like(t) for t in g_next], 1.0)
             else:  # an overflow: hand it on so a GradScaler backs off; the next step is a first step again
                 _set_grads(params, g_next, scale)
-            return StepResult(loss, skip_update=True, metrics={"sam/perturbed_loss": loss})
+            return StepResult(loss, skip_update=True, metrics={"sam/perturbed_loss": loss, "sam/skipped_update": 1.0})
+        if lam in (0.0, 1.0):  # a term whose weight is 0 is not computed into G (0 * inf would be NaN)
+            _set_grads(params, g_tilde if lam == 0.0 else g_next, scale)  # copies: .grad never aliases g_t
+            self.g, self.held = g_next, list(batches)
+            return StepResult(loss, metrics=self._metrics(extras))
         combined, dots, sq_a, sq_b = [], [], [], []
         with torch.no_grad():
             for gt, gn in zip(g_tilde, g_next):
@@ -142,12 +152,14 @@ class SAMPa(SharpnessMethod):
         self.g, self.held = g_next, list(batches)
         cosine = (torch.stack(dots).sum() / (torch.stack(sq_a).sum() * torch.stack(sq_b).sum()).sqrt().clamp_min(1e-30)
                   if dots else torch.zeros(()))
-        applied = float(extras.get("applied", 0.0))
-        return StepResult(loss, metrics={
-            "sam/perturbed_loss": as_tensor(extras.get("perturbed_loss", 0.0), self.device),
-            "sam/ascent_grad_norm": as_tensor(extras.get("ascent_grad_norm", 0.0), self.device),
-            "sam/skipped_ascent": 1.0 - applied, "sam/grad_cosine": cosine,
-        })
+        return StepResult(loss, metrics={**self._metrics(extras), "sam/grad_cosine": cosine})
+
+    def _metrics(self, extras) -> dict:
+        if self.config.lam == 1.0:  # no perturbed pass
+            return {}
+        return {"sam/perturbed_loss": as_tensor(extras.get("perturbed_loss", 0.0), self.device),
+                "sam/ascent_grad_norm": as_tensor(extras.get("ascent_grad_norm", 0.0), self.device),
+                "sam/skipped_ascent": 1.0 - float(extras.get("applied", 0.0))}
 
     # ---- checkpointing ------------------------------------------------------
     def state_dict(self):

@@ -2,7 +2,8 @@
 
 `--cases NAME:OPTIM:OPTIM_ARGS:BATCH ...` trains several configurations one after the other in the same
 processes (one launch, several results; a NAME ending in _bn uses a model with BatchNorm, one ending in _rankinit
-initialises the model differently on every rank); rank 0 saves each final state dict as OUT_DIR/NAME.pt, its log
+initialises the model differently on every rank, _kw and _count pick the model's loss kind, see tiny.MODELS);
+rank 0 saves each final state dict as OUT_DIR/NAME.pt, its log
 history as NAME.log, what Trainer wrapped the model in as NAME.wrapper and its evaluation as NAME.eval; every
 rank r saves its weights as NAME.rank{r}.pt and its thread count and device as NAME.rank{r}.json.
 --device cuda trains on the GPU (with ascent_device=cpu: rank 0 on the GPU, rank 1 on the CPU). Fault injection for the failure tests (the last rank, at step N): --kill_at N exits, --hang_at N
@@ -20,7 +21,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import sam_hf  # noqa: E402
-from tiny import MeanLossModel, args as make_args, vector_data  # noqa: E402
+from tiny import MODELS, args as make_args, vector_data  # noqa: E402
 
 
 class FaultInjection(TrainerCallback):
@@ -51,7 +52,7 @@ def slow_roles(descent_s, ascent_s_per_sample, ascent_step_s=0.0):
 
     def slowed(self, role, batches, passes):
         out = role_pass(self, role, batches, passes)
-        extra = descent_s if role == 0 else ascent_s_per_sample * sum(len(b["labels"]) for b, _ in
+        extra = descent_s if role == 0 else ascent_s_per_sample * sum(len(p.batch["labels"]) for p in
                                                                       leading_samples(batches, self.ratio))
         time.sleep(extra)
         out["descent_seconds" if role == 0 else "ascent_seconds"] += extra
@@ -69,14 +70,14 @@ def slow_roles(descent_s, ascent_s_per_sample, ascent_step_s=0.0):
 
 
 def train(out_dir, optim, optim_args, batch=8, steps=4, ga=1, save_steps=0, resume=None, timeout=60,
-          batchnorm=False, callbacks=(), model_seed=0, device="cpu"):
+          batchnorm=False, callbacks=(), model_seed=0, device="cpu", model="mean"):
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
     distributed = "RANK" in os.environ
     sam_hf.place_ascent_rank(optim, optim_args or None, "gloo")  # ascent_device=cpu: rank 1 on the CPU
     targs = make_args(os.path.join(out_dir, "run"), optim, optim_args or None, max_steps=steps,
                       per_device_train_batch_size=batch, gradient_accumulation_steps=ga, ddp_timeout=timeout,
                       ddp_backend="gloo" if distributed else None, use_cpu=device == "cpu", **save)
-    model = MeanLossModel(batchnorm=batchnorm, seed=model_seed)
+    model = MODELS[model](batchnorm=batchnorm, seed=model_seed)
     trainer = sam_hf.SharpnessTrainer(model=model, args=targs, train_dataset=vector_data(n=64),
                                       callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume)
@@ -107,7 +108,8 @@ def main():
         trainer, state = train(os.path.join(opts.out_dir, name), optim, optim_args, int(batch), opts.steps,
                                save_steps=opts.save_steps, resume=opts.resume, timeout=opts.timeout,
                                batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)],
-                               model_seed=trainer_rank() if name.endswith("_rankinit") else 0, device=opts.device)
+                               model_seed=trainer_rank() if name.endswith("_rankinit") else 0, device=opts.device,
+                               model=model_kind(name))
         rank_file = os.path.join(opts.out_dir, f"{name}.rank{trainer.args.process_index}")
         torch.save(state, rank_file + ".pt")
         with open(rank_file + ".json", "w") as f:
@@ -129,6 +131,11 @@ def evaluate(trainer) -> dict:
     data, odd = vector_data(n=32, seed=1), vector_data(n=20, seed=1)
     return {"eval_loss": trainer.evaluate(data)["eval_loss"], "batches": len(trainer.get_eval_dataloader(data)),
             "predictions": torch.as_tensor(trainer.predict(odd).predictions)}
+
+
+def model_kind(name: str) -> str:
+    """A case NAME ending in _kw trains tiny.KwargsMeanModel, one ending in _count tiny.CountLossModel."""
+    return next((kind for kind in MODELS if name.endswith(f"_{kind}")), "mean")
 
 
 def trainer_rank() -> int:
