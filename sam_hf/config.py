@@ -35,7 +35,8 @@ UNSUPPORTED_BASES = ("lomo", "adalomo", "galore_adamw_layerwise", "galore_adamw_
                      "galore_adafactor_layerwise", "apollo_adamw_layerwise")
 
 
-DEFAULTS_FOR_MESSAGES = {"rho": 0.05, "eta": 0.01, "lam": 0.2, "micro_batches": 8, "check_every": 50,
+DEFAULTS_FOR_MESSAGES = {"rho": 0.05, "eta": 0.01, "lam": 0.2, "micro_batches": 8, "check_every": 50, "interval": 4,
+                         "start": 0.5, "stop": 0.5,
                          "ascent_batch_ratio": 0.5, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.01}
 
 # How the base optimizer's own keys are read (as transformers' handlers read them).
@@ -94,6 +95,11 @@ class SharpnessConfig:
     ascent_threads: int = 0  # with ascent_device=cpu: the CPU rank's threads (0: every core but one)
     bn_stats: str = "clean"  # which pass updates BatchNorm running statistics: clean | all
     check_every: int = 50  # steps between replica checksums in role-parallel mode
+    # SAM on a schedule (sam, msam): sharpness-aware every `interval`-th optimizer step within [start, stop) of the
+    # run's optimizer steps (fractions); every other step is the base optimizer's own one-pass step
+    interval: int = 1
+    start: float = 0.0
+    stop: float = 1.0
     base_optim_args: dict[str, str] = field(default_factory=dict)
 
     # ---- parsing -------------------------------------------------------
@@ -108,7 +114,7 @@ class SharpnessConfig:
             "rho": _float, "adaptive": _bool, "eta": _float, "lam": _float, "micro_batches": _int,
             "base": lambda k, v: v, "lookahead": lambda k, v: v.lower(), "parallel": lambda k, v: v.lower(),
             "sync_ascent": _bool, "ascent_device": lambda k, v: v.lower(), "bn_stats": lambda k, v: v.lower(),
-            "check_every": _int, "ascent_threads": _int,
+            "check_every": _int, "ascent_threads": _int, "interval": _int, "start": _float, "stop": _float,
             "ascent_batch_ratio": lambda k, v: "auto" if v.lower() == "auto" else _float(k, v),
         }
         base_args: dict[str, str] = {}
@@ -152,6 +158,21 @@ class SharpnessConfig:
             raise bad("ascent_threads", self.ascent_threads,
                       "it sets the CPU ascent rank's threads: use a number >= 0 (0: every core but one) together "
                       "with ascent_device=cpu")
+        if self.interval < 1:
+            raise bad("interval", self.interval, "use a whole number >= 1 (interval=4: sharpness-aware every 4th step)")
+        for key in ("start", "stop"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise bad(key, getattr(self, key), f"{key} is a fraction of the run's optimizer steps in [0, 1] "
+                                                   f"(e.g. {key}={DEFAULTS_FOR_MESSAGES[key]})")
+        if self.start > self.stop:
+            raise bad("start", self.start, f"start must be <= stop={self.stop} (the method is active within "
+                                           "[start, stop) of the run)")
+        if self.scheduled and self.method not in ("sam", "msam"):
+            key = next(k for k, d in (("interval", 1), ("start", 0.0), ("stop", 1.0)) if getattr(self, k) != d)
+            raise bad(key, getattr(self, key),
+                      f"a schedule applies to sam and msam; {self.method} carries a gradient from one step to the next "
+                      "(SAMPa's g_t, Asynchronous SAM's a_(t-1)), so a base-optimizer step in between has no clean "
+                      f"definition: drop {key}, or use --optim sam/msam with it")
         if self.bn_stats not in ("clean", "all"):
             raise bad("bn_stats", self.bn_stats, "use clean (running stats from the unperturbed pass only) or all")
         if self.check_every < 0:
@@ -190,6 +211,17 @@ class SharpnessConfig:
             raise SharpnessConfigError(
                 f"optim_args: lookahead=optimizer has a closed form for base in {list(LOOKAHEAD_BASES)}, "
                 f"not base={self.base!r}; use lookahead=sgd (y = x - lr * g) or one of those bases")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether some optimizer steps are the base optimizer's own (interval, start or stop set)."""
+        return (self.interval, self.start, self.stop) != (1, 0.0, 1.0)
+
+    def active(self, step: int, total: int) -> bool:
+        """Whether optimizer step `step` (0-based) of `total` is sharpness-aware: within [start, stop) of the
+        run, and every `interval`-th step counted from the first one there."""
+        first = math.ceil(self.start * total - 1e-9)
+        return first <= step < self.stop * total - 1e-9 and (step - first) % self.interval == 0
 
     def base_optim_args_string(self) -> str | None:
         """The part of optim_args meant for the base optimizer, in transformers' own format."""

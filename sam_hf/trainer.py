@@ -27,6 +27,7 @@ from . import lookahead, parallel
 from .batching import TrainerBatch
 from .config import METHODS, SharpnessConfig, SharpnessConfigError
 from .methods import METHOD_CLASSES
+from .methods.base import StepResult, run_batches, zero_grads
 from .optimizer import SharpnessOptimizer
 from .placement import cpu_cores
 
@@ -403,7 +404,9 @@ class SharpnessMixin:
         if plan.distributed and cfg.check_every and step % cfg.check_every == 0:
             parallel.check_replicas(plan, method.params, step)
         passes = TrainerPasses(self, model, num_items_in_batch)
-        if plan.mode == "roles":
+        if cfg.method in ("sam", "msam") and not cfg.active(step, self.state.max_steps):
+            result = self._base_step(method, batches, passes)
+        elif plan.mode == "roles":
             scale = passes.loss_scale()
             extras = method.role_pass(plan.role, batches, passes)
             start = time.perf_counter()
@@ -414,10 +417,20 @@ class SharpnessMixin:
             result.metrics["sam/exchange_seconds"] = exchange_seconds
         else:
             result = method.step(batches, passes)
+            if cfg.method in ("sam", "msam"):
+                result.metrics["sam/active"] = 1.0
         if plan.distributed and self._sharpness_batchnorms:
             clean_rank = plan.dp_size if plan.mode == "roles" else 0  # role 1 runs the unperturbed pass
             parallel.broadcast_buffers(plan, self._sharpness_batchnorms, clean_rank, step)
         return result
+
+    @staticmethod
+    def _base_step(method, batches, passes) -> StepResult:
+        """A step outside SAM's schedule: the base optimizer's own one-pass step, as Trainer computes it."""
+        zero_grads(method.params)
+        loss = run_batches(passes, batches, clean=True)
+        passes.all_reduce_grads(method.params)
+        return StepResult(loss, metrics={"sam/active": 0.0})
 
     # ---- data: ranks (0, i) and (1, i) read the same shard stream --------------
     def get_train_dataloader(self):

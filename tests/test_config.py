@@ -45,6 +45,13 @@ BAD = [
     ("sam", "base=adagrad,weight_decay=0.1", ["weight_decay='0.1'", "--weight_decay"]),
     ("sam", "weight_decay=0.1", ["weight_decay='0.1'", "--weight_decay"]),
     ("sam", "base=sgd,lr=0.1", ["lr='0.1'", "--learning_rate"]),
+    ("sam", "interval=0", ["interval=0", ">= 1"]),
+    ("msam", "interval=two", ["interval='two'", "integer"]),
+    ("sam", "start=1.5", ["start=1.5", "[0, 1]"]),
+    ("sam", "stop=-0.1", ["stop=-0.1", "[0, 1]"]),
+    ("sam", "start=0.8,stop=0.5", ["start=0.8", "stop=0.5"]),
+    ("sampa", "interval=2", ["interval=2", "sam and msam", "g_t"]),
+    ("asyncsam", "start=0.5", ["start=0.5", "sam and msam"]),
     ("sam", "rho", ["'rho'", "key=value"]),
     ("sam", "rho=0.1,rho=0.2", ["'rho'", "twice"]),
 ]

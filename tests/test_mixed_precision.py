@@ -192,7 +192,8 @@ def test_sampa_first_step_under_scaler_changes_nothing(tmp_path):
     after, trainer = run(tmp_path, optim, optim_args, scaler=scaler, steps=1)
     assert_same_weights(start, after)
     assert not trainer.optimizer.optimizer.base.state
-    assert not trainer.accelerator.optimizer_step_was_skipped  # a normal (empty) step, not an overflow
+    # reported to Trainer as a skipped step, as an overflow would be, so the learning-rate schedule waits too
+    assert trainer.accelerator.optimizer_step_was_skipped and trainer.lr_scheduler.last_epoch == 0
     method = trainer.optimizer.optimizer.method
     assert method.g is not None and all(torch.isfinite(g).all() for g in method.g if g is not None)
     # g_0 is stored unscaled: it equals the fp32 run's g_0
