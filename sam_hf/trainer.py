@@ -37,6 +37,25 @@ logger = logging.getLogger(__name__)
 COUNTED_METRICS = ("sam/skipped_ascent", "sam/skipped_update")
 
 
+_mirrored_handlers: list[logging.Handler] = []
+
+
+def follow_transformers_logging() -> None:
+    """sam_hf's info lines appear where Trainer's own do: the `sam_hf` logger takes the level Trainer set for
+    transformers on this process (`--log_level`, `--log_level_replica`) and writes through transformers' handlers
+    (or propagates where transformers does). Handlers a user added to `sam_hf` are left alone."""
+    from transformers.utils import logging as hf_logging
+
+    theirs, ours = hf_logging.get_logger(), logging.getLogger("sam_hf")
+    ours.setLevel(theirs.getEffectiveLevel())
+    for handler in _mirrored_handlers:
+        ours.removeHandler(handler)
+    _mirrored_handlers[:] = theirs.handlers
+    for handler in _mirrored_handlers:
+        ours.addHandler(handler)
+    ours.propagate = theirs.propagate
+
+
 def is_sharpness_optim(optim) -> bool:
     return str(getattr(optim, "value", optim)) in METHODS
 
@@ -247,6 +266,7 @@ class SharpnessMixin:
         if getattr(self, "_sharpness_ready", False):
             return
         self._sharpness_ready = True
+        follow_transformers_logging()
         if not is_sharpness_optim(self.args.optim):
             self.sharpness_config = None
             return

@@ -9,7 +9,7 @@ from transformers.training_args import OptimizerNames
 
 import sam_hf
 from sam_hf.integration import install
-from tiny import (MeanLossModel, args, assert_same_weights, image_data, text_data, tiny_bert, tiny_vit, vector_data,
+from tiny import (KwargsMeanModel, MeanLossModel, args, assert_same_weights, image_data, text_data, tiny_bert, tiny_vit, vector_data,
                   weights)
 
 METHOD_ARGS = {"sam": "rho=0.05", "msam": "micro_batches=4", "sampa": "rho=0.1,lam=0.2",
@@ -73,3 +73,25 @@ def test_tiny_models_train_and_evaluate(tmp_path, method, kind):
         assert any("sam/ascent_grad_norm" in h for h in logged)
     if method == "sampa":
         assert any("sam/grad_cosine" in h for h in logged)
+
+
+@pytest.mark.parametrize("log_level,shown", [("info", True), ("warning", False)])
+def test_info_lines_follow_the_scripts_log_level(tmp_path, log_level, shown):
+    """sam_hf's decisions print where Trainer's own info lines do (transformers' handler), at the level the script
+    set (--log_level)."""
+    import io
+
+    from transformers.utils import logging as hf_logging
+
+    before, handler = hf_logging.get_verbosity(), hf_logging.get_logger().handlers[0]
+    stream = handler.setStream(io.StringIO())
+    try:
+        trainer = sam_hf.SharpnessTrainer(model=KwargsMeanModel(), train_dataset=vector_data(),
+                                          args=args(tmp_path, "msam", "micro_batches=3", max_steps=1,
+                                                    log_level=log_level))
+        trainer.train()
+        text = handler.stream.getvalue()
+    finally:
+        handler.setStream(stream)
+        hf_logging.set_verbosity(before)
+    assert ("sam_hf: the loss ignores num_items_in_batch" in text) == shown, text[-2000:]
