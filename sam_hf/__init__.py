@@ -10,11 +10,13 @@ from .integration import install as _install
 from .methods import METHOD_CLASSES
 from .optimizer import SharpnessOptimizer
 from .placement import place_ascent_rank
+from .sharpness import SharpnessCallback, measure_sharpness
 from .trainer import SharpnessMixin, SharpnessTrainer
 
 _install()
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "METHOD_CLASSES", "SharpnessConfig", "SharpnessConfigError", "SharpnessMixin",
-           "SharpnessOptimizer", "SharpnessTrainer", "__version__", "place_ascent_rank"]
+__all__ = ["METHODS", "METHOD_CLASSES", "SharpnessCallback", "SharpnessConfig", "SharpnessConfigError",
+           "SharpnessMixin", "SharpnessOptimizer", "SharpnessTrainer", "__version__", "measure_sharpness",
+           "place_ascent_rank"]

@@ -1,4 +1,4 @@
-"""`sam-hf` command line: launch, train, demo, bench.
+"""`sam-hf` command line: launch, train, demo, bench, sharpness.
 
 Each sub-command lives in its own module and is imported only when used, so
 `sam-hf launch` starts as fast as the script it runs.
@@ -14,12 +14,14 @@ COMMANDS = {
     "train": ("sam_hf.recipes", "run a YAML recipe: sam-hf train RECIPE [--key value ...]"),
     "demo": ("sam_hf.demo", "offline demo: a small ViT on scikit-learn's digits with AdamW, SAM and SAMPa"),
     "bench": ("sam_hf.bench", "step-time and memory benchmark of every method, 1 and 2 processes"),
+    "sharpness": ("sam_hf.sharpness", "Hessian lambda_max and trace of a saved text classifier on its training data"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: sam-hf COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
