@@ -55,6 +55,7 @@ setup(
         "peft>=0.17,<1",
         "pyyaml>=6",
         "numpy",
+        "scipy>=1.10",  # measure_sharpness: Lanczos through scipy.sparse.linalg.eigsh
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.7", "scipy"],
