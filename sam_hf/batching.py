@@ -26,6 +26,7 @@ class TrainerBatch(dict):
 
     num_items_in_batch = None
     accumulation_steps = None  # micro-batches in its accumulation cycle (Trainer's loss divisor without a count)
+    metrics_counted = False  # a pass over it already counted in the per-pass metrics (TRL's), see TrainerPasses
 
     @classmethod
     def of(cls, batch: Mapping, num_items_in_batch=None, accumulation_steps=None) -> "TrainerBatch":
@@ -76,7 +77,7 @@ def sample_range(batches: list[Batch], start: int, stop: int) -> list[Piece]:
             if lo == offset and hi == offset + n:
                 pieces.append(Piece(batch, 1.0, None))
             else:
-                pieces.append(Piece(slice_batch(batch, lo - offset, hi - offset), (hi - lo) / n, batch))
+                pieces.append(Piece(TrainerBatch(slice_batch(batch, lo - offset, hi - offset)), (hi - lo) / n, batch))
         offset += n
     return pieces
 

@@ -93,17 +93,45 @@ def _frozen_running_stats(modules: list[nn.Module]):
 
 # Per-pass bookkeeping some Trainer subclasses keep in compute_loss (TRL: token count, entropy, accuracy).
 _PASS_METRIC_ATTRS = ("_metrics", "_total_train_tokens")
+# In role mode, the role whose pass is the one that counts in one process (SAMPa: the lookahead pass on B_{t+1};
+# Asynchronous SAM: the descent pass on B_t); the other role's passes leave the metrics alone.
+METRICS_ROLE = {"sampa": 1, "asyncsam": 0}
 
 
 @contextlib.contextmanager
 def _kept_pass_metrics(trainer):
-    """A perturbed pass leaves the subclass's per-pass metrics as they were: each sample counts once per step."""
+    """A pass that does not count leaves the subclass's per-pass metrics as they were: each sample counts once."""
     saved = {k: copy.deepcopy(getattr(trainer, k)) for k in _PASS_METRIC_ATTRS if hasattr(trainer, k)}
     try:
         yield
     finally:
         for k, v in saved.items():
             setattr(trainer, k, v)
+
+
+@contextlib.contextmanager
+def _role_local_gathers(trainer, plan):
+    """In role mode the two roles run different passes, so a collective over every rank inside compute_loss (TRL
+    gathers its metrics on each pass) would pair unrelated calls and hang. A role's k ranks hold the whole step
+    batch between them: gathers inside the passes go over the role's dp group only."""
+    if plan is None or plan.mode != "roles":
+        yield
+        return
+    acc = trainer.accelerator
+
+    def gather(tensor):
+        tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        if plan.dp_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(plan.dp_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=plan.dp_group)
+        return torch.cat(parts)
+
+    acc.gather = acc.gather_for_metrics = lambda tensor, *args, **kwargs: gather(tensor)
+    try:
+        yield
+    finally:
+        del acc.gather, acc.gather_for_metrics  # back to the class's methods
 
 
 class TrainerPasses:
@@ -136,7 +164,7 @@ class TrainerPasses:
         # Both contexts end after the backward: BatchNorm saves its running statistics for it, so restoring them
         # in place before would fail autograd's version check.
         with (_frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
-              contextlib.nullcontext() if clean else _kept_pass_metrics(t)):
+              contextlib.nullcontext() if self._counts(batch, part_of) else _kept_pass_metrics(t)):
             loss = self._loss(batch, num_items)
             if world_factor != 1.0:
                 loss = loss * world_factor
@@ -153,8 +181,22 @@ class TrainerPasses:
             t.accelerator.backward(loss)
         return loss.detach()
 
+    def _counts(self, batch, part_of) -> bool:
+        """Whether this pass's per-pass metrics count: the first pass over a sample in a step does (SAM's clean
+        pass, mSAM's clean slices, SAMPa's lookahead pass, Asynchronous SAM's descent), a pass over a batch already
+        counted, or over a slice of one, does not (SAM's second pass, SAMPa's held B_t, the ascent batch A_t).
+        In role mode only the role whose pass counts in one process counts (METRICS_ROLE)."""
+        plan = self.trainer._sharpness_plan
+        if plan is not None and plan.mode == "roles" and plan.role != METRICS_ROLE[self.trainer.sharpness_config.method]:
+            return False
+        if getattr(batch, "metrics_counted", False) or getattr(part_of, "metrics_counted", False):
+            return False
+        if isinstance(batch, TrainerBatch):
+            batch.metrics_counted = True
+        return True
+
     def _loss(self, batch, num_items):
-        with self.trainer.compute_loss_context_manager():
+        with self.trainer.compute_loss_context_manager(), _role_local_gathers(self.trainer, self.trainer._sharpness_plan):
             # a shallow copy: Trainer's compute_loss pops "labels" (label smoothing, compute_loss_func), and the
             # same batch runs again (SAM's second pass, SAMPa's held batch)
             return self.trainer.compute_loss(self.model, dict(batch), num_items_in_batch=num_items)
@@ -317,16 +359,13 @@ class SharpnessMixin:
                 "launch one process per GPU: torchrun --nproc_per_node N script.py ...")
 
     def _check_world(self, cfg: SharpnessConfig, plan: parallel.ParallelPlan) -> None:
-        if plan.distributed and self.args.torch_compile:
+        trl_classes = [c for c in type(self).__mro__ if c.__module__.split(".")[0] == "trl"]
+        if plan.distributed and trl_classes and not any(c.__name__ == "SFTTrainer" for c in trl_classes):
             raise SharpnessConfigError(
-                f"optim={cfg.method} with --torch_compile on {plan.world_size} processes is not supported yet (a "
-                "compiled module beside sam_hf's own gradient reduction is untested); drop --torch_compile, or run "
-                "one process")
-        from_trl = any(c.__module__.split(".")[0] == "trl" for c in type(self).__mro__)
-        if plan.distributed and from_trl:
-            raise SharpnessConfigError(
-                f"optim={cfg.method} with a TRL trainer runs in one process only: TRL's compute_loss gathers metrics "
-                "across ranks on every pass, and sam_hf's ranks run different passes; launch one process")
+                f"optim={cfg.method} with {trl_classes[0].__name__} runs in one process only: on several processes "
+                "sam_hf supports TRL's SFTTrainer (its per-pass metrics are counted once per sample and gathered "
+                "within a role), not this trainer's own loss and metric collectives; launch one process, or use "
+                "SFTTrainer")
         if cfg.method != "msam":
             return
         args, m = self.args, cfg.micro_batches
@@ -430,8 +469,9 @@ class SharpnessMixin:
             scale = passes.loss_scale()
             extras = method.role_pass(plan.role, batches, passes)
             start = time.perf_counter()
+            # the other role's gradient lands in the buffers of the method state this rank has spent
             g0, g1, merged = parallel.exchange(plan, [p.grad for p in method.params], method.params, scale, extras,
-                                               method.EXTRA_KEYS, step, cfg.method)
+                                               method.EXTRA_KEYS, step, cfg.method, into=method.receive_buffers())
             exchange_seconds = time.perf_counter() - start
             result = method.finish(g0, g1, batches, merged, scale)
             result.metrics["sam/exchange_seconds"] = exchange_seconds
@@ -442,7 +482,24 @@ class SharpnessMixin:
         if plan.distributed and self._sharpness_batchnorms:
             clean_rank = plan.dp_size if plan.mode == "roles" else 0  # role 1 runs the unperturbed pass
             parallel.broadcast_buffers(plan, self._sharpness_batchnorms, clean_rank, step)
+        if plan.mode == "roles" and any(hasattr(self, k) for k in _PASS_METRIC_ATTRS):
+            self._broadcast_pass_metrics(plan, cfg)
         return result
+
+    def _broadcast_pass_metrics(self, plan, cfg) -> None:
+        """Every rank gets the per-pass metrics (TRL's) of the role whose pass counts, so rank 0 logs what one
+        process would."""
+        src = METRICS_ROLE[cfg.method] * plan.dp_size
+        state = [{k: getattr(self, k) for k in _PASS_METRIC_ATTRS if hasattr(self, k)}]
+        torch.distributed.broadcast_object_list(state, src=src)
+        for k, v in state[0].items():
+            setattr(self, k, v)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        method = getattr(self._sharpness_optimizer, "method", None)
+        for batch in getattr(method, "held", None) or []:  # SAMPa's B_t was counted in the step that handed it in
+            batch.metrics_counted = True
 
     @staticmethod
     def _base_step(method, batches, passes) -> StepResult:
