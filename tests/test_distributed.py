@@ -17,7 +17,7 @@ import torch
 from tiny import MODELS
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_train import model_kind, train  # noqa: E402
+from dist_train import compile_backend, model_kind, train  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -52,6 +52,14 @@ PARITY = {
     "sam_ddp_kw": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 4, 2)),
     "msam_ddp_kw": ("msam", "rho=0.1,micro_batches=4", 4, ("msam", "rho=0.1,micro_batches=4", 4, 2)),
     "msam_ddp_count": ("msam", "rho=0.1,micro_batches=4", 4, ("msam", "rho=0.1,micro_batches=4", 4, 2)),
+    # --torch_compile (aot_eager) on 2 processes equals the eager run in 1 process, for every method
+    "sam_ddp_compile": ("sam", "rho=0.1", 4, ("sam", "rho=0.1", 8)),
+    "msam_ddp_compile": ("msam", "rho=0.1,micro_batches=4", 4, ("msam", "rho=0.1,micro_batches=4", 8)),
+    "sampa_roles_compile": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
+    "asyncsam_roles_compile": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8,
+                               ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
+    **({"sampa_roles_inductor": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8))}
+       if os.environ.get("SAM_HF_SLOW_TESTS") == "1" else {}),  # inductor compiles for ~20 s: the slow set
     "sam_nosync_is_msam2": ("sam", "rho=0.1,sync_ascent=false", 4, ("msam", "rho=0.1,micro_batches=2", 8)),
     # data-parallel SAMPa: each rank holds its shard of B_t; the all-reduced halves are the global-batch rule
     "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, ("sampa", "rho=0.1", 8)),
@@ -127,7 +135,9 @@ def test_replicas_are_identical_and_not_wrapped_in_ddp(two_process_runs, name):
     assert_close(torch.load(two_process_runs / f"{name}.rank0.pt"), torch.load(two_process_runs / f"{name}.rank1.pt"),
                  atol=0)
     # sam_hf reduces the gradients itself: a DDP wrapper would only add a copy of them in its buckets
-    assert (two_process_runs / f"{name}.wrapper").read_text() == MODELS[model_kind(name)].__name__
+    # (a compiled model is torch.compile's wrapper around the bare module)
+    assert (two_process_runs / f"{name}.wrapper").read_text() == (
+        "OptimizedModule" if compile_backend(name) else MODELS[model_kind(name)].__name__)
 
 
 def test_data_parallel_sampa_runs_both_passes_on_every_rank(two_process_runs):

@@ -2,7 +2,8 @@
 
 `--cases NAME:OPTIM:OPTIM_ARGS:BATCH ...` trains several configurations one after the other in the same
 processes (one launch, several results; a NAME ending in _bn uses a model with BatchNorm, one ending in _rankinit
-initialises the model differently on every rank, _kw and _count pick the model's loss kind, see tiny.MODELS);
+initialises the model differently on every rank, _kw and _count pick the model's loss kind, see tiny.MODELS; a NAME with _compile trains
+under --torch_compile with the aot_eager backend, _inductor with inductor);
 rank 0 saves each final state dict as OUT_DIR/NAME.pt, its log
 history as NAME.log, what Trainer wrapped the model in as NAME.wrapper and its evaluation as NAME.eval; every
 rank r saves its weights as NAME.rank{r}.pt and its thread count and device as NAME.rank{r}.json.
@@ -70,13 +71,14 @@ def slow_roles(descent_s, ascent_s_per_sample, ascent_step_s=0.0):
 
 
 def train(out_dir, optim, optim_args, batch=8, steps=4, ga=1, save_steps=0, resume=None, timeout=60,
-          batchnorm=False, callbacks=(), model_seed=0, device="cpu", model="mean"):
+          batchnorm=False, callbacks=(), model_seed=0, device="cpu", model="mean", compile_backend=None):
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
     distributed = "RANK" in os.environ
     sam_hf.place_ascent_rank(optim, optim_args or None, "gloo")  # ascent_device=cpu: rank 1 on the CPU
     targs = make_args(os.path.join(out_dir, "run"), optim, optim_args or None, max_steps=steps,
                       per_device_train_batch_size=batch, gradient_accumulation_steps=ga, ddp_timeout=timeout,
-                      ddp_backend="gloo" if distributed else None, use_cpu=device == "cpu", **save)
+                      ddp_backend="gloo" if distributed else None, use_cpu=device == "cpu", **save,
+                      **(dict(torch_compile=True, torch_compile_backend=compile_backend) if compile_backend else {}))
     model = MODELS[model](batchnorm=batchnorm, seed=model_seed)
     trainer = sam_hf.SharpnessTrainer(model=model, args=targs, train_dataset=vector_data(n=64),
                                       callbacks=list(callbacks))
@@ -109,7 +111,7 @@ def main():
                                save_steps=opts.save_steps, resume=opts.resume, timeout=opts.timeout,
                                batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)],
                                model_seed=trainer_rank() if name.endswith("_rankinit") else 0, device=opts.device,
-                               model=model_kind(name))
+                               model=model_kind(name), compile_backend=compile_backend(name))
         rank_file = os.path.join(opts.out_dir, f"{name}.rank{trainer.args.process_index}")
         torch.save(state, rank_file + ".pt")
         with open(rank_file + ".json", "w") as f:
@@ -136,6 +138,11 @@ def evaluate(trainer) -> dict:
 def model_kind(name: str) -> str:
     """A case NAME ending in _kw trains tiny.KwargsMeanModel, one ending in _count tiny.CountLossModel."""
     return next((kind for kind in MODELS if name.endswith(f"_{kind}")), "mean")
+
+
+def compile_backend(name: str):
+    """A case NAME with _inductor trains under --torch_compile with inductor, one with _compile with aot_eager."""
+    return "inductor" if "_inductor" in name else "aot_eager" if "_compile" in name else None
 
 
 def trainer_rank() -> int:
