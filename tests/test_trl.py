@@ -2,7 +2,8 @@
 and through the Trainer patch (`SFTTrainer(args=SFTConfig(optim="sam"))`). Skipped where trl is missing."""
 
 import math
-import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,46 +11,20 @@ import torch
 trl = pytest.importorskip("trl")
 tokenizers = pytest.importorskip("tokenizers")
 
-from datasets import Dataset  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import sam_hf  # noqa: E402
 from sam_hf import SharpnessMixin  # noqa: E402
 from tiny import weights  # noqa: E402
 
-WORDS = "the a cat dog bird sat ran flew on under over mat rug tree and quickly slowly".split()
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from trl_sft import sft_config, text_dataset, tiny_gpt2, tiny_tokenizer  # noqa: E402  (the TRL script's own tiny pieces)
+
 STEPS = 3
 
 
 class SharpnessSFT(SharpnessMixin, SFTTrainer):
     pass
-
-
-def tiny_tokenizer():
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=3 + len(WORDS), n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=1,
-                     eos_token_id=1, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg)
-
-
-def text_dataset(n=32, seed=0):
-    rng = random.Random(seed)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
-    return Dataset.from_dict({"text": texts})
-
-
-def sft_config(out, optim, optim_args=None, steps=STEPS):
-    return SFTConfig(str(out), optim=optim, optim_args=optim_args, max_steps=steps, per_device_train_batch_size=8,
-                     learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-                     use_cpu=True, bf16=False, logging_steps=1, max_length=16, disable_tqdm=True, seed=0)
 
 
 def run(tmp_path, cls, optim, optim_args=None, steps=STEPS):
