@@ -15,15 +15,18 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import sharding
 from ..batching import Batch, Piece
 from ..config import SharpnessConfig
 
 
 class GradientPasses(Protocol):
-    def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True) -> torch.Tensor:
+    def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None
+                 ) -> torch.Tensor:
         """Forward + backward on `batch`, adding to `.grad`; returns the detached loss as Trainer reports it.
 
-        `fraction` is the batch's share of its Trainer micro-batch (for sample ranges);
+        For a slice of a Trainer micro-batch, `part_of` is that micro-batch and `fraction` the slice's share of
+        its samples: the slice then contributes exactly its part of the micro-batch's loss (DESIGN.md, "Units").
         `clean=False` marks a pass at perturbed weights (BatchNorm statistics are kept).
         """
 
@@ -47,11 +50,19 @@ class SharpnessMethod:
     name = ""
     role_parallel = False  # set by the host when the two passes run on two process groups
 
-    def __init__(self, config: SharpnessConfig, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0):
+    def __init__(self, config: SharpnessConfig, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0,
+                 param_names: dict[int, str] | None = None):
         self.config = config
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.params = trainable_params(optimizer)
+        # ASAM rescales weights, not biases (T = 1 there), as its authors' code does; names come from the model
+        self.rescaled = None if param_names is None else [
+            not is_bias(param_names.get(id(p), "")) for p in self.params]
+
+    def perturb_(self, directions, scale: float) -> tuple[bool, torch.Tensor]:
+        """`perturb_` over this method's parameters (see the function)."""
+        return perturb_(self.params, directions, scale, self.config, self.rescaled)
 
     @property
     def device(self) -> torch.device:
@@ -84,6 +95,11 @@ def to_device(obj, device):
     return obj
 
 
+def is_bias(name: str) -> bool:
+    """A bias by its name's last component (`bias`, `lora_bias`, ...)."""
+    return name.rsplit(".", 1)[-1].endswith("bias")
+
+
 def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     """The parameters the base optimizer updates (with PEFT: only the adapters)."""
     seen, out = set(), []
@@ -101,7 +117,8 @@ def zero_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True) -> torch.Tensor:
-    return sum(passes.backward(batch, fraction, clean=clean) for batch, fraction in pieces)
+    return sum(passes.backward(p.batch, clean=clean) if p.parent is None else
+               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent) for p in pieces)
 
 
 def run_batches(passes: GradientPasses, batches: list[Batch], clean: bool = True) -> torch.Tensor:
@@ -125,48 +142,57 @@ def grads_fp32(params: list[torch.nn.Parameter], scale: float) -> list[torch.Ten
     return [None if p.grad is None else p.grad.detach().to(torch.float32, copy=True).div_(scale) for p in params]
 
 
-def _direction(p: torch.Tensor, d: torch.Tensor, scale: float, cfg: SharpnessConfig) -> torch.Tensor:
-    """fp32 T*d (ASAM, T = |x| + eta) or d, unscaled."""
+def _direction(p: torch.Tensor, d: torch.Tensor, scale: float, eta: float | None) -> torch.Tensor:
+    """fp32 T*d with T = |x| + eta (ASAM), or d where eta is None (T = 1), unscaled."""
     d32 = d.detach().float()
     if scale != 1.0:
         d32 = d32 / scale
-    if cfg.adaptive:
-        d32 = d32 * (p.detach().float().abs() + cfg.eta)
+    if eta is not None:
+        d32 = d32 * (p.detach().float().abs() + eta)
     return d32
+
+
+def _etas(params, cfg: SharpnessConfig, rescaled: list[bool] | None) -> list[float | None]:
+    """ASAM's eta per parameter, None where T = 1: every parameter under SAM, and under ASAM the ones `rescaled`
+    marks False (biases: the ASAM authors' code rescales weights only)."""
+    if not cfg.adaptive:
+        return [None] * len(params)
+    return [cfg.eta if rescaled is None or r else None for r in (rescaled or [True] * len(params))]
 
 
 @torch.no_grad()
 def global_norm(tensors) -> torch.Tensor | None:
-    """The 2-norm of all `tensors` together (they may sit on several devices); None when there are none."""
-    norms = [torch.linalg.vector_norm(t) for t in tensors]
-    if not norms:
-        return None
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    """The 2-norm of all `tensors` together (they may sit on several devices); None when there are none.
+
+    FSDP2 shards (DTensors) count their local part, summed over the shards in one all-reduce (sharding.py)."""
+    return sharding.global_norm(tensors)
 
 
 @torch.no_grad()
-def ascent_norm(params, directions, scale: float, cfg: SharpnessConfig) -> torch.Tensor:
+def ascent_norm(params, directions, scale: float, cfg: SharpnessConfig, rescaled=None) -> torch.Tensor:
     """||d|| (or ||T d|| for ASAM) in fp32 over all trainable parameters."""
-    norm = global_norm(_direction(p, d, scale, cfg) for p, d in zip(params, directions) if d is not None)
+    etas = _etas(params, cfg, rescaled)
+    norm = global_norm(_direction(p, d, scale, eta) for p, d, eta in zip(params, directions, etas) if d is not None)
     return torch.zeros((), device=params[0].device if params else "cpu") if norm is None else norm
 
 
 @torch.no_grad()
-def perturb_(params, directions, scale: float, cfg: SharpnessConfig) -> tuple[bool, torch.Tensor]:
+def perturb_(params, directions, scale: float, cfg: SharpnessConfig, rescaled=None) -> tuple[bool, torch.Tensor]:
     """x <- x + rho d/||d|| (ASAM: x + rho T^2 d/||T d||) in place.
 
+    `rescaled` (ASAM): per parameter, whether T = |x| + eta applies (False: T = 1); None: every parameter.
     Returns (applied, norm). A zero or non-finite norm applies nothing, so a bad
     ascent gradient costs the step its perturbation, never the weights.
     """
-    norm = ascent_norm(params, directions, scale, cfg)
+    norm = ascent_norm(params, directions, scale, cfg, rescaled)
     if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
         return False, norm
     coeff = cfg.rho / norm
-    for p, d in zip(params, directions):
+    for p, d, eta in zip(params, directions, _etas(params, cfg, rescaled)):
         if d is None:
             continue
-        e = _direction(p, d, scale, cfg)
-        if cfg.adaptive:
-            e = e * (p.detach().float().abs() + cfg.eta)  # T^2 d = T (T d)
+        e = _direction(p, d, scale, eta)
+        if eta is not None:
+            e = e * (p.detach().float().abs() + eta)  # T^2 d = T (T d)
         p.add_((e * coeff.to(e.device)).to(p.dtype))
     return True, norm
