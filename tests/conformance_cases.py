@@ -14,6 +14,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import reference as R
+from test_reference_parity import bert_rows  # the BERT loss kind's data
 
 STEPS = 4  # Trainer steps per case
 BS = 5  # per-device micro-batch: mSAM's m = 4 and m = 2 cut it unevenly (acc 1: 2,1,1,1 and 3,2; acc 3: 4,4,4,3
@@ -233,15 +234,6 @@ def tiny_bert(seed=0):
     for layer in model.bert.encoder.layer:
         layer.attention.self.key.bias.requires_grad_(False)
     return model
-
-
-def bert_rows(n, seq=6, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 40, (n, seq), generator=g)
-    mask = torch.ones(n, seq, dtype=torch.long)
-    mask[::3, -2:] = 0  # some padding
-    labels = torch.randint(0, 2, (n,), generator=g)
-    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
 
 
 def loss_setup(loss: str):

@@ -60,6 +60,7 @@ import reference as R
 import sam_hf
 from conformance_cases import (BASES, BS, CLIP, FACTORS, METHODS, STEPS, WARMUP, all_pairs, case_id, cases, cycles,
                                loss_setup, pairs_of, pairwise)
+from test_reference_parity import ListDataset
 
 ATOL = {"fp32": 1e-5, "bf16": 3e-3}
 # the method must move the weights at least POWER x the tolerance away from its base optimizer (deterministic: both
@@ -79,16 +80,6 @@ def test_matrix_covers_every_pair():
                                                        for p in ("fp32", "bf16"))
     assert len({case_id(r) for r in CASES}) == len(CASES)
 
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 class RecordingTrainer(sam_hf.SharpnessTrainer):
