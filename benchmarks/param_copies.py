@@ -1,7 +1,8 @@
 """Extra fp32 copies of the trainable parameters each method keeps, beyond the base optimizer's own.
 
-    python benchmarks/param_copies.py             # the README table
+    python benchmarks/param_copies.py             # the README table (one process)
     python benchmarks/param_copies.py --where     # also list what is alive at each method's peak
+    python benchmarks/param_copies.py --roles     # role mode: each rank of 2-process SAMPa / Asynchronous SAM
 
 CPU has no allocator statistics, so allocations are counted directly: a
 `TorchDispatchMode`, active for the whole of `trainer.train()`, looks at the
@@ -24,6 +25,16 @@ and temporaries are in both, so
 The figure is exact up to per-tensor temporaries (one parameter tensor is
 1/LAYERS of a copy): a method that holds a whole extra copy shows up as +1,
 one that works parameter by parameter as a fraction of 1/LAYERS.
+
+Role mode (`--roles`, `run_roles`): the same model under torchrun with 2
+processes (gloo), every rank metered on its own; each rank's extra copies are
+counted against the same 1-process baseline, and the target is SAM's extra
+copies in 1 process (same base optimizer, clipping and accumulation) plus one.
+The meter sees every tensor the exchange allocates (send, receive and staging
+buffers); point-to-point gloo transfers of contiguous CPU tensors read and
+write those tensors in place, so nothing is hidden inside the collectives.
+(The all-gather the exchange used before also allocated a flat output inside
+gloo, which this meter cannot see: its 'before' figures are lower bounds.)
 """
 
 from __future__ import annotations
@@ -61,7 +72,16 @@ ROWS = [
     ("Asynchronous SAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1"),
     ("Asynchronous SAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5"),
 ]
-TARGETS = {"sam": 1, "msam": 2, "asyncsam": 2, "sampa": 3}
+TARGETS = {"sam": 1, "msam": 2, "asyncsam": 2, "sampa": 2}  # SAMPa: issue 10 (SAM + 1; it was 3)
+
+# Role mode (issue 10): every rank within SAM's extra copies (1 process, same base, clipping, accumulation) + 1.
+ROLE_ROWS = [
+    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2"),
+    ("SAMPa-0.2, base=sgd momentum=0.9", "sampa", "rho=0.1,lam=0.2,base=sgd,momentum=0.9"),
+    ("Asynchronous SAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1"),
+    ("Asynchronous SAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5"),
+]
+ROLE_VARIANTS = [(0.0, 1), (1.0, 1), (0.0, 2), (1.0, 2)]  # (max_grad_norm, gradient_accumulation_steps)
 
 
 # ---- the model: equal-sized trainable parameters that dominate memory -------------------------------
@@ -141,6 +161,7 @@ class AllocationMeter(TorchDispatchMode):
         self.peak = 0
         self.peak_live: list[Allocation] = []
         self.tracked = 0
+        self.armed = False  # from the first step on: what train() allocates before (e.g. moving the model) is not counted
 
     def _freed(self, ptr: int, token: object) -> None:
         entry = self.live.get(ptr)
@@ -162,7 +183,7 @@ class AllocationMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        outputs = _tensors(out, [])
+        outputs = _tensors(out, []) if self.armed else None
         if not outputs:
             return out
         inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs), [])}
@@ -191,6 +212,7 @@ def _callback(meter: AllocationMeter, warmup: int):
 
     class Window(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            meter.armed = True
             meter.step = state.global_step + 1
             meter.measuring = state.global_step >= warmup
 
@@ -228,8 +250,9 @@ def _cheap_gc():
 
 
 def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0, steps: int = STEPS,
-        warmup: int = WARMUP, dim: int = DIM, layers: int = LAYERS, where: bool = False) -> Run:
-    """Train EqualLinears for `steps` steps under the meter; the peak of live tracked bytes after `warmup` steps."""
+        warmup: int = WARMUP, dim: int = DIM, layers: int = LAYERS, where: bool = False, ga: int = 1) -> Run:
+    """Train EqualLinears for `steps` steps under the meter; the peak of live tracked bytes after `warmup` steps.
+    Under torchrun every rank trains (gloo) and measures its own peak."""
     import sam_hf
     from transformers import PrinterCallback, TrainingArguments
 
@@ -242,8 +265,9 @@ def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0
             output_dir=out, optim=optim, optim_args=optim_args or None, per_device_train_batch_size=BATCH,
             learning_rate=1e-3, lr_scheduler_type="constant", max_steps=steps, max_grad_norm=max_grad_norm,
             logging_strategy="no", report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
-            dataloader_num_workers=0)
-        trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=_Rows(BATCH * steps, dim),
+            dataloader_num_workers=0, gradient_accumulation_steps=ga,
+            ddp_backend="gloo" if "RANK" in os.environ else None)
+        trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=_Rows(BATCH * steps * ga, dim),
                                           callbacks=[_callback(meter, warmup)])
         trainer.remove_callback(PrinterCallback)  # no log lines in the table's output
         with meter:
@@ -283,6 +307,67 @@ def measure(optim: str, optim_args: str | None = None, **kw) -> float:
     return (run(optim, optim_args, **kw).peak_bytes - base.peak_bytes) / base.param_bytes
 
 
+# ---- role mode: 2 processes, every rank metered ------------------------------------------------------
+def _role_worker(spec: str, out: str) -> None:
+    """Under torchrun: run every case of `spec` (JSON [[optim, optim_args, max_grad_norm, ga], ...]) and write
+    this rank's peaks to OUT/rank{r}.json."""
+    import json
+
+    torch.set_num_threads(1)
+    cases = json.loads(spec)
+    where = os.environ.get("PARAM_COPIES_WHERE") == "1"
+    runs = [run(o, a, max_grad_norm=c, ga=ga, steps=steps, where=where) for o, a, c, ga, steps in cases]
+    with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump([r.peak_bytes for r in runs], f)
+    if where:
+        for (o, a, c, ga, _), r in zip(cases, runs):
+            print(f"rank {os.environ['RANK']}: {o} {a} max_grad_norm={c:g} ga={ga}: peak {r.copies:.2f} copies\n"
+                  f"{_describe(r)}", file=sys.stderr)
+
+
+def run_roles(cases: list[tuple], procs: int = 2, steps: int = STEPS, timeout: float = 900) -> list[list[int]]:
+    """Peak tracked bytes of every rank (a list per case) for each (optim, optim_args, max_grad_norm, ga) case,
+    trained role-parallel on `procs` processes in one torchrun launch."""
+    import json
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = json.dumps([[o, a, c, ga, steps] for o, a, c, ga in cases])
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+               str(port), __file__, "--role_worker", spec, "--out", out]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"role-mode memory run failed:\n{proc.stderr[-4000:]}")
+        per_rank = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(procs)]
+    return [list(ranks) for ranks in zip(*per_rank)]
+
+
+def sam_twin(optim: str, optim_args: str | None) -> str:
+    """optim_args for SAM on the same base optimizer (and its keys) as `optim`: the reference of issue 10."""
+    from sam_hf.config import SharpnessConfig
+
+    cfg = SharpnessConfig.from_optim_args(optim, optim_args)
+    return ",".join(["rho=0.05", f"base={cfg.base}"] + [f"{k}={v}" for k, v in cfg.base_optim_args.items()])
+
+
+def measure_roles(cases: list[tuple], steps: int = STEPS) -> list[dict]:
+    """Per case: each rank's extra copies in role mode and the target, SAM's extra copies in 1 process (same
+    base optimizer, clipping and accumulation) + 1."""
+    peaks = run_roles(cases, steps=steps)
+    out = []
+    for (optim, optim_args, clip, ga), ranks in zip(cases, peaks):
+        base = baseline_run(optim, optim_args, max_grad_norm=clip, ga=ga, steps=steps)
+        sam = measure("sam", sam_twin(optim, optim_args), max_grad_norm=clip, ga=ga, steps=steps)
+        out.append({"optim": optim, "optim_args": optim_args, "max_grad_norm": clip, "ga": ga,
+                    "ranks": [(p - base.peak_bytes) / base.param_bytes for p in ranks], "sam": sam, "target": sam + 1})
+    return out
+
+
 # ---- the table ------------------------------------------------------------------------------------
 def _describe(r: Run, limit: int = 12) -> str:
     from collections import Counter
@@ -297,8 +382,18 @@ def main(argv=None) -> None:
     p.add_argument("--max_grad_norm", type=float, nargs="*", default=[0.0, 1.0],
                    help="Trainer's clipping (one column each; 0 = off)")
     p.add_argument("--where", action="store_true", help="list the allocations alive at each peak")
+    p.add_argument("--roles", action="store_true",
+                   help="role mode: 2-process SAMPa and Asynchronous SAM, each rank counted (torchrun, gloo)")
+    p.add_argument("--role_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     torch.set_num_threads(1)
+    if opts.role_worker:
+        _role_worker(opts.role_worker, opts.out)
+        return
+    if opts.roles:
+        _roles_table()
+        return
     clips = opts.max_grad_norm
     head = "| method | optim_args | target | " + " | ".join(
         f"extra copies, max_grad_norm={c:g}" for c in clips) + " |"
@@ -326,6 +421,20 @@ def main(argv=None) -> None:
                               f"{_describe(base)}")
         print("\nAlive at the peak (count x creating op [shape] where):\n")
         print("\n\n".join(details))
+
+
+
+def _roles_table() -> None:
+    cases = [(optim, optim_args, clip, ga) for _, optim, optim_args in ROLE_ROWS for clip, ga in ROLE_VARIANTS]
+    labels = {(o, a): label for label, o, a in ROLE_ROWS}
+    print(f"Model: {LAYERS} x Linear({DIM}, {DIM}, bias=False), per-device batch {BATCH}, 2 processes (role mode, "
+          f"gloo); peak over steps {WARMUP + 1}-{STEPS} on each rank; extra copies beyond the 1-process base "
+          "optimizer; target: SAM's extra copies (1 process, same base, clipping and accumulation) + 1.\n")
+    print("| method | max_grad_norm | accumulation | rank 0 (role 0) | rank 1 (role 1) | target (SAM + 1) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in measure_roles(cases):
+        print(f"| {labels[(r['optim'], r['optim_args'])]} | {r['max_grad_norm']:g} | {r['ga']} | "
+              + " | ".join(f"{x:.2f}" for x in r["ranks"]) + f" | {r['target']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ Two layouts (DESIGN.md, "With several processes"):
   gradient of the step (SAMPa's g~_t, Asynchronous SAM's descent), role 1 the
   second (g_{t+1}, the ascent a_t), each data parallel over its k ranks.
   Ranks (0, i) and (1, i) read the same shard stream, so every rank sees the
-  same batches; one all-reduce of a two-slot buffer (a role writes its slot,
-  zeros in the other) gives every rank both gradients averaged over the dp
-  ranks, and every rank then takes the same optimizer step.
+  same batches. The exchange (`exchange`) averages each role's gradient over
+  its k dp ranks, then swaps it point to point between (0, i) and (1, i),
+  received straight into the method state this rank has spent: every rank
+  then holds both gradients and takes the same optimizer step, with no more
+  than one extra copy of the weights (see `exchange`).
 
 Asynchronous SAM may put its ascent rank on the CPU beside a GPU descent rank
 (`ascent_device=cpu`, placement.py): the exchange goes through CPU buffers over
@@ -59,6 +61,7 @@ class ParallelPlan:
     timeout_s: float = 1800.0
     mesh: object = None
     dp_group: object = None
+    peer: int = 0  # role mode: the global rank of the other role's rank with this dp index
     mixed_devices: bool = False  # ascent_device=cpu: a CPU ascent rank beside the descent rank's device
     staging_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -135,8 +138,9 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
 
     k = world // 2
     mesh = init_device_mesh(staging.type, (2, k), mesh_dim_names=("role", "dp"))
-    return ParallelPlan(mode="roles", role=mesh.get_local_rank("role"), dp_rank=mesh.get_local_rank("dp"),
-                        dp_size=k, mesh=mesh, dp_group=mesh.get_group("dp"), **base)
+    role, dp_rank = mesh.get_local_rank("role"), mesh.get_local_rank("dp")
+    return ParallelPlan(mode="roles", role=role, dp_rank=dp_rank, dp_size=k, mesh=mesh, dp_group=mesh.get_group("dp"),
+                        peer=int(mesh.mesh[1 - role, dp_rank]), **base)
 
 
 def _check_devices(cfg: SharpnessConfig, kinds: list[str], backend: str) -> bool:
@@ -227,41 +231,138 @@ def all_reduce_mean(tensors: list[torch.Tensor | None], like: list[torch.Tensor]
     return unflatten(flat, like)
 
 
-GATHER_MAX_WORLD = 4  # up to here an all-gather moves fewer bytes than the two-slot all-reduce
+@torch.no_grad()
+def take_grads(params: list[torch.Tensor], scale: float) -> list[torch.Tensor | None]:
+    """The gradients a pass left in `.grad`, taken out as unscaled fp32 (None where a parameter got none).
+
+    An fp32 contiguous `.grad` is handed over as it is, divided by `scale` in place (no copy); any other is
+    converted once. `.grad` is cleared: the tensors now belong to the caller (the method's state, the exchange's
+    send buffers, the next `.grad`)."""
+    out = []
+    for p in params:
+        g, p.grad = p.grad, None
+        if g is not None:
+            g = g.detach()
+            if g.dtype != torch.float32 or not g.is_contiguous():
+                g = g.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            if scale != 1.0:
+                g.div_(scale)
+        out.append(g)
+    return out
+
+
+DP_BUCKET_BYTES = 32 * 2**20  # the dp all-reduce (k > 1) flattens at most this much at a time
+
+
+def _post(ops: list) -> list:
+    """Post point-to-point operations as one batch (NCCL needs the sends and receives of a pair grouped)."""
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _dp_mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str) -> None:
+    """Average `tensors` in place over this rank's dp group (the k ranks of its role), in buckets of at most
+    DP_BUCKET_BYTES: a tensor that fills a bucket alone is reduced where it lies, without a copy."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush():
+        if not bucket:
+            return
+        if len(bucket) == 1:
+            flat = bucket[0] if bucket[0].device == plan.staging_device else bucket[0].to(plan.staging_device)
+        else:
+            flat = torch.cat([t.reshape(-1).to(plan.staging_device) for t in bucket])
+        _wait(dist.all_reduce(flat, group=plan.dp_group, async_op=True), plan, what)
+        flat.div_(plan.dp_size)
+        if flat is not bucket[0]:
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+        bucket.clear()
+
+    for t in tensors:
+        if bucket and size + t.numel() * 4 > DP_BUCKET_BYTES:
+            flush()
+            size = 0
+        bucket.append(t)
+        size += t.numel() * 4
+    flush()
 
 
 def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[torch.Tensor], scale: float,
-             extras: dict[str, float], extra_keys: tuple[str, ...], step: int, method: str):
+             extras: dict[str, float], extra_keys: tuple[str, ...], step: int, method: str,
+             into: list[torch.Tensor | None] | None = None, dtype: str = "fp32"):
     """The role exchange: returns (role 0's gradients, role 1's gradients, merged extras), dp-averaged and
-    unscaled fp32, on every rank. `grads` are this rank's `.grad` tensors (scaled by `scale`).
+    unscaled fp32, on every rank. `grads` are this rank's `.grad` tensors (scaled by `scale`), the params' `like`.
 
-    Each rank packs its gradients, has-gradient flags and scalar extras into one fp32 buffer. Up to
-    GATHER_MAX_WORLD ranks, one all-gather hands every rank every buffer (2 ranks: each sends its N floats
-    once); beyond, each role writes its own slot of a two-slot buffer, zeros in the other, and one all-reduce
-    sums them. Either way a role's k dp buffers are averaged.
+    Each gradient crosses the link once, point to point between the paired ranks (0, i) and (1, i), and lands
+    where it is used. This rank's own slot is its `.grad` tensors themselves, unscaled in place (`take_grads`);
+    the other role's gradients are received straight into `into`, the buffers of the method state this rank has
+    spent (SAMPa's g_t, Asynchronous SAM's a_(t-1)), allocated only where there is none to reuse. With k > 1
+    ranks per role, the own slot is first averaged in place over the role's k dp ranks. A small message ahead
+    carries the has-gradient flags and the scalar extras, so a parameter that got no gradient sends nothing.
+
+    `dtype="bf16"` (optim_args exchange_dtype=bf16, for bandwidth-bound links) sends bf16 copies, and each rank
+    rounds its own gradients the same way, so the ranks still combine identical values and stay replicas.
     """
-    n = flat_size(like)
-    width = n + len(extra_keys)
     what = f"the {method} exchange at step {step} (this rank: {ROLE_NAMES[method][plan.role]})"
-    if plan.world_size <= GATHER_MAX_WORLD:
-        mine = torch.empty(width, device=plan.staging_device, dtype=torch.float32)
-        pack(grads, like, mine, scale)
-        mine[n:] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float32)
-        parts = [torch.empty_like(mine) for _ in range(plan.world_size)]
-        _wait(dist.all_gather(parts, mine, async_op=True), plan, what)
-        k = plan.dp_size  # mesh layout: rank = role * k + dp
-        slot_bufs = [parts[r * k] if k == 1 else torch.stack(parts[r * k:(r + 1) * k]).mean(0) for r in (0, 1)]
-    else:
-        buf = torch.zeros(2 * width, device=plan.staging_device, dtype=torch.float32)
-        lo = plan.role * width
-        pack(grads, like, buf[lo:lo + n], scale)
-        buf[lo + n:lo + width] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float32)
-        _wait(dist.all_reduce(buf, async_op=True), plan, what)
-        buf /= plan.dp_size
-        slot_bufs = [buf[:width], buf[width:]]
-    slots = [unflatten(b[:n], like) for b in slot_bufs]
-    merged = dict(zip(extra_keys, (slot_bufs[0][n:] + slot_bufs[1][n:]).tolist()))
-    return slots[0], slots[1], merged
+    n = len(like)
+    if any(g is not p.grad for g, p in zip(grads, like)):
+        raise ValueError("exchange: `grads` must be the `.grad` tensors of `like` (it takes them over)")
+    own = take_grads(like, scale)
+    meta = torch.zeros(n + len(extra_keys), dtype=torch.float64)
+    meta[:n] = torch.tensor([float(g is not None) for g in own], dtype=torch.float64)
+    meta[n:] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float64)
+    meta = meta.to(plan.staging_device)
+    if plan.dp_size > 1:  # average the role's k shards first: flags (any rank's), extras, gradients
+        _wait(dist.all_reduce(meta, group=plan.dp_group, async_op=True), plan, what)
+        meta[n:] /= plan.dp_size
+        flags = meta[:n].tolist()
+        own = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None and f > 0 else g
+               for g, p, f in zip(own, like, flags)]
+        _dp_mean_([g for g in own if g is not None], plan, what)
+    theirs_meta = torch.empty_like(meta)
+    for work in _post([dist.P2POp(dist.isend, meta, plan.peer), dist.P2POp(dist.irecv, theirs_meta, plan.peer)]):
+        _wait(work, plan, what)
+    flags = theirs_meta[:n].tolist()
+    low = torch.bfloat16 if dtype == "bf16" else None
+    staging = plan.staging_device
+    ops, sent, landing = [], [], []  # landing: (received tensor, where it goes) where the two differ
+    theirs: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for i, (g, p) in enumerate(zip(own, like)):
+            if g is not None:
+                out = g
+                if low is not None:
+                    out = g.to(low)
+                    g.copy_(out)  # this rank combines what the peer receives
+                if out.device != staging:
+                    out = out.to(staging)
+                sent.append(out)
+                ops.append(dist.P2POp(dist.isend, out, plan.peer, tag=i + 1))
+            if flags[i] > 0:
+                buf = into[i] if into is not None and i < len(into) else None
+                if (buf is None or buf.shape != p.shape or buf.dtype != torch.float32 or not buf.is_contiguous()
+                        or buf.device != p.device):
+                    buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                wire = buf
+                if low is not None or buf.device != staging:
+                    wire = torch.empty(p.shape, dtype=low or torch.float32, device=staging)
+                    landing.append((wire, buf))
+                ops.append(dist.P2POp(dist.irecv, wire, plan.peer, tag=i + 1))
+                theirs.append(buf)
+            else:
+                theirs.append(None)
+        into = None  # the buffers that were not reused are freed with it
+        for work in _post(ops):
+            _wait(work, plan, what)
+        del sent
+        for wire, buf in landing:
+            buf.copy_(wire)
+    merged_values = (meta[n:] + theirs_meta[n:]).tolist()
+    merged = dict(zip(extra_keys, merged_values))
+    return (own, theirs, merged) if plan.role == 0 else (theirs, own, merged)
 
 
 MIXED_RTOL = 1e-5  # CPU and GPU optimizer steps on the same gradients differ by round-off only

@@ -11,8 +11,10 @@ and r is chosen so the ascent hides behind the descent (`ascent_batch_ratio=auto
 measures both devices; in one process `auto` means r = 1). In one process
 the two passes run one after the other, the descent first.
 
-The reported `loss` is f(x_t, A_t), the clean loss on the ascent batch. Memory: a_{t-1} and the weight backup, or
-a_t and the held descent gradient (two copies of the trainable weights).
+The reported `loss` is f(x_t, A_t), the clean loss on the ascent batch. Memory, beyond the base optimizer's own:
+a_{t-1} and the weight backup during the descent pass (SAM's backup plus one copy), a_t and the descent gradient
+after the ascent pass. Both gradients are `.grad`'s own tensors, handed over without copies; in role mode the
+other role's gradient is received into the spent a_{t-1}'s buffers.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 
 from ..batching import batch_size as _size
 from ..batching import leading_samples
-from .base import (SharpnessMethod, StepResult, as_tensor, backup, grads_fp32, restore, run_batches,
-                   run_pieces, to_device, zero_grads)
+from ..parallel import take_grads
+from .base import (SharpnessMethod, StepResult, as_tensor, backup, restore, run_batches, run_pieces, to_device,
+                   zero_grads)
 
 logger = logging.getLogger(__name__)
 AUTO_STEPS = 3  # steps measured (after the first) before ascent_batch_ratio=auto fixes r
@@ -40,6 +43,7 @@ class AsyncSAM(SharpnessMethod):
         self.auto_ratio = r == "auto"  # measured in role-parallel mode only; r = 1 until then
         self.ratio = 1.0 if r == "auto" else float(r)
         self.a = None  # a_{t-1}, unscaled fp32
+        self._spent = None  # role mode: a_{t-1}'s buffers once spent, for the exchange to receive into
         self.steps_seen = 0
         self._timings: list[tuple[float, float, float]] = []  # descent s, ascent s/sample, step-time gap s
 
@@ -64,6 +68,7 @@ class AsyncSAM(SharpnessMethod):
             return run_batches(passes, batches, clean=True), False, torch.zeros(())
         saved = backup(params)
         applied, norm = self.perturb_(self.a, 1.0)
+        self._spend_a()  # a_{t-1} has done its work: gone (or a receive buffer) before the backward pass
         loss = run_batches(passes, batches, clean=False)
         restore(params, saved)
         return loss, applied, norm
@@ -77,6 +82,7 @@ class AsyncSAM(SharpnessMethod):
             key = "descent_seconds"
         else:
             zero_grads(self.params)
+            self._spend_a()  # the ascent rank never uses a_{t-1}: its buffers receive the descent gradient
             pieces = leading_samples(batches, self.ratio)
             samples = sum(_size(p.batch) for p in pieces)
             # each piece contributes its part of the step's loss: report it in the units of the whole batch
@@ -89,27 +95,40 @@ class AsyncSAM(SharpnessMethod):
         out["descent_step_seconds" if role == 0 else "ascent_step_seconds"] = self.last_step_seconds
         return out
 
+    def _spend_a(self) -> None:
+        if self.role_parallel and self.a is not None:
+            self._spent = self.a
+        self.a = None
+
+    def receive_buffers(self):
+        """The spent a_{t-1}'s buffers, handed to `parallel.exchange` to receive the other role's gradient into."""
+        out, self._spent = self._spent, None
+        return out
+
     def step(self, batches, passes):
         scale = passes.loss_scale()
         first = self.a is None
         extras = self.role_pass(0, batches, passes)
         passes.all_reduce_grads(self.params)
-        descent = grads_fp32(self.params, scale)
-        self.a = None  # a_{t-1} is spent
+        descent = take_grads(self.params, scale)  # no copy: .grad's own tensors, unscaled in place
         if first and self.ratio >= 1.0:  # A_0 = B_0: the descent gradient is a_0
             ascent, extras["loss"] = [None if d is None else d.clone() for d in descent], extras["perturbed_loss"]
         else:
             extras.update(self.role_pass(1, batches, passes))
             passes.all_reduce_grads(self.params)
-            ascent = grads_fp32(self.params, scale)
+            ascent = take_grads(self.params, scale)
         return self.finish(descent, ascent, batches, extras, scale)
 
     def finish(self, descent, ascent, batches, extras, scale) -> StepResult:
-        """Step with the descent gradient; keep a_t for the next step."""
+        """Step with the descent gradient; keep a_t for the next step. Both are unscaled fp32 and this method's to
+        keep (`take_grads`, the exchange): the descent tensors become `.grad`, rescaled in place."""
         params = self.params
+        self._spent = None
         with torch.no_grad():
             for p, d in zip(params, descent):
-                p.grad = None if d is None else (d * scale).to(p.dtype)
+                if d is not None and scale != 1.0:
+                    d.mul_(scale)
+                p.grad = None if d is None else d.to(p.dtype)
         self.a = ascent
         self.steps_seen += 1
         if self.role_parallel and self.auto_ratio and self.steps_seen > 1:
@@ -148,6 +167,7 @@ class AsyncSAM(SharpnessMethod):
 
     def load_state_dict(self, state):
         self.a = to_device(state.get("a"), self.device)
+        self._spent = None
         self.ratio = float(state.get("ratio", self.ratio))
         self.steps_seen = int(state.get("steps_seen", 1 if self.a is not None else 0))
         self.auto_ratio = bool(state.get("auto_ratio", self.auto_ratio))

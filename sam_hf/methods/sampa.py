@@ -22,7 +22,11 @@ learning-rate schedule unchanged; it still counts as a Trainer step (logged as
 schedule's k-th learning rate. The reported `loss` is
 f(y_{t+1}, B_{t+1}), the loss at the lookahead point (at x_0 on the first step).
 
-Memory: g_t, the weight backup and g~_t (three copies of the trainable weights).
+Memory, beyond the base optimizer's own: one copy more than SAM's (its weight
+backup): g_t, kept from one step to the next. g_t is freed (one process) or
+becomes the exchange's receive buffer (role mode) as soon as its pass has used
+it; the step's two gradients are `.grad`'s own tensors, handed over without
+copies, and G is combined in place in g~_t's.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import torch
 
 from ..batching import TrainerBatch
 from ..lookahead import apply_lookahead_
-from .base import (SharpnessMethod, StepResult, as_tensor, backup, global_norm, grads_fp32, restore,
-                   run_batches, to_device, zero_grads)
+from ..parallel import take_grads
+from .base import SharpnessMethod, StepResult, as_tensor, backup, global_norm, restore, run_batches, to_device, zero_grads
 
 
 def _count(batch):
@@ -47,14 +51,13 @@ def _all_finite(tensors) -> bool:
 
 
 def _set_grads(params, grads, scale: float) -> None:
-    """.grad <- grads * scale (in the parameter's dtype); None stays None."""
+    """.grad <- grads * scale (in the parameter's dtype); None stays None. `grads` are the caller's to give away:
+    fp32 ones become `.grad` as they are, rescaled in place (the method must not keep them)."""
     with torch.no_grad():
         for p, g in zip(params, grads):
-            if g is None:
-                p.grad = None
-                continue
-            out = (g * scale if scale != 1.0 else g).to(p.dtype)
-            p.grad = out.clone() if out is g else out  # .grad must not alias the method's own buffers
+            if g is not None and scale != 1.0:
+                g.mul_(scale)
+            p.grad = None if g is None else g.to(p.dtype)
 
 
 class SAMPa(SharpnessMethod):
@@ -64,6 +67,7 @@ class SAMPa(SharpnessMethod):
         super().__init__(*args, **kwargs)
         self.g: list[torch.Tensor | None] | None = None  # g_t, unscaled fp32
         self.held: list[dict] | None = None  # B_t
+        self._spent: list[torch.Tensor | None] | None = None  # role mode: g_t's buffers, for the exchange
 
     # ---- the two independent halves ------------------------------------
     def perturbed_grad(self, passes):
@@ -72,6 +76,7 @@ class SAMPa(SharpnessMethod):
         zero_grads(params)
         saved = backup(params)
         applied, norm = self.perturb_(self.g, 1.0)
+        self._spend_g()  # g_t has done its work (in one process the lookahead pass ran first)
         loss = run_batches(passes, self.held, clean=False)  # BatchNorm statistics come from the lookahead pass
         restore(params, saved)
         return loss, applied, norm
@@ -85,10 +90,25 @@ class SAMPa(SharpnessMethod):
             saved = backup(params)
             grads = {p: t for p, t in zip(self.params, self.g) if t is not None}
             apply_lookahead_(self.optimizer, grads, self.config.lookahead, grad_scale=self._clip_coef())
+            del grads
+        if self.role_parallel:  # the perturbation is the other role's: g_t has done its work here
+            self._spend_g()
         loss = run_batches(passes, batches, clean=True)
         if saved is not None:
             restore(params, saved)
         return loss
+
+    def _spend_g(self) -> None:
+        """g_t is not needed again this step: in role mode its buffers receive the other role's gradient
+        (`receive_buffers`), in one process they are freed before the perturbed backward pass."""
+        if self.role_parallel and self.g is not None:
+            self._spent = self.g
+        self.g = None
+
+    def receive_buffers(self) -> list[torch.Tensor | None] | None:
+        """The spent g_t's buffers, handed to `parallel.exchange` to receive the other role's gradient into."""
+        out, self._spent = self._spent, None
+        return out
 
     def _clip_coef(self) -> float:
         """Trainer's clipping of g_t, as torch.nn.utils.clip_grad_norm_ computes it (applied per parameter)."""
@@ -107,6 +127,7 @@ class SAMPa(SharpnessMethod):
         if role == 0:
             zero_grads(self.params)
             if self.g is None or self.config.lam == 1.0:  # first step: nothing to perturb; lam = 1: not used
+                self._spend_g()
                 return {}
             loss, applied, norm = self.perturbed_grad(passes)
             return {"perturbed_loss": loss, "applied": float(applied), "ascent_grad_norm": norm}
@@ -114,19 +135,25 @@ class SAMPa(SharpnessMethod):
         return {"loss": self.lookahead_grad(batches, passes, finite_g=finite)}
 
     def step(self, batches, passes):
+        """One process: the two passes in turn, the lookahead pass first, so that g_t, which the perturbation
+        still needs, is freed before the perturbed backward pass (SAM's backup plus one copy at the peak)."""
         scale = passes.loss_scale()
-        extras = self.role_pass(0, batches, passes)
+        extras = self.role_pass(1, batches, passes)
         passes.all_reduce_grads(self.params)
-        g_tilde = grads_fp32(self.params, scale)
-        extras.update(self.role_pass(1, batches, passes))
+        g_next = take_grads(self.params, scale)  # no copy: .grad's own tensors, unscaled in place
+        extras.update(self.role_pass(0, batches, passes))
         passes.all_reduce_grads(self.params)
-        return self.finish(g_tilde, grads_fp32(self.params, scale), batches, extras, scale)
+        return self.finish(take_grads(self.params, scale), g_next, batches, extras, scale)
 
     def finish(self, g_tilde, g_next, batches, extras, scale) -> StepResult:
-        """G_t = (1 - lam) g~_t + lam g_{t+1} into .grad (scaled); g_t <- g_{t+1}; B_t <- B_{t+1}."""
+        """G_t = (1 - lam) g~_t + lam g_{t+1} into .grad (scaled); g_t <- g_{t+1}; B_t <- B_{t+1}.
+
+        `g_tilde` and `g_next` are unscaled fp32 and this method's to keep or give away (`take_grads`, the
+        exchange): G is combined in place in g~_t's buffers, which become `.grad`; g_{t+1}'s become g_t."""
         params, lam = self.params, self.config.lam
         loss = as_tensor(extras.get("loss", 0.0), self.device)
-        first, self.g = self.g is None, None  # g_t is spent: free it before building G
+        first = self.g is None and self.held is None
+        self.g = self._spent = None  # whatever is left of g_t is freed before G is built
         if first:  # keep g_0, leave x and the optimizer state alone
             if _all_finite(g_next):
                 self.g, self.held = g_next, list(batches)
@@ -134,25 +161,33 @@ class SAMPa(SharpnessMethod):
             else:  # an overflow: hand it on so a GradScaler backs off; the next step is a first step again
                 _set_grads(params, g_next, scale)
             return StepResult(loss, skip_update=True, metrics={"sam/perturbed_loss": loss, "sam/skipped_update": 1.0})
-        if lam in (0.0, 1.0):  # a term whose weight is 0 is not computed into G (0 * inf would be NaN)
-            _set_grads(params, g_tilde if lam == 0.0 else g_next, scale)  # copies: .grad never aliases g_t
-            self.g, self.held = g_next, list(batches)
-            return StepResult(loss, metrics=self._metrics(extras))
-        combined, dots, sq_a, sq_b = [], [], [], []
-        with torch.no_grad():
-            for gt, gn in zip(g_tilde, g_next):
-                if gt is not None and gn is not None:
-                    dots.append((gt * gn).sum())
-                    sq_a.append(gt.pow(2).sum())
-                    sq_b.append(gn.pow(2).sum())
-                    combined.append(gt.mul_(1 - lam).add_(gn, alpha=lam))  # in place: g~_t is not needed again
-                else:
-                    combined.append(None if gt is None and gn is None else (1 - lam) * gt if gn is None else lam * gn)
-        _set_grads(params, combined, scale)
+        if lam == 0.0:  # a term whose weight is 0 is not computed into G (0 * inf would be NaN)
+            _set_grads(params, g_tilde, scale)
+        elif lam == 1.0:  # G = g_{t+1}, which is also the next g_t: .grad gets a copy
+            del g_tilde
+            _set_grads(params, [None if t is None else t.clone() for t in g_next], scale)
+        else:
+            combined, dots, sq_a, sq_b = [], [], [], []
+            with torch.no_grad():
+                for gt, gn in zip(g_tilde, g_next):
+                    if gt is not None and gn is not None:
+                        a, b = gt.view(-1), gn.view(-1)
+                        dots.append(torch.dot(a, b))
+                        sq_a.append(torch.dot(a, a))
+                        sq_b.append(torch.dot(b, b))
+                        combined.append(gt.mul_(1 - lam).add_(gn, alpha=lam))  # in place: g~_t is not needed again
+                    else:
+                        combined.append(None if gt is None and gn is None else gt.mul_(1 - lam) if gn is None
+                                        else lam * gn)
+            del g_tilde
+            _set_grads(params, combined, scale)
         self.g, self.held = g_next, list(batches)
-        cosine = (torch.stack(dots).sum() / (torch.stack(sq_a).sum() * torch.stack(sq_b).sum()).sqrt().clamp_min(1e-30)
-                  if dots else torch.zeros(()))
-        return StepResult(loss, metrics={**self._metrics(extras), "sam/grad_cosine": cosine})
+        metrics = self._metrics(extras)
+        if 0.0 < lam < 1.0:
+            metrics["sam/grad_cosine"] = (
+                torch.stack(dots).sum() / (torch.stack(sq_a).sum() * torch.stack(sq_b).sum()).sqrt().clamp_min(1e-30)
+                if dots else torch.zeros(()))
+        return StepResult(loss, metrics=metrics)
 
     def _metrics(self, extras) -> dict:
         if self.config.lam == 1.0:  # no perturbed pass
@@ -171,7 +206,7 @@ class SAMPa(SharpnessMethod):
     def load_state_dict(self, state):
         device = self.device
         self.g = to_device(state.get("g"), device)
-        self.held = None
+        self.held = self._spent = None
         if state.get("held") is not None:
             counts = state.get("held_num_items") or [None] * len(state["held"])
             steps = state.get("held_accumulation_steps") or [None] * len(state["held"])
