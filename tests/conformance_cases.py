@@ -14,7 +14,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import reference as R
-from test_reference_parity import bert_rows  # the BERT loss kind's data
+# TinyNet: Linear -> LayerNorm -> tanh -> Linear, the mean cross-entropy; no **kwargs in forward, so Trainer
+# neither counts items nor passes a count, and divides the loss by the accumulation steps
+from test_reference_parity import TinyNet, bert_rows
 
 STEPS = 4  # Trainer steps per case
 BS = 5  # per-device micro-batch: mSAM's m = 4 and m = 2 cut it unevenly (acc 1: 2,1,1,1 and 3,2; acc 3: 4,4,4,3
@@ -130,29 +132,6 @@ def case_id(row: dict) -> str:
 
 
 # --------------------------------------------------------------------------- models and data
-
-
-class TinyNet(nn.Module):
-    """Linear -> LayerNorm -> tanh -> Linear; the mean cross-entropy when given labels. No **kwargs in forward, so
-    Trainer neither counts items nor passes a count, and divides the loss by the accumulation steps."""
-
-    def __init__(self, dim=5, hidden=6, classes=3, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-        self.frozen = nn.Parameter(0.1 * torch.randn(hidden), requires_grad=False)
-        with torch.no_grad():  # LayerNorm away from its (1, 0) init, so decay on it would show
-            self.norm.weight.add_(0.2 * torch.randn(hidden))
-            self.norm.bias.add_(0.2 * torch.randn(hidden))
-
-    def forward(self, x, labels=None):
-        logits = self.fc2(torch.tanh(self.norm(self.fc1(x)) + self.frozen))
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(logits, labels)
-        return out
 
 
 def tiny_net_with_config(seed=0):
