@@ -115,7 +115,7 @@ def test_resume_from_a_sharded_checkpoint_equals_never_stopping(sharded_runs, na
 def test_norms_and_checks_are_one_collective_over_the_shards(sharded_runs):
     checks = json.loads((sharded_runs / "checks.json").read_text())
     for rank in checks["ranks"]:
-        assert rank["params"] == 8
+        assert rank["params"] == 8 and rank["is_fsdp2"] == [True, False]
         assert rank["norm_collectives"] == 1 and rank["norm_error"] < 1e-5
         assert rank["totals_collectives"] == 1 and rank["totals_error"] < 1e-5
         assert rank["finite_clean"] is True

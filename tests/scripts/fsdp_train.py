@@ -230,7 +230,7 @@ def collective_checks(world: int, rank: int) -> dict:
 
     dist.all_reduce = counted
     try:
-        out = {"params": len(grads)}
+        out = {"params": len(grads), "is_fsdp2": [sharding.is_fsdp2(model), sharding.is_fsdp2(MLP())]}
         before = len(calls)
         norm = global_norm(grads)
         out["norm_collectives"] = len(calls) - before
