@@ -5,6 +5,12 @@ CPU thread per process (or one GPU per process when CUDA is there), in its
 own processes (2-process runs under torchrun), so the figures compare like
 with like. Timings are medians over the measured steps and are reported as
 ratios taken in the same run; absolute times on a shared machine are noise.
+With `--repeats N` every ratio is paired: the median over the N interleaved
+rounds of (this configuration's step / the reference's step in the same
+round). Every 2-process row is compared with AdamW under DDP on 2 processes
+(which pays the same cost of two processes at once) as well as with AdamW
+and SAM on 1. Peak memory is reported per process: the resident set's peak
+(`ru_maxrss`) on a CPU, `torch.cuda.max_memory_allocated` on a GPU.
 
     sam-hf bench                       # the default table
     sam-hf bench --steps 20 --hidden 384 --out bench_out
@@ -27,12 +33,14 @@ from pathlib import Path
 CONFIGS = [
     ("AdamW", "adamw_torch", "", 1),
     ("SAM", "sam", "rho=0.05", 1),
+    ("SAM (interval=4)", "sam", "rho=0.05,interval=4", 1),  # sharpness-aware every 4th step: ~1.25x AdamW
     ("mSAM (m=4)", "msam", "rho=0.05,micro_batches=4", 1),
     ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 1),
     ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 1),
     ("AdamW (DDP)", "adamw_torch", "", 2),  # what running two processes at once costs by itself
     ("SAM (DDP)", "sam", "rho=0.05", 2),
     ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 2),
+    ("SAMPa-0.2 (bf16 exchange)", "sampa", "rho=0.1,lam=0.2,exchange_dtype=bf16", 2),
     ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 2),
     ("AsyncSAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5", 2),
     # the paper's heterogeneous case: rank 0 on the GPU, rank 1's ascent on the CPU (run where CUDA is present)
@@ -69,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="rounds over all configurations, interleaved so slow drifts of a shared machine hit every "
                         "configuration alike; each configuration reports its median round")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -134,7 +143,7 @@ def _worker(opts) -> None:
     measured = timer.times[opts.warmup:]
     exchange = [h["sam/exchange_seconds"] for h in trainer.state.log_history if "sam/exchange_seconds" in h]
     result = {
-        "label": label, "optim": optim, "optim_args": optim_args, "rank": rank,
+        "label": label, "optim": optim, "optim_args": optim_args, "rank": rank, "round": opts.round,
         "processes": int(os.environ.get("WORLD_SIZE", 1)),
         "step_s": statistics.median(measured),
         "exchange_s": statistics.median(exchange[opts.warmup:] or exchange) if exchange else 0.0,
@@ -156,27 +165,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(opts, label, optim, optim_args, procs) -> list[dict]:
+def _run(opts, label, optim, optim_args, procs, round_: int = 0) -> list[dict]:
     out = Path(opts.out) / "tmp"
     out.mkdir(parents=True, exist_ok=True)
     for f in out.glob("worker_*.json"):
         f.unlink()
     common = ["--out", str(out), "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch",
               str(opts.batch), "--seq", str(opts.seq), "--hidden", str(opts.hidden), "--layers", str(opts.layers),
-              "--precision", opts.precision,
+              "--precision", opts.precision, "--round", str(round_),
               "--worker", json.dumps([label, optim, optim_args])]
     launcher = [sys.executable, "-m", "sam_hf.bench"] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
         str(_free_port()), "-m", "sam_hf.bench"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    load = os.getloadavg()[0]  # what else the machine was doing: timings under load are not comparable
     proc = subprocess.run(launcher + common, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark of {label} on {procs} process(es) failed:\n{proc.stderr[-4000:]}")
-    return [json.loads(f.read_text()) for f in sorted(out.glob("worker_*.json"))]
+    return [{**json.loads(f.read_text()), "load_avg_1m": load} for f in sorted(out.glob("worker_*.json"))]
+
+
+REFERENCES = {"adamw_1": ("AdamW", 1), "adamw_ddp_2": ("AdamW (DDP)", 2), "sam_1": ("SAM", 1)}
+
+
+def _paired(row: dict, ref: dict | None) -> float | None:
+    """row / ref: the median over the rounds both ran of the ratio within each round (interleaved rounds see the
+    same machine), or the ratio of their median rounds where rounds are not known."""
+    if ref is None or not ref["step_s"]:
+        return None
+    mine, theirs = row["by_round"], ref["by_round"]
+    common = sorted(set(mine) & set(theirs))
+    if None in mine or not common:
+        return row["step_s"] / ref["step_s"]
+    return statistics.median(mine[r] / theirs[r] for r in common)
 
 
 def summarize(results: list[dict]) -> dict:
-    """Per configuration: rank 0's step time, the largest per-process memory, ratios vs AdamW and SAM on 1."""
+    """Per configuration: rank 0's step time (median round), every rank's peak memory, and step-time ratios to
+    AdamW on 1, AdamW with DDP on 2 (2-process rows) and SAM on 1, each paired within rounds."""
     rows = []
     by_key = {}
     for r in results:
@@ -184,27 +210,51 @@ def summarize(results: list[dict]) -> dict:
     for (label, procs), ranks in by_key.items():
         leads = sorted((r for r in ranks if r["rank"] == 0), key=lambda r: r["step_s"])
         lead = leads[len(leads) // 2]  # the median round
+        same_kind = [r for r in ranks if r.get("mem_kind") == lead.get("mem_kind")]
+        per_rank = {}
+        for r in same_kind:  # GPU memory and a CPU rank's resident set are not comparable: rank 0's kind
+            per_rank[r["rank"]] = max(per_rank.get(r["rank"], 0.0), r["peak_mem_mb"])
         rows.append({"label": label, "processes": procs, "step_s": lead["step_s"], "rounds": len(leads),
                      "round_steps_s": [r["step_s"] for r in leads],
+                     "by_round": {r.get("round"): r["step_s"] for r in leads},
                      "exchange_share": lead["exchange_s"] / lead["step_s"] if lead["step_s"] else 0.0,
-                     # GPU memory and a CPU rank's resident set are not comparable: rank 0's kind
-                     "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks
-                                        if r.get("mem_kind") == lead.get("mem_kind")),
+                     "peak_mem_mb": max(per_rank.values()),
+                     "peak_mem_mb_per_rank": [per_rank[k] for k in sorted(per_rank)],
+                     "mem_kind": lead.get("mem_kind", "rss"),
                      "device": lead["device"], "params_m": lead["params_m"],
                      "ascent_batch_ratio": lead.get("ascent_batch_ratio")})
-    adamw = next((r["step_s"] for r in rows if r["label"] == "AdamW" and r["processes"] == 1), None)
-    sam = next((r["step_s"] for r in rows if r["label"] == "SAM" and r["processes"] == 1), None)
-    for r in rows:
-        r["vs_adamw_1"] = r["step_s"] / adamw if adamw else None
-        r["speedup_vs_sam_1"] = sam / r["step_s"] if sam else None
-    targets = {}
     find = {(r["label"], r["processes"]): r for r in rows}
-    if ("SAMPa-0.2", 2) in find:
-        targets["SAMPa-0.2 on 2 vs SAM on 1 (target >= 1.85x faster)"] = find[("SAMPa-0.2", 2)]["speedup_vs_sam_1"]
-        targets["SAMPa-0.2 on 2 vs AdamW on 1 (target <= 1.08x)"] = find[("SAMPa-0.2", 2)]["vs_adamw_1"]
-    if ("AsyncSAM (r=1)", 2) in find:
-        targets["AsyncSAM (r=1) on 2 vs AdamW on 1 (target <= 1.10x)"] = find[("AsyncSAM (r=1)", 2)]["vs_adamw_1"]
-    return {"rows": rows, "targets": targets}
+    refs = {name: find.get(key) for name, key in REFERENCES.items()}
+    for r in rows:
+        r["vs_adamw_1"] = _paired(r, refs["adamw_1"])
+        r["vs_adamw_ddp_2"] = _paired(r, refs["adamw_ddp_2"]) if r["processes"] == 2 else None
+        to_sam = _paired(r, refs["sam_1"])
+        r["speedup_vs_sam_1"] = 1 / to_sam if to_sam else None
+        base = refs["adamw_1"]
+        copy_mb = r["params_m"] * 1e6 * 4 / 2**20  # one fp32 copy of the weights
+        r["mem_copies_vs_adamw_1"] = ((r["peak_mem_mb"] - base["peak_mem_mb"]) / copy_mb
+                                      if base and base.get("mem_kind") == r["mem_kind"] and copy_mb else None)
+    targets = {}
+
+    def target(name, key, field, invert=False):
+        row = find.get(key)
+        if row is not None and row.get(field) is not None:
+            targets[name] = 1 / row[field] if invert else row[field]
+
+    target("SAMPa-0.2 on 2 vs AdamW (DDP) on 2 (target <= 1.05x)", ("SAMPa-0.2", 2), "vs_adamw_ddp_2")
+    target("AsyncSAM (r=1) on 2 vs AdamW (DDP) on 2 (target <= 1.03x)", ("AsyncSAM (r=1)", 2), "vs_adamw_ddp_2")
+    if ("SAMPa-0.2", 1) in find and refs["sam_1"]:
+        targets["SAMPa-0.2 on 1 vs SAM on 1 (target <= 1.05x)"] = _paired(find[("SAMPa-0.2", 1)], refs["sam_1"])
+    target("SAM (interval=4) on 1 vs AdamW on 1 (expected about 1.25x)", ("SAM (interval=4)", 1), "vs_adamw_1")
+    target("SAMPa-0.2 on 2 vs SAM on 1 (target >= 1.85x faster)", ("SAMPa-0.2", 2), "speedup_vs_sam_1")
+    target("SAMPa-0.2 on 2 vs AdamW on 1 (target <= 1.08x)", ("SAMPa-0.2", 2), "vs_adamw_1")
+    target("AsyncSAM (r=1) on 2 vs AdamW on 1 (target <= 1.10x)", ("AsyncSAM (r=1)", 2), "vs_adamw_1")
+    loads = [r["load_avg_1m"] for r in results if "load_avg_1m" in r]
+    return {"rows": rows, "targets": targets, "load_avg_1m": [min(loads), max(loads)] if loads else None}
+
+
+def _x(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def to_markdown(summary: dict, opts) -> str:
@@ -212,20 +262,30 @@ def to_markdown(summary: dict, opts) -> str:
     if not rows:
         return "No configuration ran on this machine (see the skipped lines above).\n"
     device = rows[0]["device"]
+    kind = "GPU max_memory_allocated" if rows[0]["mem_kind"] == "gpu" else "resident set peak"
     lines = [f"Model: BERT, hidden {opts.hidden}, {opts.layers} layers ({rows[0]['params_m']:.1f} M parameters), "
              f"per-device batch {opts.batch} x {opts.seq} tokens, {opts.precision}; device: {device}; median of "
              f"{opts.steps} steps "
-             f"after {opts.warmup} warm-up steps; median of {opts.repeats} interleaved round(s).", "",
-             "| method | processes | step (ms) | vs AdamW on 1 | speed-up vs SAM on 1 | exchange share | "
-             "peak memory / process (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"after {opts.warmup} warm-up steps; median of {opts.repeats} interleaved round(s); ratios are paired "
+             f"within rounds. Peak memory per process: {kind} (rank 0 / rank 1), and above AdamW on 1 process in "
+             "copies of the weights (fp32).", "",
+             "| method | processes | step (ms) | vs AdamW on 1 | vs AdamW (DDP) on 2 | speed-up vs SAM on 1 | "
+             "exchange share | peak memory / process (MiB) | above AdamW on 1 (copies) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         share = f"{100 * r['exchange_share']:.1f}%" if r["exchange_share"] else "-"
-        lines.append(f"| {r['label']} | {r['processes']} | {1000 * r['step_s']:.0f} | {r['vs_adamw_1']:.2f}x | "
-                     f"{r['speedup_vs_sam_1']:.2f}x | {share} | {r['peak_mem_mb']:.0f} |")
+        mem = " / ".join(f"{m:.0f}" for m in r["peak_mem_mb_per_rank"])
+        copies = "-" if r["mem_copies_vs_adamw_1"] is None else f"{r['mem_copies_vs_adamw_1']:+.1f}"
+        lines.append(f"| {r['label']} | {r['processes']} | {1000 * r['step_s']:.0f} | {_x(r['vs_adamw_1'])} | "
+                     f"{_x(r['vs_adamw_ddp_2'])} | {_x(r['speedup_vs_sam_1'])} | {share} | {mem} | {copies} |")
     auto = [r for r in rows if "r=auto" in r["label"] and r.get("ascent_batch_ratio")]
     if auto:
         lines += [""] + [f"{r['label']}: `ascent_batch_ratio=auto` chose r = {r['ascent_batch_ratio']:.3f}."
                          for r in auto]
+    loads = summary.get("load_avg_1m")
+    if loads:
+        lines += ["", f"1-minute load average when each run started: {loads[0]:.2f} to {loads[1]:.2f} "
+                      "(this machine's own runs keep it near the process count)."]
     if summary["targets"]:
         lines += ["", "| target | measured |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in summary["targets"].items()]
@@ -252,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[bench] skipping {label} on {procs} process(es): {why}", flush=True)
                 continue
             print(f"[bench] round {round_ + 1}/{opts.repeats}: {label} on {procs} process(es) ...", flush=True)
-            results += _run(opts, label, optim, optim_args, procs)
+            results += _run(opts, label, optim, optim_args, procs, round_)
     summary = summarize(results)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,7 @@ class SharpnessConfig:
     ascent_threads: int = 0  # with ascent_device=cpu: the CPU rank's threads (0: every core but one)
     bn_stats: str = "clean"  # which pass updates BatchNorm running statistics: clean | all
     check_every: int = 50  # steps between replica checksums in role-parallel mode
+    exchange_dtype: str = "fp32"  # role mode: what the gradients cross the link as (bf16: half the bytes, rounded)
     # SAM on a schedule (sam, msam): sharpness-aware every `interval`-th optimizer step within [start, stop) of the
     # run's optimizer steps (fractions); every other step is the base optimizer's own one-pass step
     interval: int = 1
@@ -115,6 +116,7 @@ class SharpnessConfig:
             "base": lambda k, v: v, "lookahead": lambda k, v: v.lower(), "parallel": lambda k, v: v.lower(),
             "sync_ascent": _bool, "ascent_device": lambda k, v: v.lower(), "bn_stats": lambda k, v: v.lower(),
             "check_every": _int, "ascent_threads": _int, "interval": _int, "start": _float, "stop": _float,
+            "exchange_dtype": lambda k, v: v.lower(),
             "ascent_batch_ratio": lambda k, v: "auto" if v.lower() == "auto" else _float(k, v),
         }
         base_args: dict[str, str] = {}
@@ -177,6 +179,8 @@ class SharpnessConfig:
             raise bad("bn_stats", self.bn_stats, "use clean (running stats from the unperturbed pass only) or all")
         if self.check_every < 0:
             raise bad("check_every", self.check_every, "use a number of steps >= 0 (0 disables the check)")
+        if self.exchange_dtype not in ("fp32", "bf16"):
+            raise bad("exchange_dtype", self.exchange_dtype, "use fp32 (exact, the default) or bf16 (half the bytes)")
         self._validate_base()
 
     def _validate_base(self) -> None:

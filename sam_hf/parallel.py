@@ -62,6 +62,7 @@ class ParallelPlan:
     mesh: object = None
     dp_group: object = None
     peer: int = 0  # role mode: the global rank of the other role's rank with this dp index
+    exchange_dtype: str = "fp32"  # role mode: what the gradients cross the link as (optim_args exchange_dtype)
     mixed_devices: bool = False  # ascent_device=cpu: a CPU ascent rank beside the descent rank's device
     staging_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -114,7 +115,8 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
     kinds: list[str] = [""] * world
     dist.all_gather_object(kinds, device.type)
     mixed = _check_devices(cfg, kinds, backend)
-    base = dict(world_size=world, rank=rank, timeout_s=timeout_s, staging_device=staging, mixed_devices=mixed)
+    base = dict(world_size=world, rank=rank, timeout_s=timeout_s, staging_device=staging, mixed_devices=mixed,
+                exchange_dtype=cfg.exchange_dtype)
     if cfg.method not in ROLE_NAMES:
         return ParallelPlan(mode="data", **base)
     roles = cfg.parallel == "on" or (cfg.parallel == "auto" and world % 2 == 0)
@@ -292,7 +294,7 @@ def _dp_mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str) -> Non
 
 def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[torch.Tensor], scale: float,
              extras: dict[str, float], extra_keys: tuple[str, ...], step: int, method: str,
-             into: list[torch.Tensor | None] | None = None, dtype: str = "fp32"):
+             into: list[torch.Tensor | None] | None = None, dtype: str | None = None):
     """The role exchange: returns (role 0's gradients, role 1's gradients, merged extras), dp-averaged and
     unscaled fp32, on every rank. `grads` are this rank's `.grad` tensors (scaled by `scale`), the params' `like`.
 
@@ -303,8 +305,10 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     ranks per role, the own slot is first averaged in place over the role's k dp ranks. A small message ahead
     carries the has-gradient flags and the scalar extras, so a parameter that got no gradient sends nothing.
 
-    `dtype="bf16"` (optim_args exchange_dtype=bf16, for bandwidth-bound links) sends bf16 copies, and each rank
-    rounds its own gradients the same way, so the ranks still combine identical values and stay replicas.
+    `dtype="bf16"` (default: the plan's, optim_args exchange_dtype=bf16; for bandwidth-bound links) sends bf16
+    copies, and each rank rounds its own gradients the same way, so the ranks still combine identical values and
+    stay replicas (the result is then SAMPa / Asynchronous SAM with bf16-rounded gradients, not bit for bit the
+    1-process run).
     """
     what = f"the {method} exchange at step {step} (this rank: {ROLE_NAMES[method][plan.role]})"
     n = len(like)
@@ -326,7 +330,7 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     for work in _post([dist.P2POp(dist.isend, meta, plan.peer), dist.P2POp(dist.irecv, theirs_meta, plan.peer)]):
         _wait(work, plan, what)
     flags = theirs_meta[:n].tolist()
-    low = torch.bfloat16 if dtype == "bf16" else None
+    low = torch.bfloat16 if (dtype or plan.exchange_dtype) == "bf16" else None
     staging = plan.staging_device
     ops, sent, landing = [], [], []  # landing: (received tensor, where it goes) where the two differ
     theirs: list[torch.Tensor | None] = []

@@ -1,6 +1,9 @@
 """The benchmark harness: its table arithmetic, and one real configuration end to end (tiny)."""
 
+import argparse
 import json
+
+import pytest
 
 from sam_hf import bench
 
@@ -24,6 +27,38 @@ def test_summary_ratios_medians_and_targets():
     assert abs(targets["SAMPa-0.2 on 2 vs SAM on 1 (target >= 1.85x faster)"] - 2.4 / 1.3) < 1e-12
 
 
+def test_ratios_are_paired_within_rounds_and_two_process_rows_meet_ddp():
+    # round 1 ran on a slower machine for everyone: paired ratios see through it, ratios of medians do not
+    rounds = {"AdamW": (1.0, 2.0, 1.0), "SAM": (2.0, 4.0, 2.0), "AdamW (DDP)": (1.1, 2.2, 1.1)}
+    results = [{**_r(label, 2 if "DDP" in label else 1, s), "round": i}
+               for label, steps in rounds.items() for i, s in enumerate(steps)]
+    results += [{**_r("SAMPa-0.2", 2, s, rank=rank, mem=100.0 + rank), "round": i}
+                for i, s in enumerate((1.2, 2.0, 1.21)) for rank in (0, 1)]
+    results += [{**_r("SAMPa-0.2", 1, s), "round": i} for i, s in enumerate((2.1, 4.1, 2.06))]
+    results += [{**_r("SAM (interval=4)", 1, s), "round": i} for i, s in enumerate((1.25, 2.5, 1.25))]
+    summary = bench.summarize(results)
+    rows = {(r["label"], r["processes"]): r for r in summary["rows"]}
+    sampa2 = rows[("SAMPa-0.2", 2)]
+    # per round: 1.2/1.1, 2.0/2.2, 1.21/1.1 -> median 1.2/1.1 (the median rounds alone would give 1.21/1.1)
+    assert sampa2["vs_adamw_ddp_2"] == pytest.approx(1.2 / 1.1)
+    assert sampa2["vs_adamw_1"] == pytest.approx(1.2) and sampa2["speedup_vs_sam_1"] == pytest.approx(2.0 / 1.2)
+    assert sampa2["peak_mem_mb_per_rank"] == [100.0, 101.0] and sampa2["peak_mem_mb"] == 101.0
+    assert rows[("AdamW", 1)]["vs_adamw_ddp_2"] is None  # 1-process rows are not compared with DDP
+    targets = summary["targets"]
+    assert targets["SAMPa-0.2 on 2 vs AdamW (DDP) on 2 (target <= 1.05x)"] == pytest.approx(1.2 / 1.1)
+    assert targets["SAMPa-0.2 on 1 vs SAM on 1 (target <= 1.05x)"] == pytest.approx(1.03)  # 1.05, 1.025, 1.03
+    assert targets["SAM (interval=4) on 1 vs AdamW on 1 (expected about 1.25x)"] == pytest.approx(1.25)
+    markdown = bench.to_markdown(summary, argparse.Namespace(hidden=8, layers=1, batch=2, seq=4, precision="fp32",
+                                                             steps=2, warmup=1, repeats=3))
+    assert "| SAMPa-0.2 | 2 | 1210 | 1.20x | 1.09x | 1.67x | - | 100 / 101 |" in markdown
+
+
+def test_bench_runs_sam_every_4th_step_and_the_bf16_exchange():
+    configs = {(label, procs): args for label, _, args, procs in bench.CONFIGS}
+    assert configs[("SAM (interval=4)", 1)] == "rho=0.05,interval=4"
+    assert "exchange_dtype=bf16" in configs[("SAMPa-0.2 (bf16 exchange)", 2)]
+
+
 def test_one_configuration_end_to_end(tmp_path):
     out = tmp_path / "bench"
     code = bench.main(["--out", str(out), "--only", "AdamW,SAM", "--steps", "2", "--warmup", "1", "--hidden", "32",
@@ -33,6 +68,8 @@ def test_one_configuration_end_to_end(tmp_path):
     assert {r["label"] for r in report["rows"]} == {"AdamW", "SAM"}
     markdown = (out / "bench.md").read_text()
     assert "| SAM | 1 |" in markdown and "tokens, bf16;" in markdown
+    assert all(r["peak_mem_mb"] > 0 and r["mem_kind"] in ("rss", "gpu") for r in report["results"])
+    assert "load average" in markdown
 
 
 def test_configurations_this_machine_cannot_run_are_skipped():

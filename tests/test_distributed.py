@@ -63,6 +63,13 @@ PARITY = {
     "sam_nosync_is_msam2": ("sam", "rho=0.1,sync_ascent=false", 4, ("msam", "rho=0.1,micro_batches=2", 8)),
     # data-parallel SAMPa: each rank holds its shard of B_t; the all-reduced halves are the global-batch rule
     "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, ("sampa", "rho=0.1", 8)),
+    # issue 10's exchange: a term of weight 0 (nothing of it crosses the link for lam = 1), and gradient accumulation
+    # (a NAME ending in _ga2: 2 micro-batches per step on every rank)
+    "sampa_roles_lam0": ("sampa", "rho=0.1,lam=0", 8, ("sampa", "rho=0.1,lam=0", 8)),
+    "sampa_roles_lam1": ("sampa", "rho=0.1,lam=1", 8, ("sampa", "rho=0.1,lam=1", 8)),
+    "sampa_roles_ga2": ("sampa", "rho=0.1,lam=0.3", 4, ("sampa", "rho=0.1,lam=0.3", 4, 2)),
+    "asyncsam_roles_ga2": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 4,
+                           ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 4, 2)),
     # ascent_device=cpu (here both ranks are CPUs): the tolerant replica check and re-sync run every 2 steps (last:
     # it leaves rank 1 with 2 threads)
     "asyncsam_roles_cpu_ascent": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5,ascent_device=cpu,check_every=2,"
@@ -143,6 +150,21 @@ def test_replicas_are_identical_and_not_wrapped_in_ddp(two_process_runs, name):
 def test_data_parallel_sampa_runs_both_passes_on_every_rank(two_process_runs):
     log = torch.load(two_process_runs / "sampa_ddp.log")
     assert any("sam/grad_cosine" in h for h in log) and all("sam/exchange_seconds" not in h for h in log)
+
+
+@pytest.mark.parametrize("optim,optim_args", [("sampa", "rho=0.1,lam=0.3"), ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5")])
+def test_bf16_exchange_keeps_replicas_identical_and_close_to_fp32(tmp_path, optim, optim_args):
+    """exchange_dtype=bf16 sends half the bytes; each rank rounds its own gradient as the peer receives it, so the
+    ranks still take the same step (bit for bit), and the result is the fp32 one up to bf16 rounding."""
+    proc = launch(tmp_path, 2, "--steps", "7", "--cases", f"b:{optim}:{optim_args},exchange_dtype=bf16:8")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert_close(torch.load(tmp_path / "b.rank0.pt"), torch.load(tmp_path / "b.rank1.pt"), atol=0)
+    start = MODELS["mean"]().state_dict()
+    _, one = train(str(tmp_path / "one"), optim, optim_args, batch=8, steps=7)
+    two = torch.load(tmp_path / "b.pt")
+    moved = sum(float((one[k] - start[k]).pow(2).sum()) for k in one) ** 0.5
+    off = sum(float((two[k] - one[k]).pow(2).sum()) for k in one) ** 0.5
+    assert 0 < off <= 0.02 * moved, (off, moved)
 
 
 @pytest.mark.parametrize("slow,expected", [

@@ -3,7 +3,8 @@
 `--cases NAME:OPTIM:OPTIM_ARGS:BATCH ...` trains several configurations one after the other in the same
 processes (one launch, several results; a NAME ending in _bn uses a model with BatchNorm, one ending in _rankinit
 initialises the model differently on every rank, _kw and _count pick the model's loss kind, see tiny.MODELS; a NAME with _compile trains
-under --torch_compile with the aot_eager backend, _inductor with inductor);
+under --torch_compile with the aot_eager backend, _inductor with inductor; one ending in _ga2 accumulates 2
+micro-batches per step);
 rank 0 saves each final state dict as OUT_DIR/NAME.pt, its log
 history as NAME.log, what Trainer wrapped the model in as NAME.wrapper and its evaluation as NAME.eval; every
 rank r saves its weights as NAME.rank{r}.pt and its thread count and device as NAME.rank{r}.json.
@@ -111,7 +112,8 @@ def main():
                                save_steps=opts.save_steps, resume=opts.resume, timeout=opts.timeout,
                                batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)],
                                model_seed=trainer_rank() if name.endswith("_rankinit") else 0, device=opts.device,
-                               model=model_kind(name), compile_backend=compile_backend(name))
+                               model=model_kind(name), compile_backend=compile_backend(name),
+                               ga=2 if name.endswith("_ga2") else 1)
         rank_file = os.path.join(opts.out_dir, f"{name}.rank{trainer.args.process_index}")
         torch.save(state, rank_file + ".pt")
         with open(rank_file + ".json", "w") as f:
