@@ -23,7 +23,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import OptimizerNames
 
-from . import lookahead, parallel
+from . import lookahead, parallel, sharding
 from .batching import TrainerBatch
 from .config import METHODS, SharpnessConfig, SharpnessConfigError
 from .methods import METHOD_CLASSES
@@ -264,6 +264,8 @@ class TrainerPasses:
         plan = self.trainer._sharpness_plan
         if plan.mode != "data":  # one process, or role mode where the exchange does the averaging
             return
+        if sharding.grads_reduced_by_fsdp(params):  # FSDP2's reduce-scatter averaged .grad in the backward
+            return
         step = self.trainer.state.global_step
         reduced = parallel.all_reduce_mean([p.grad for p in params], params, plan,
                                            f"the gradient all-reduce at step {step}")
@@ -298,6 +300,7 @@ class SharpnessMixin:
     sharpness_config: SharpnessConfig | None = None
     _sharpness_plan: parallel.ParallelPlan | None = None  # set with sharpness_config, before training
     _sharpness_loss_uses_count: bool | None = None  # measured by TrainerPasses on the first slice
+    _sharpness_fsdp2 = False  # the parameters are FSDP2-sharded DTensors (sharding.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -338,14 +341,8 @@ class SharpnessMixin:
 
     def _check_combination(self, cfg: SharpnessConfig) -> None:
         name, args = cfg.method, self.args
-        if getattr(self, "is_deepspeed_enabled", False):
-            raise SharpnessConfigError(
-                f"optim={name} does not run under DeepSpeed: its engine owns the backward pass and the step, so "
-                "there is no gradient to perturb in between; drop --deepspeed and use torchrun/accelerate DDP")
-        if getattr(self, "is_fsdp_enabled", False):
-            raise SharpnessConfigError(
-                f"optim={name} does not support FSDP yet (perturbing sharded parameters needs a sharded norm); "
-                "drop --fsdp and use torchrun/accelerate DDP, or PEFT/LoRA to fit the model")
+        # DeepSpeed, FSDP1 and FSDP flags accelerate left off are refused; under FSDP2 every method runs data parallel
+        self._sharpness_fsdp2 = sharding.check_setup(self, cfg)
         # fp16 may also come from accelerate's config (ACCELERATE_MIXED_PRECISION), the same on every rank
         fp16 = args.fp16 or getattr(args, "mixed_precision", None) == "fp16"
         if cfg.ascent_device == "cpu" and fp16:
@@ -369,7 +366,8 @@ class SharpnessMixin:
         if cfg.method != "msam":
             return
         args, m = self.args, cfg.micro_batches
-        world = plan.world_size if plan.mode == "data" else 1  # mSAM spreads its micro-batches over the ranks
+        # mSAM spreads its micro-batches over the ranks; under FSDP2 every rank runs all m (sharding.py)
+        world = plan.world_size if plan.mode == "data" and not self._sharpness_fsdp2 else 1
         if m % world:
             raise SharpnessConfigError(
                 f"optim_args: micro_batches={m} cannot be spread evenly over {world} processes; "
@@ -406,7 +404,9 @@ class SharpnessMixin:
                 f"optim_args: lookahead=optimizer has no closed form for {type(base).__name__}; "
                 "use lookahead=sgd or an AdamW/Adam/SGD base optimizer")
         kwargs = {}
-        if cfg.method == "msam" and self._sharpness_plan.mode == "data":
+        if cfg.method == "msam" and self._sharpness_fsdp2:
+            kwargs["micro_batches"] = sharding.msam_micro_batches(cfg)
+        elif cfg.method == "msam" and self._sharpness_plan.mode == "data":
             kwargs["micro_batches"] = cfg.micro_batches // self._sharpness_plan.world_size
         names = {id(p): n for n, p in (model or self.model).named_parameters()}
         method = METHOD_CLASSES[cfg.method](cfg, base, max_grad_norm=self.args.max_grad_norm, param_names=names,
@@ -417,9 +417,9 @@ class SharpnessMixin:
 
     def _wrap_model(self, model, training=True, dataloader=None):
         plan = self._sharpness_plan
-        if (plan is None or not plan.distributed or not training
+        if (plan is None or not plan.distributed or not training or self._sharpness_fsdp2
                 or self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model):
-            return super()._wrap_model(model, training, dataloader)
+            return super()._wrap_model(model, training, dataloader)  # FSDP2: accelerate.prepare shards the model
         # No DistributedDataParallel: sam_hf reduces gradients itself (`all_reduce_grads`, the role exchange), so
         # DDP's buckets would only hold one more copy of the gradients; and DDP cannot span a CPU ascent rank.
         # Accelerate still places the model and adds mixed-precision autocast.
@@ -460,7 +460,9 @@ class SharpnessMixin:
         plan, cfg = self._sharpness_plan, self.sharpness_config
         method = self._sharpness_optimizer.method
         step = self.state.global_step
-        if plan.distributed and cfg.check_every and step % cfg.check_every == 0:
+        if self._sharpness_fsdp2:  # accelerate swapped the optimizer's parameters for DTensors after create_optimizer
+            sharding.rebind_params(method)
+        if plan.distributed and not self._sharpness_fsdp2 and cfg.check_every and step % cfg.check_every == 0:
             parallel.check_replicas(plan, method.params, step)
         passes = TrainerPasses(self, model, num_items_in_batch)
         if cfg.method in ("sam", "msam") and not cfg.active(step, self.state.max_steps):
@@ -495,9 +497,16 @@ class SharpnessMixin:
         for k, v in state[0].items():
             setattr(self, k, v)
 
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._sharpness_fsdp2:  # accelerate's FSDP2 optimizer checkpoint keeps the base optimizer's state only
+            sharding.save_method_state(self._sharpness_optimizer.method, output_dir)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         method = getattr(self._sharpness_optimizer, "method", None)
+        if self._sharpness_fsdp2 and checkpoint is not None and method is not None:
+            sharding.load_method_state(method, checkpoint)
         for batch in getattr(method, "held", None) or []:  # SAMPa's B_t was counted in the step that handed it in
             batch.metrics_counted = True
 

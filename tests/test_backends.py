@@ -1,5 +1,5 @@
-"""Other back ends: torch_compile works with every method; DeepSpeed and FSDP fail at construction, before
-training, with a message that names them and says what to use instead.
+"""Other back ends: torch_compile works with every method; DeepSpeed and FSDP1 fail at construction, before
+training, with a message that names them and says what to use instead (FSDP2 runs: tests/test_fsdp.py).
 
 FSDP and DeepSpeed cannot be switched on in one CPU process (Trainer refuses `fsdp` outside distributed
 training, accelerate ignores the FSDP plugin on CPU, and deepspeed is not installed), so those tests set the
@@ -73,13 +73,21 @@ def _force_flag(monkeypatch, flag):
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create_accelerator_and_postprocess)
 
 
+def _force_fsdp1(monkeypatch):
+    """accelerate's FSDP plugin in version 1, as a `--fsdp` run on GPUs has it."""
+    from sam_hf import sharding
+
+    monkeypatch.setattr(sharding, "fsdp_version", lambda trainer: 1)
+
+
 @pytest.mark.parametrize("flag,names,alternative", [
-    ("is_fsdp_enabled", ["FSDP", "--fsdp"], ["DDP", "LoRA"]),
-    ("is_deepspeed_enabled", ["DeepSpeed", "--deepspeed"], ["DDP"]),
+    ("fsdp1", ["FSDP1", "FlatParameter"], ["FSDP2", "fsdp_version: 2"]),
+    ("is_deepspeed_enabled", ["DeepSpeed"], ["FSDP2", "DDP"]),
 ])
 @pytest.mark.parametrize("how", ["SharpnessTrainer", "patched Trainer"])
 def test_unsupported_back_end_fails_at_construction(tmp_path, monkeypatch, flag, names, alternative, how):
-    _force_flag(monkeypatch, flag)
+    """DeepSpeed and FSDP1 are refused before training, saying what to use (FSDP2 runs: tests/test_fsdp.py)."""
+    _force_fsdp1(monkeypatch) if flag == "fsdp1" else _force_flag(monkeypatch, flag)
     cls = sam_hf.SharpnessTrainer if how == "SharpnessTrainer" else Trainer
     for optim in sam_hf.METHODS:
         with pytest.raises(SharpnessConfigError) as err:
@@ -98,12 +106,13 @@ def test_back_end_flags_do_not_touch_plain_optimizers(tmp_path, monkeypatch):
     assert trainer.sharpness_config is None
 
 
-def test_check_combination_directly(tmp_path):
+def test_check_combination_directly(tmp_path, monkeypatch):
     """The same messages from `_check_combination` on a constructed trainer (how a later back end would call it)."""
     trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, "sampa"), train_dataset=vector_data())
-    trainer.is_fsdp_enabled = True
-    with pytest.raises(SharpnessConfigError, match="FSDP"):
+    _force_fsdp1(monkeypatch)
+    with pytest.raises(SharpnessConfigError, match="FSDP1"):
         trainer._check_combination(trainer.sharpness_config)
-    trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = False, True
+    monkeypatch.undo()
+    trainer.is_deepspeed_enabled = True
     with pytest.raises(SharpnessConfigError, match="DeepSpeed"):
         trainer._check_combination(trainer.sharpness_config)

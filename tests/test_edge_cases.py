@@ -56,24 +56,6 @@ def test_a_second_train_call_continues(tmp_path):
     assert trainer.state.global_step == 2
 
 
-def test_torch_compile_and_trl_are_refused_on_several_processes(tmp_path):
-    trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), train_dataset=vector_data(),
-                                      args=args(tmp_path, "sam", "rho=0.1"))
-    two = ParallelPlan(mode="data", world_size=2)
-    trainer.args.torch_compile = True
-    with pytest.raises(sam_hf.SharpnessConfigError, match="--torch_compile on 2 processes"):
-        trainer._check_world(trainer.sharpness_config, two)
-    trainer.args.torch_compile = False
-    trainer._check_world(trainer.sharpness_config, two)  # a plain trainer on 2 processes is fine
-
-    trl = pytest.importorskip("trl")
-    fake_trl_trainer = type("FakeTRL", (sam_hf.SharpnessTrainer,), {})
-    fake_trl_trainer.__module__ = trl.__name__ + ".trainer.fake"
-    trainer.__class__ = fake_trl_trainer
-    with pytest.raises(sam_hf.SharpnessConfigError, match="TRL trainer runs in one process only"):
-        trainer._check_world(trainer.sharpness_config, two)
-
-
 def test_broadcasts_go_in_bounded_buckets_per_dtype(monkeypatch):
     # the start-up weight broadcast must not need a second copy of a large model at once
     from sam_hf import parallel

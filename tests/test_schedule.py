@@ -13,7 +13,7 @@ import torch
 
 import sam_hf
 from reference import Base, Reference
-from test_reference_parity import ListDataset, TinyNet, reference_batches, stack, vector_rows  # noqa: F401
+from test_reference_parity import ListDataset, TinyNet, stack, vector_rows
 from test_resume import assert_bitwise, interrupted_and_resumed, uninterrupted
 from tiny import MeanLossModel, args, vector_data, weights
 

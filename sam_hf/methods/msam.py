@@ -35,7 +35,7 @@ class MSAM(SharpnessMethod):
         self.local_micro_batches = micro_batches or self.config.micro_batches
 
     def step(self, batches, passes):
-        params, cfg = self.params, self.config
+        params = self.params
         scale = passes.loss_scale()
         acc = [None] * len(params)
         saved = None
