@@ -29,15 +29,18 @@ def _f(value) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
 
-def _adam(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict, decoupled: bool) -> torch.Tensor:
+def _adam(p: torch.Tensor, g: torch.Tensor, group: dict, state: dict, decoupled: bool, keep) -> None:
+    """y written into p (through an fp32 copy where p is not fp32), after `keep(p)` has saved x."""
     # lr and step may be tensors (capturable / fused optimizers keep them on the GPU): use them as tensors,
     # so computing y never waits on the device.
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     b1, b2 = (_f(b) for b in group["betas"])
+    x = p.detach()
+    x32 = x if x.dtype == torch.float32 else x.float()
     if group.get("maximize", False):
         g = -g
     if wd and not decoupled:
-        g = g + wd * x
+        g = g + wd * x32
     step = state.get("step")
     # Bias corrections in float64, as torch computes them (Python floats from a CPU step count, doubles in the
     # fused kernels); a step count on a GPU (fused, capturable) stays there, so computing y never waits on it.
@@ -49,16 +52,23 @@ def _adam(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict, decoupled:
         k = float(step) + 1
     step_size = lr / (1 - b1**k)
     bias_correction2_sqrt = (1 - b2**k) ** 0.5
-    # In place on fresh tensors, fused where torch has the op: this runs on the critical path of every step.
+    # Two temporaries per parameter, fused where torch has the op: this runs on the critical path of every step.
     m = torch.lerp(state["exp_avg"].float(), g, 1 - b1) if "exp_avg" in state else g * (1 - b1)
     v = (state["exp_avg_sq"].float() * b2).addcmul_(g, g, value=1 - b2) if "exp_avg_sq" in state else g * g * (1 - b2)
     if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
         v = torch.maximum(state["max_exp_avg_sq"].float(), v)
     denom = v.sqrt_().div_(bias_correction2_sqrt).add_(eps)
-    y = x * (1 - lr * wd) if (wd and decoupled) else x.clone()
+    del g
+    keep(p)  # g is spent: its buffer may now hold x
+    y = x32  # an fp32 p is its own x32: y is computed in p itself
+    if wd and decoupled:
+        y.mul_(1 - lr * wd)
     if isinstance(step_size, float):
-        return y.addcdiv_(m, denom, value=-step_size)  # torch's own last line
-    return y.sub_(m.mul_(step_size).div_(denom))
+        y.addcdiv_(m, denom, value=-step_size)  # torch's own last line
+    else:
+        y.sub_(m.mul_(step_size).div_(denom))
+    if y is not x:
+        x.copy_(y)
 
 
 def _sgd(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
@@ -76,23 +86,46 @@ def _sgd(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Te
 
 @torch.no_grad()
 def apply_lookahead_(optimizer: torch.optim.Optimizer, grads: dict[torch.nn.Parameter, torch.Tensor], kind: str,
-                     grad_scale=1.0) -> None:
+                     grad_scale=1.0, keep_x: bool = False) -> dict[torch.nn.Parameter, torch.Tensor] | None:
     """Overwrite each parameter in `grads` with y = ModelUpdate(x, grad_scale * g); the optimizer's state is
-    not changed. `grad_scale` (clipping) is applied one parameter at a time, so no clipped copy of g is made."""
+    not changed. `grad_scale` (clipping) is applied one parameter at a time, so no clipped copy of g is made.
+
+    `keep_x=True` returns x's backup, {param: x}, for every parameter moved, written into the gradient's own
+    buffer once y no longer needs it (where dtype, shape and layout allow): the caller's g is consumed, and the
+    backup costs no new memory."""
     decoupled_adam = isinstance(optimizer, torch.optim.AdamW)
+    saved: dict[torch.nn.Parameter, torch.Tensor] = {}
+
+    def keeper(g_own):
+        def keep(p):
+            if not keep_x:
+                return
+            x = p.detach()
+            if g_own.dtype == x.dtype and g_own.shape == x.shape and g_own.is_contiguous() and x.is_contiguous():
+                saved[p] = g_own.copy_(x)
+            else:
+                saved[p] = x.clone()
+        return keep
+
     for group in optimizer.param_groups:
         for p in group["params"]:
-            g = grads.get(p)
-            if g is None:
+            g_own = grads.get(p)
+            if g_own is None:
                 continue
-            g = g * grad_scale if not (isinstance(grad_scale, float) and grad_scale == 1.0) else g
-            x, state = p.detach().float(), optimizer.state.get(p, {})
+            g = g_own * grad_scale if not (isinstance(grad_scale, float) and grad_scale == 1.0) else g_own
+            state = optimizer.state.get(p, {})
+            keep = keeper(g_own)
+            if isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)) and kind != "sgd":
+                _adam(p, g, group, state, decoupled_adam or group.get("decoupled_weight_decay", False), keep)
+                continue
+            x = p.detach().float()
             if kind == "sgd":
                 y = x - group["lr"] * g
-            elif isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
-                y = _adam(x, g, group, state, decoupled_adam or group.get("decoupled_weight_decay", False))
             elif isinstance(optimizer, torch.optim.SGD):
                 y = _sgd(x, g, group, state)
             else:
                 raise TypeError(f"no closed-form lookahead for {type(optimizer).__name__}; use lookahead=sgd")
+            del g
+            keep(p)
             p.copy_(y.to(p.dtype))
+    return saved if keep_x else None

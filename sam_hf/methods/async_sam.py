@@ -12,9 +12,9 @@ measures both devices; in one process `auto` means r = 1). In one process
 the two passes run one after the other, the descent first.
 
 The reported `loss` is f(x_t, A_t), the clean loss on the ascent batch. Memory, beyond the base optimizer's own:
-a_{t-1} and the weight backup during the descent pass (SAM's backup plus one copy), a_t and the descent gradient
-after the ascent pass. Both gradients are `.grad`'s own tensors, handed over without copies; in role mode the
-other role's gradient is received into the spent a_{t-1}'s buffers.
+one copy (SAM's, the weight backup), written into a_{t-1}'s buffers as the perturbation consumes them
+(`perturb_keeping_x`), then a_t and the descent gradient: `.grad`'s own tensors, handed over without copies. In
+role mode the other role's gradient is received into the spent a_{t-1}'s buffers.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 from ..batching import batch_size as _size
 from ..batching import leading_samples
 from ..parallel import take_grads
-from .base import (SharpnessMethod, StepResult, as_tensor, backup, restore, run_batches, run_pieces, to_device,
-                   zero_grads)
+from .base import SharpnessMethod, StepResult, as_tensor, restore, run_batches, run_pieces, to_device, zero_grads
+from .sampa import perturb_keeping_x
 
 logger = logging.getLogger(__name__)
 AUTO_STEPS = 3  # steps measured (after the first) before ascent_batch_ratio=auto fixes r
@@ -66,11 +66,13 @@ class AsyncSAM(SharpnessMethod):
         zero_grads(params)
         if self.a is None:
             return run_batches(passes, batches, clean=True), False, torch.zeros(())
-        saved = backup(params)
-        applied, norm = self.perturb_(self.a, 1.0)
-        self._spend_a()  # a_{t-1} has done its work: gone (or a receive buffer) before the backward pass
+        # a_{t-1} has done its work once the perturbation is applied: its buffers take x's backup
+        saved, applied, norm = perturb_keeping_x(self, self.a)
+        self.a = None
         loss = run_batches(passes, batches, clean=False)
         restore(params, saved)
+        if self.role_parallel:  # the backup's buffers (a_{t-1}'s) receive the ascent gradient a_t
+            self._spent = saved
         return loss, applied, norm
 
     def role_pass(self, role: int, batches, passes) -> dict:

@@ -23,10 +23,13 @@ schedule's k-th learning rate. The reported `loss` is
 f(y_{t+1}, B_{t+1}), the loss at the lookahead point (at x_0 on the first step).
 
 Memory, beyond the base optimizer's own: one copy more than SAM's (its weight
-backup): g_t, kept from one step to the next. g_t is freed (one process) or
-becomes the exchange's receive buffer (role mode) as soon as its pass has used
-it; the step's two gradients are `.grad`'s own tensors, handed over without
-copies, and G is combined in place in g~_t's.
+backup): g_t, kept from one step to the next. In role mode each rank's pass
+writes x's backup into g_t's buffers as it consumes them (`perturb_keeping_x`,
+`apply_lookahead_(keep_x=True)`), and after the pass those buffers receive
+the other role's gradient; in one process the lookahead pass runs first, its
+backup serves the perturbed pass too, and g_t is freed once the perturbation
+has used it. The step's two gradients are `.grad`'s own tensors, handed over
+without copies, and G is combined in place in g~_t's.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from __future__ import annotations
 import torch
 
 from ..batching import TrainerBatch
+from .. import sharding
 from ..lookahead import apply_lookahead_
 from ..parallel import take_grads
-from .base import SharpnessMethod, StepResult, as_tensor, backup, global_norm, restore, run_batches, to_device, zero_grads
+from .base import (SharpnessMethod, StepResult, _direction, _etas, as_tensor, ascent_norm, backup, global_norm,
+                   restore, run_batches, to_device, zero_grads)
 
 
 def _count(batch):
@@ -45,9 +50,41 @@ def _count(batch):
 
 
 def _all_finite(tensors) -> bool:
-    """One device sync for the whole list, not one per parameter."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    """One device sync for the whole list, not one per parameter; over all shards under FSDP2 (one collective).
+
+    Plain tensors take a fast exact path: a finite sum proves every element finite (one inf or nan element makes
+    any sum non-finite), so only a sum that overflows is checked element by element."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors or any(sharding.is_sharded(t) for t in tensors):
+        return sharding.all_finite(tensors)
+    total = torch.stack([t.sum().to(tensors[0].device, torch.float32) for t in tensors]).sum()
+    return bool(torch.isfinite(total)) or sharding.all_finite(tensors)
+
+
+@torch.no_grad()
+def perturb_keeping_x(method: SharpnessMethod, directions) -> tuple[list[torch.Tensor], bool, torch.Tensor]:
+    """`method.perturb_(directions, 1.0)` (x <- x + rho d/||d||, ASAM's T included, the same arithmetic), with
+    x's backup written into each direction's own buffer once its step is computed: the directions are consumed,
+    and the backup costs no new memory. Returns (backup, applied, norm)."""
+    params, cfg = method.params, method.config
+    norm = ascent_norm(params, directions, 1.0, cfg, method.rescaled)
+    applied = bool(torch.isfinite(norm)) and float(norm) != 0.0
+    coeff = cfg.rho / norm if applied else None
+    saved = []
+    for p, d, eta in zip(params, directions, _etas(params, cfg, method.rescaled)):
+        x = p.detach()
+        step = None
+        if applied and d is not None:
+            e = _direction(p, d, 1.0, eta)
+            if eta is not None:
+                e = e * (x.float().abs() + eta)  # T^2 d = T (T d)
+            step = (e * coeff.to(e.device)).to(p.dtype)
+            del e
+        reuse = d is not None and d.dtype == x.dtype and d.shape == x.shape and d.is_contiguous() and x.is_contiguous()
+        saved.append(d.copy_(x) if reuse else x.clone())
+        if step is not None:
+            p.add_(step)
+    return saved, applied, norm
 
 
 def _set_grads(params, grads, scale: float) -> None:
@@ -68,17 +105,26 @@ class SAMPa(SharpnessMethod):
         self.g: list[torch.Tensor | None] | None = None  # g_t, unscaled fp32
         self.held: list[dict] | None = None  # B_t
         self._spent: list[torch.Tensor | None] | None = None  # role mode: g_t's buffers, for the exchange
+        self._x_saved: list[torch.Tensor] | None = None  # one process: x, backed up by the lookahead pass
 
     # ---- the two independent halves ------------------------------------
     def perturbed_grad(self, passes):
         """g~_t = grad f(x_t + rho g_t/||g_t||, B_t), left in .grad. Returns (loss, applied, ||g_t||)."""
         params = self.params
         zero_grads(params)
-        saved = backup(params)
-        applied, norm = self.perturb_(self.g, 1.0)
-        self._spend_g()  # g_t has done its work (in one process the lookahead pass ran first)
+        saved, self._x_saved = self._x_saved, None
+        if saved is not None:  # one process: the lookahead pass backed x up and restored it
+            applied, norm = self.perturb_(self.g, 1.0)
+        elif self.role_parallel:  # g_t's buffers take x's backup as the perturbation consumes them
+            saved, applied, norm = perturb_keeping_x(self, self.g)
+        else:
+            saved = backup(params)
+            applied, norm = self.perturb_(self.g, 1.0)
+        self.g = None  # g_t has done its work (in one process the lookahead pass ran first)
         loss = run_batches(passes, self.held, clean=False)  # BatchNorm statistics come from the lookahead pass
         restore(params, saved)
+        if self.role_parallel:  # the backup's buffers (g_t's) receive the other role's gradient
+            self._spent = saved
         return loss, applied, norm
 
     def lookahead_grad(self, batches, passes, finite_g: bool):
@@ -87,15 +133,25 @@ class SAMPa(SharpnessMethod):
         zero_grads(params)
         saved = None
         if finite_g:
-            saved = backup(params)
             grads = {p: t for p, t in zip(self.params, self.g) if t is not None}
-            apply_lookahead_(self.optimizer, grads, self.config.lookahead, grad_scale=self._clip_coef())
+            if self.role_parallel:  # the perturbation is the other role's: g_t's buffers take x's backup
+                kept = apply_lookahead_(self.optimizer, grads, self.config.lookahead, grad_scale=self._clip_coef(),
+                                        keep_x=True)
+                saved = [kept[p] if p in kept else p.detach().clone() for p in params]
+                self.g = None
+            else:  # one process: g_t is still to perturb with; this backup serves the perturbed pass too
+                saved = backup(params)
+                apply_lookahead_(self.optimizer, grads, self.config.lookahead, grad_scale=self._clip_coef())
             del grads
-        if self.role_parallel:  # the perturbation is the other role's: g_t has done its work here
+        if self.role_parallel:
             self._spend_g()
         loss = run_batches(passes, batches, clean=True)
         if saved is not None:
             restore(params, saved)
+            if self.role_parallel:  # the backup's buffers (g_t's) receive the other role's gradient
+                self._spent = saved
+            else:
+                self._x_saved = saved
         return loss
 
     def _spend_g(self) -> None:
@@ -153,7 +209,7 @@ class SAMPa(SharpnessMethod):
         params, lam = self.params, self.config.lam
         loss = as_tensor(extras.get("loss", 0.0), self.device)
         first = self.g is None and self.held is None
-        self.g = self._spent = None  # whatever is left of g_t is freed before G is built
+        self.g = self._spent = self._x_saved = None  # whatever is left of g_t is freed before G is built
         if first:  # keep g_0, leave x and the optimizer state alone
             if _all_finite(g_next):
                 self.g, self.held = g_next, list(batches)
@@ -171,7 +227,7 @@ class SAMPa(SharpnessMethod):
             with torch.no_grad():
                 for gt, gn in zip(g_tilde, g_next):
                     if gt is not None and gn is not None:
-                        a, b = gt.view(-1), gn.view(-1)
+                        a, b = sharding.local(gt).reshape(-1), sharding.local(gn).reshape(-1)  # this rank's shard
                         dots.append(torch.dot(a, b))
                         sq_a.append(torch.dot(a, a))
                         sq_b.append(torch.dot(b, b))
@@ -184,9 +240,8 @@ class SAMPa(SharpnessMethod):
         self.g, self.held = g_next, list(batches)
         metrics = self._metrics(extras)
         if 0.0 < lam < 1.0:
-            metrics["sam/grad_cosine"] = (
-                torch.stack(dots).sum() / (torch.stack(sq_a).sum() * torch.stack(sq_b).sum()).sqrt().clamp_min(1e-30)
-                if dots else torch.zeros(()))
+            dot, sq_a, sq_b = sharding.totals(dots, sq_a, sq_b)  # over the shards under FSDP2: one collective
+            metrics["sam/grad_cosine"] = dot / (sq_a * sq_b).sqrt().clamp_min(1e-30) if dots else torch.zeros(())
         return StepResult(loss, metrics=metrics)
 
     def _metrics(self, extras) -> dict:
@@ -206,7 +261,7 @@ class SAMPa(SharpnessMethod):
     def load_state_dict(self, state):
         device = self.device
         self.g = to_device(state.get("g"), device)
-        self.held = self._spent = None
+        self.held = self._spent = self._x_saved = None
         if state.get("held") is not None:
             counts = state.get("held_num_items") or [None] * len(state["held"])
             steps = state.get("held_accumulation_steps") or [None] * len(state["held"])
