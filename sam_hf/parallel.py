@@ -254,6 +254,7 @@ def take_grads(params: list[torch.Tensor], scale: float) -> list[torch.Tensor | 
 
 
 DP_BUCKET_BYTES = 32 * 2**20  # the dp all-reduce (k > 1) flattens at most this much at a time
+SMALL_NUMEL = 16384  # gradients of fewer elements (biases, norms) cross the link together, in one message
 
 
 def _post(ops: list) -> list:
@@ -292,6 +293,18 @@ def _dp_mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str) -> Non
     flush()
 
 
+def _small_ones(like: list[torch.Tensor]) -> list[bool]:
+    """Which gradients travel in the shared small message: those under SMALL_NUMEL elements, in order, while the
+    message stays within 1/64 of all trainable elements (so its send and receive copies stay negligible)."""
+    room = sum(p.numel() for p in like) // 64
+    out = []
+    for p in like:
+        take = p.numel() < SMALL_NUMEL and p.numel() <= room
+        room -= p.numel() if take else 0
+        out.append(take)
+    return out
+
+
 def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[torch.Tensor], scale: float,
              extras: dict[str, float], extra_keys: tuple[str, ...], step: int, method: str,
              into: list[torch.Tensor | None] | None = None, dtype: str | None = None):
@@ -303,7 +316,9 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     the other role's gradients are received straight into `into`, the buffers of the method state this rank has
     spent (SAMPa's g_t, Asynchronous SAM's a_(t-1)), allocated only where there is none to reuse. With k > 1
     ranks per role, the own slot is first averaged in place over the role's k dp ranks. A small message ahead
-    carries the has-gradient flags and the scalar extras, so a parameter that got no gradient sends nothing.
+    carries the has-gradient flags and the scalar extras, so a parameter that got no gradient sends nothing; the
+    small gradients (`_small_ones`: biases, norms) travel together in one message, so the per-message cost is
+    paid about once per large tensor.
 
     `dtype="bf16"` (default: the plan's, optim_args exchange_dtype=bf16; for bandwidth-bound links) sends bf16
     copies, and each rank rounds its own gradients the same way, so the ranks still combine identical values and
@@ -332,32 +347,54 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     flags = theirs_meta[:n].tolist()
     low = torch.bfloat16 if (dtype or plan.exchange_dtype) == "bf16" else None
     staging = plan.staging_device
+    wire_dtype = low or torch.float32
+    small = _small_ones(like)
     ops, sent, landing = [], [], []  # landing: (received tensor, where it goes) where the two differ
     theirs: list[torch.Tensor | None] = []
+
+    def receive_buffer(i, p):
+        buf = into[i] if into is not None and i < len(into) else None
+        if buf is None or buf.shape != p.shape or buf.dtype != torch.float32 or not buf.is_contiguous() \
+                or buf.device != p.device:
+            buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        return buf
+
     with torch.no_grad():
+        if low is not None:  # this rank combines exactly what the peer receives
+            for g in own:
+                if g is not None:
+                    g.copy_(g.to(low))
+        # the small gradients (biases, norms) travel together, in one message after the large ones
+        mine_small = [g.reshape(-1) for g, s in zip(own, small) if g is not None and s]
         for i, (g, p) in enumerate(zip(own, like)):
-            if g is not None:
-                out = g
-                if low is not None:
-                    out = g.to(low)
-                    g.copy_(out)  # this rank combines what the peer receives
-                if out.device != staging:
-                    out = out.to(staging)
+            if g is not None and not small[i]:
+                out = g if low is None and g.device == staging else g.to(staging, wire_dtype)
                 sent.append(out)
                 ops.append(dist.P2POp(dist.isend, out, plan.peer, tag=i + 1))
             if flags[i] > 0:
-                buf = into[i] if into is not None and i < len(into) else None
-                if (buf is None or buf.shape != p.shape or buf.dtype != torch.float32 or not buf.is_contiguous()
-                        or buf.device != p.device):
-                    buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                buf = receive_buffer(i, p)
+                theirs.append(buf)
+                if small[i]:
+                    continue
                 wire = buf
                 if low is not None or buf.device != staging:
-                    wire = torch.empty(p.shape, dtype=low or torch.float32, device=staging)
+                    wire = torch.empty(p.shape, dtype=wire_dtype, device=staging)
                     landing.append((wire, buf))
                 ops.append(dist.P2POp(dist.irecv, wire, plan.peer, tag=i + 1))
-                theirs.append(buf)
             else:
                 theirs.append(None)
+        if mine_small:
+            out = torch.cat(mine_small).to(staging, wire_dtype)
+            sent.append(out)
+            ops.append(dist.P2POp(dist.isend, out, plan.peer, tag=n + 1))
+        their_small = [t for t, s in zip(theirs, small) if t is not None and s]
+        if their_small:
+            wire = torch.empty(sum(t.numel() for t in their_small), dtype=wire_dtype, device=staging)
+            ops.append(dist.P2POp(dist.irecv, wire, plan.peer, tag=n + 1))
+            offset = 0
+            for t in their_small:
+                landing.append((wire[offset:offset + t.numel()], t.view(-1)))
+                offset += t.numel()
         into = None  # the buffers that were not reused are freed with it
         for work in _post(ops):
             _wait(work, plan, what)

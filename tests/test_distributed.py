@@ -167,6 +167,63 @@ def test_bf16_exchange_keeps_replicas_identical_and_close_to_fp32(tmp_path, opti
     assert 0 < off <= 0.02 * moved, (off, moved)
 
 
+EXCHANGE_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+from sam_hf import parallel
+from sam_hf.config import SharpnessConfig
+dist.init_process_group("gloo")
+rank, world, dtype = dist.get_rank(), dist.get_world_size(), sys.argv[2]
+cfg = SharpnessConfig.from_optim_args("sampa", f"rho=0.1,exchange_dtype={dtype}")
+plan = parallel.make_plan(cfg, torch.device("cpu"), 60.0)
+# large and small tensors (the small ones share a message); parameter 3 gets a gradient on role 0 only, 5 on none
+shapes = [(300, 70), (7,), (64, 40), (5, 3), (2, 9000), (4,), (30,)]
+params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+def grad(role, dp, i):
+    g = torch.Generator().manual_seed(1000 * role + 100 * dp + i)
+    return torch.randn(shapes[i], generator=g) * 3.0
+for i, p in enumerate(params):
+    p.grad = None if i == 5 or (i == 3 and plan.role == 1) else grad(plan.role, plan.dp_rank, i) * 4.0  # scale 4
+into = [torch.empty(s) for s in shapes]
+ids = [id(t) for t in into]
+g0, g1, extras = parallel.exchange(plan, [p.grad for p in params], params, 4.0, {"loss": 1.0 + plan.role},
+                                   ("loss",), 0, "sampa", into=into)
+k = plan.dp_size
+for role, got in ((0, g0), (1, g1)):
+    for i, t in enumerate(got):
+        if i == 5 or (i == 3 and role == 1):
+            assert t is None, (role, i)
+            continue
+        want = sum(grad(role, dp, i) for dp in range(k)) / k
+        if dtype == "bf16":
+            want = want.to(torch.bfloat16).float()
+            tol = 0 if k == 1 else 1e-2
+        else:
+            tol = 0 if k == 1 else 1e-6
+        torch.testing.assert_close(t, want, rtol=0, atol=tol)
+        if role != plan.role:  # received in place, into the buffers handed in
+            assert id(t) == ids[i], (role, i)
+assert extras == {"loss": 3.0}, extras
+torch.save([g0, g1], f"{sys.argv[1]}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("nproc,dtype", [(2, "fp32"), (2, "bf16"), (4, "fp32")])
+def test_the_exchange_delivers_each_roles_gradient_in_place(tmp_path, nproc, dtype):
+    """Each role's gradient (unscaled, dp-averaged) reaches every rank, the other role's landing in the buffers
+    handed in; a parameter without a gradient stays None; the small gradients' shared message; identical on all."""
+    script = tmp_path / "exchange.py"
+    script.write_text(EXCHANGE_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_port()), str(script), str(tmp_path), dtype]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
+    for other in ranks[1:]:  # replicas: every rank holds bit for bit the same two gradients
+        for a, b in zip(ranks[0][0] + ranks[0][1], other[0] + other[1]):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("slow,expected", [
     # descent 0.16 s per step; ascent 0.04 s per sample on a batch of 8: r = 0.16 / (0.04 * 8) = 0.5
     ("0.16,0.04", 0.5),
