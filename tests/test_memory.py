@@ -64,6 +64,8 @@ ROLE_CASES = {
     "sampa-sgd-clip": ("sampa", "rho=0.1,lam=0.2,base=sgd,momentum=0.9", 1.0, 1),
     "asyncsam-r1": ("asyncsam", "rho=0.05,ascent_batch_ratio=1", 0.0, 1),
     "asyncsam-r0.5-clip-ga2": ("asyncsam", "rho=0.05,ascent_batch_ratio=0.5", 1.0, 2),
+    # bf16 on the wire: half a copy out and half a copy in while the exchange runs (1.81 copies)
+    "sampa-bf16-exchange": ("sampa", "rho=0.1,lam=0.2,exchange_dtype=bf16", 0.0, 1),
 }
 
 
