@@ -109,3 +109,33 @@ def test_one_wasted_copy_measures_one(monkeypatch):
 
     monkeypatch.setattr(sam_module.SAM, "step", wasteful)
     assert pc.measure("sam", "rho=0.05", steps=STEPS) == pytest.approx(honest + 1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("optim_args", ["rho=0.1", "rho=0.5,adaptive=true", "rho=0.1,lam=0.3"])
+def test_backup_written_into_the_spent_direction_is_exact(optim_args):
+    """Role mode's perturbation writes x's backup into the direction's own buffers: the weights move exactly as
+    `perturb_` moves them, the backup is x, and no new buffer is made where one can be reused."""
+    import torch
+
+    from sam_hf.config import SharpnessConfig
+    from sam_hf.methods import SAMPa
+    from sam_hf.methods.sampa import perturb_keeping_x
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    method = SAMPa(SharpnessConfig.from_optim_args("sampa", optim_args), torch.optim.AdamW(model.parameters()),
+                   param_names=dict((id(p), n) for n, p in model.named_parameters()))
+    x = [p.detach().clone() for p in method.params]
+    d = [torch.randn_like(p) for p in method.params]
+    d[1] = None  # a parameter without a gradient
+    method.perturb_([None if t is None else t.clone() for t in d], 1.0)
+    want = [p.detach().clone() for p in method.params]
+    with torch.no_grad():
+        for p, x0 in zip(method.params, x):
+            p.copy_(x0)
+    ids = [None if t is None else id(t) for t in d]
+    saved, applied, _ = perturb_keeping_x(method, d)
+    assert applied
+    for p, w, s, x0, i in zip(method.params, want, saved, x, ids):
+        assert torch.equal(p, w) and torch.equal(s, x0)
+        assert i is None or id(s) == i  # the direction's buffer now holds x
