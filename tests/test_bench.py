@@ -61,11 +61,14 @@ def test_bench_runs_sam_every_4th_step_and_the_bf16_exchange():
 
 def test_one_configuration_end_to_end(tmp_path):
     out = tmp_path / "bench"
-    code = bench.main(["--out", str(out), "--only", "AdamW,SAM", "--steps", "2", "--warmup", "1", "--hidden", "32",
-                       "--layers", "1", "--seq", "8", "--batch", "4", "--precision", "bf16"])
+    code = bench.main(["--out", str(out), "--only", "AdamW,SAM,SAM (interval=4)", "--steps", "4", "--warmup", "1",
+                       "--hidden", "32", "--layers", "1", "--seq", "8", "--batch", "4", "--precision", "bf16"])
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
-    assert {r["label"] for r in report["rows"]} == {"AdamW", "SAM"}
+    assert {r["label"] for r in report["rows"]} == {"AdamW", "SAM", "SAM (interval=4)"}
+    # a schedule's steps differ by design: its row is the mean step, the others the median
+    assert {r["label"]: r["step_statistic"] for r in report["rows"]} == {
+        "AdamW": "median", "SAM": "median", "SAM (interval=4)": "mean"}
     markdown = (out / "bench.md").read_text()
     assert "| SAM | 1 |" in markdown and "tokens, bf16;" in markdown
     assert all(r["peak_mem_mb"] > 0 and r["mem_kind"] in ("rss", "gpu") for r in report["results"])
