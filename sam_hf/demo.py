@@ -2,8 +2,15 @@
 
 Every method trains the same model from the same initialisation on the same
 batches for the same number of steps. The demo prints a table (accuracy,
-time per step, speed-up over SAM) and writes a loss-curve PNG, a markdown
-report and the raw numbers (results.json) into --output_dir.
+time per step, speed-up over SAM, sharpness of the final model) and writes a
+PNG of the loss and sharpness curves, a markdown report and the raw numbers
+(results.json) into --output_dir.
+
+Sharpness is the largest eigenvalue lambda_max of the Hessian of the training
+loss, measured by `sam_hf.SharpnessCallback` on a fixed sample of training
+examples (the same examples for every method, drawn with seed 0) every
+`sharpness_every` steps and at the end. The measurement changes nothing in
+training (same weights, bitwise) and is left out of the time per step.
 
 Everything runs on the CPU, one thread per process, so a process stands for
 one device. SAMPa's point is that its two gradient passes are independent,
@@ -32,7 +39,10 @@ METHODS = {
     "sam": ("SAM", "sam", "rho=0.05", 1),
     "sampa": ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2,parallel=off", 1),
     "sampa-2proc": ("SAMPa-0.2, 2 processes", "sampa", "rho=0.1,lam=0.2,parallel=on", 2),
+    # not run by default (--methods ...,msam): mSAM, 4 micro-batches of 24, SAM's rho
+    "msam": ("mSAM (m=4)", "msam", "rho=0.05,micro_batches=4", 1),
 }
+DEFAULT_METHODS = ("adamw", "sam", "sampa", "sampa-2proc")
 
 
 @dataclass
@@ -47,9 +57,16 @@ class Size:
     max_steps: int = 300
     logging_steps: int = 10
     learning_rate: float = 3e-3
+    # lambda_max on a fixed sample of this many training examples, every this many steps and at the end.
+    # One measurement is about 21 Hessian-vector products over the sample (Lanczos), about 3 s here on a
+    # CPU core, most of it fixed per-product cost (32 examples take not much less): 3 points per method
+    # add under a third to the demo's time (4 points, every 75 steps, added 39%).
+    sharpness_samples: int = 64
+    sharpness_every: int = 100  # 0: no measurement
 
 
-TINY = Size(patch=4, hidden=16, layers=1, heads=2, batch=32, max_steps=6, logging_steps=1)
+TINY = Size(patch=4, hidden=16, layers=1, heads=2, batch=32, max_steps=6, logging_steps=1,
+            sharpness_samples=16, sharpness_every=3)
 
 
 def parse_args(argv):
@@ -57,7 +74,8 @@ def parse_args(argv):
     p.add_argument("--output_dir", default="demo_out")
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps per method (default 300, tiny 6)")
     p.add_argument("--tiny", action="store_true", help="a very small model and few steps (for tests)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one method inside torchrun
     args = p.parse_args(argv)
@@ -136,6 +154,10 @@ def train_one(method: str, args, output_dir: Path) -> dict | None:
     torch.set_num_threads(1)
     label, optim, optim_args, _ = METHODS[method]
     size = args.size
+    timer = step_timer()
+    callbacks = [timer]  # first: its step ends before a measurement starts, so the time per step leaves it out
+    if size.sharpness_every:  # the same examples for every method (seed 0 picks them from the same training set)
+        callbacks.append(sam_hf.SharpnessCallback(every=size.sharpness_every, samples=size.sharpness_samples, seed=0))
     set_seed(args.seed)
     train, test = digits(args.seed, args.tiny)
     model = vit(size)  # same seed, so every method starts from the same weights
@@ -147,21 +169,25 @@ def train_one(method: str, args, output_dir: Path) -> dict | None:
         save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         dataloader_pin_memory=False, use_cpu=True, ddp_backend="gloo" if args.worker else None,
     )
-    timer = step_timer()
     trainer = sam_hf.SharpnessTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
-                                      compute_metrics=accuracy, callbacks=[timer])
+                                      compute_metrics=accuracy, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the demo prints its own summary
     trainer.train()
     metrics = trainer.evaluate()
     if not trainer.is_world_process_zero():
         return None
     steady = sorted(timer.times[min(3, len(timer.times) - 1):])  # skip warm-up steps
+    measured = [e for e in trainer.state.log_history if "sharpness/lambda_max" in e]
     return {
         "method": method, "label": label, "optim": optim, "optim_args": optim_args,
         "processes": training_args.world_size,
         "steps": trainer.state.global_step, "eval_accuracy": metrics["eval_accuracy"],
         "sec_per_step": steady[len(steady) // 2],  # median: robust to the odd slow step
         "loss_curve": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
+        # lambda_max of the final model (measured at the last step), and its curve over training
+        "lambda_max": measured[-1]["sharpness/lambda_max"] if measured else float("nan"),
+        "sharpness_curve": [(e["step"], e["sharpness/lambda_max"]) for e in measured],
+        "sharpness_seconds": sum(e["sharpness/seconds"] for e in measured),
     }
 
 
@@ -196,30 +222,37 @@ def run_two_processes(method: str, args, output_dir: Path) -> tuple[dict | None,
 
 def table(results: list[dict]) -> str:
     sam = next((r for r in results if r["method"] == "sam"), None)
-    rows = ["| method | processes | eval accuracy | time per step (ms) | speed-up vs SAM |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = ["| method | processes | eval accuracy | time per step (ms) | speed-up vs SAM | final λ_max |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
         speedup = f"{sam['sec_per_step'] / r['sec_per_step']:.2f}x" if sam else "n/a"
         rows.append(f"| {r['label']} | {r['processes']} | {r['eval_accuracy']:.3f} | "
-                    f"{1000 * r['sec_per_step']:.1f} | {speedup} |")
+                    f"{1000 * r['sec_per_step']:.1f} | {speedup} | {r['lambda_max']:.1f} |")
     return "\n".join(rows)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, samples: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, (ax, sharp) = plt.subplots(1, 2, figsize=(11.0, 4.0))
     for r in results:
         steps, losses = zip(*r["loss_curve"]) if r["loss_curve"] else ((), ())
-        ax.plot(steps, losses, label=r["label"], marker="." if len(steps) < 20 else None)
+        line, = ax.plot(steps, losses, label=r["label"], marker="." if len(steps) < 20 else None)
+        steps, values = zip(*r["sharpness_curve"]) if r["sharpness_curve"] else ((), ())
+        sharp.plot(steps, values, label=r["label"], marker="o", color=line.get_color())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
-    ax.set_title("ViT on scikit-learn digits")
+    ax.set_title("ViT on scikit-learn digits: training loss")
     ax.legend()
+    sharp.set_xlabel("optimizer step")
+    sharp.set_ylabel("λ_max of the training-loss Hessian")
+    sharp.set_yscale("log")
+    sharp.set_title(f"sharpness on a fixed sample of {samples} training examples", fontsize="medium")
+    sharp.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -249,7 +282,14 @@ def report(results: list[dict], skipped: dict[str, str], args, seconds: float) -
         "rows use one core, the 2-process row two, as the papers compare one GPU with two. At this size "
         "fixed per-step costs (Python, data loading, inter-process exchange) weigh far more than for a "
         "real model, so the speed-ups say little about large-model training; see the benchmarks for that.", "",
-        "![training loss](loss_curves.png)", "",
+        f"Final λ_max is the largest eigenvalue of the Hessian of the training loss of the final model, on a "
+        f"fixed sample of {size.sharpness_samples} training examples (drawn with seed 0, the same for every "
+        f"method), measured in eval mode by `sam_hf.SharpnessCallback(every={size.sharpness_every}, "
+        f"samples={size.sharpness_samples})` (Lanczos on Hessian-vector products); the right-hand plot shows it "
+        f"every {size.sharpness_every} steps. Measuring took "
+        + ", ".join(f"{r['sharpness_seconds']:.1f} s ({r['label']})" for r in results)
+        + " of the total time; it changes nothing in training and is not in the time per step.", "",
+        "![training loss and sharpness](curves.png)", "",
     ]
     if skipped:
         lines += ["Skipped:", ""] + [f"- {METHODS[m][0]}: {why.splitlines()[0]}" for m, why in skipped.items()] + [""]
@@ -291,14 +331,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         results.append(result)
         print(f"[demo] {label}: accuracy {result['eval_accuracy']:.3f}, "
-              f"{1000 * result['sec_per_step']:.1f} ms/step", flush=True)
+              f"{1000 * result['sec_per_step']:.1f} ms/step, final lambda_max {result['lambda_max']:.1f} "
+              f"({result['sharpness_seconds']:.1f} s measuring)", flush=True)
 
     seconds = time.perf_counter() - start
     print("\n" + table(results) + "\n")
-    plot(results, output_dir / "loss_curves.png")
+    plot(results, output_dir / "curves.png", args.size.sharpness_samples)
     (output_dir / "report.md").write_text(report(results, skipped, args, seconds))
-    (output_dir / "results.json").write_text(json.dumps({"results": results, "skipped": skipped}, indent=1))
-    print(f"[demo] wrote {output_dir / 'report.md'}, {output_dir / 'loss_curves.png'} and results.json "
+    settings = {"sharpness_samples": args.size.sharpness_samples, "sharpness_every": args.size.sharpness_every,
+                "sharpness_seed": 0, "seconds": seconds}
+    (output_dir / "results.json").write_text(json.dumps({"results": results, "skipped": skipped, **settings},
+                                                        indent=1))
+    print(f"[demo] wrote {output_dir / 'report.md'}, {output_dir / 'curves.png'} and results.json "
           f"({seconds:.0f} s)")
     return 0
 

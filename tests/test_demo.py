@@ -1,8 +1,10 @@
-"""The demo pipeline at --tiny size writes its table, loss-curve PNG, report and results."""
+"""The demo pipeline at --tiny size writes its table (with the final lambda_max), loss and sharpness PNG,
+report and results."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -18,20 +20,42 @@ from sam_hf import demo  # noqa: E402
 def test_tiny_demo_writes_table_plot_and_report(tmp_path, capsys):
     assert demo.main(["--tiny", "--output_dir", str(tmp_path), "--methods", "adamw,sam,sampa"]) == 0
     out = capsys.readouterr().out
-    assert "| method | processes | eval accuracy | time per step (ms) | speed-up vs SAM |" in out
-    for label in ("AdamW", "SAM", "SAMPa-0.2"):
-        assert f"| {label} | 1 |" in out
+    header = "| method | processes | eval accuracy | time per step (ms) | speed-up vs SAM | final λ_max |"
+    assert header in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    results = data["results"]
+    for label, r in zip(("AdamW", "SAM", "SAMPa-0.2"), results):
+        [row] = [line for line in out.splitlines() if line.startswith(f"| {label} | 1 |")]
+        assert row.split("|")[-2].strip() == f"{r['lambda_max']:.1f}"  # the final lambda_max column
 
-    png = tmp_path / "loss_curves.png"
+    png = tmp_path / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (tmp_path / "report.md").read_text()
-    assert "| SAM | 1 |" in report and "1.00x" in report and "loss_curves.png" in report
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert "| SAM | 1 |" in report and "1.00x" in report and "curves.png" in report
+    assert "final λ_max |" in report and "SharpnessCallback(every=3, samples=16)" in report
     assert [r["method"] for r in results] == ["adamw", "sam", "sampa"]
+    assert data["sharpness_samples"] == demo.TINY.sharpness_samples
+    assert data["sharpness_every"] == demo.TINY.sharpness_every
     for r in results:
         assert r["steps"] == demo.TINY.max_steps
         assert len(r["loss_curve"]) == demo.TINY.max_steps  # logged every step at --tiny
         assert r["sec_per_step"] > 0 and 0 <= r["eval_accuracy"] <= 1
+        # measured every 3 steps: at 3 and 6, the last one on the final model
+        assert [s for s, _ in r["sharpness_curve"]] == [3, 6]
+        assert all(math.isfinite(v) and v > 0 for _, v in r["sharpness_curve"])
+        assert r["lambda_max"] == r["sharpness_curve"][-1][1]
+        assert r["sharpness_seconds"] > 0
+    assert len({r["lambda_max"] for r in results}) == 3  # same sample, different training
+
+
+def test_measuring_changes_nothing_in_training(tmp_path, monkeypatch):
+    """The demo's SharpnessCallback leaves training as it was: the same losses with and without it."""
+    measured = demo.train_one("sam", demo.parse_args(["--tiny"]), tmp_path)
+    monkeypatch.setattr(demo, "TINY", demo.replace(demo.TINY, sharpness_every=0))  # 0: no callback
+    plain = demo.train_one("sam", demo.parse_args(["--tiny"]), tmp_path)
+    assert plain["sharpness_curve"] == [] and math.isnan(plain["lambda_max"])
+    assert measured["loss_curve"] == plain["loss_curve"]
+    assert measured["eval_accuracy"] == plain["eval_accuracy"]
 
 
 def test_two_process_row_is_skipped_with_a_reason(tmp_path, capsys, monkeypatch):
@@ -61,3 +85,7 @@ def test_two_process_sampa_row_matches_one_process(tmp_path):
     assert [s for s, _ in one["loss_curve"]] == [s for s, _ in two["loss_curve"]]
     for (_, a), (_, b) in zip(one["loss_curve"], two["loss_curve"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    # the sample is sharded over the 2 processes and the products all-reduced: the same figures as on one
+    assert [s for s, _ in one["sharpness_curve"]] == [s for s, _ in two["sharpness_curve"]] == [3, 6]
+    for (_, a), (_, b) in zip(one["sharpness_curve"], two["sharpness_curve"]):
+        assert a == pytest.approx(b, rel=1e-3)

@@ -124,6 +124,42 @@ def test_run_glue_string_labels_and_sample_caps(tiny_model, tmp_path):
     assert not (out / "model.safetensors").exists()
 
 
+def test_run_glue_sharpness_at_the_end(tiny_model, tmp_path):
+    """--sharpness_samples: lambda_max of the final model on a fixed training sample, in sharpness_results.json;
+    --sharpness_every adds the curve. Measuring changes nothing in training."""
+    import run_glue
+
+    train, dev = make_task_files(tmp_path, "sst2", ".jsonl")
+    runs = {}
+    for name, extra in [("plain", ()), ("end", ("--sharpness_samples", "12")),
+                        ("curve", ("--sharpness_samples", "12", "--sharpness_every", "2")),
+                        ("seed2", ("--sharpness_samples", "12", "--seed", "2"))]:
+        out = tmp_path / name
+        runs[name] = run_glue.main(glue_args(tiny_model, "sst2", train, dev, out, "sam", "--optim_args", "rho=0.05",
+                                             "--save_model", "False", "--metric_source", "offline", *extra))
+        runs[name]["dir"] = out
+    assert "sharpness" not in runs["plain"] and not (runs["plain"]["dir"] / "sharpness_results.json").exists()
+    end = json.loads((runs["end"]["dir"] / "sharpness_results.json").read_text())
+    assert end["step"] == 3 and end["samples"] == 12 and end["seed"] == 0
+    assert math.isfinite(end["lambda_max"]) and end["curve"] == [[3, end["lambda_max"]]]
+    curve = json.loads((runs["curve"]["dir"] / "sharpness_results.json").read_text())
+    assert [step for step, _ in curve["curve"]] == [2, 3]
+    assert curve["lambda_max"] == pytest.approx(end["lambda_max"], rel=1e-6)  # the same final model and sample
+    assert runs["end"]["eval"]["eval_accuracy"] == runs["plain"]["eval"]["eval_accuracy"]
+    assert runs["end"]["eval"]["eval_loss"] == runs["plain"]["eval"]["eval_loss"]  # training untouched
+    seed2 = json.loads((runs["seed2"]["dir"] / "sharpness_results.json").read_text())
+    assert seed2["lambda_max"] != end["lambda_max"]  # another training seed: another model, same sample
+
+
+def test_run_glue_rejects_bad_sharpness_flags(tiny_model, tmp_path):
+    import run_glue
+
+    train, dev = make_task_files(tmp_path, "sst2", ".jsonl")
+    with pytest.raises(ValueError, match="--sharpness_samples -1: must be >= 0"):
+        run_glue.main(glue_args(tiny_model, "sst2", train, dev, tmp_path / "o", "adamw_torch",
+                                "--sharpness_samples", "-1"))
+
+
 def test_metrics_fall_back_when_the_hub_is_unreachable(monkeypatch):
     import evaluate
     import run_glue
@@ -298,6 +334,15 @@ def test_accuracy_study_dry_run(tmp_path):
     assert "--max_train_samples" not in _cmd(lines, "rte", "adamw")
     assert _flag(_cmd(lines, "rte", "sampa-0.1"), "--optim_args") == "rho=0.005,lam=0.1"
     assert _flag(_cmd(lines, "mrpc", "sam", 2), "--num_train_epochs") == "2.0"
+    for cmd in lines:  # lambda_max at the end of every run, on the same 64 training examples (seed 0)
+        assert _flag(cmd, "--sharpness_samples") == "64" and _flag(cmd, "--sharpness_seed") == "0"
+        assert "--sharpness_every" not in cmd
+    lines = _dry_run("accuracy_study.py", "--model", str(tmp_path), "--data_dir", str(tmp_path), "--seeds", "1",
+                     "--tasks", "rte", "--sharpness_samples", "128")
+    assert len(lines) == 4 and all(_flag(cmd, "--sharpness_samples") == "128" for cmd in lines)
+    lines = _dry_run("accuracy_study.py", "--model", str(tmp_path), "--data_dir", str(tmp_path), "--seeds", "1",
+                     "--tasks", "rte", "--sharpness_samples", "0")
+    assert len(lines) == 4 and not any("--sharpness" in cmd for cmd in lines)  # 0: off
 
 
 def test_grid_runs_skip_finished_and_summarize(tiny_model, tmp_path, capsys):
@@ -322,6 +367,32 @@ def test_grid_runs_skip_finished_and_summarize(tiny_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "done already, skipped" in printed and "| AdamW |" in printed
     assert (tmp_path / "runs" / "summary.md").exists()
+
+
+def test_grid_measures_sharpness_and_summarizes_it(tiny_model, tmp_path, capsys):
+    """The accuracy study's flags through a real (tiny) grid: each run writes lambda_max of its final model on
+    the same training examples, and the summary reports it beside the scores."""
+    import paper_grid
+
+    data = tmp_path / "data" / "sst2"
+    data.mkdir(parents=True)
+    train, dev = make_task_files(data, "sst2", ".jsonl")
+    train.rename(data / "train.jsonl")
+    dev.rename(data / "dev.jsonl")
+    grid = paper_grid.Grid(name="tiny", title="tiny grid", model=str(tiny_model),
+                           common={"max_steps": 2, "sharpness_samples": 8, "sharpness_seed": 0},
+                           tasks={"sst2": {"rho": 0.05}},
+                           methods={"adamw": ["--optim", "adamw_torch"],
+                                    "sam": ["--optim", "sam", "--optim_args", "rho={rho}"]})
+    argv = ["--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "runs"), "--seeds", "1",
+            "--", "--max_seq_length", "16", "--disable_tqdm", "True"]
+    assert paper_grid.main(grid, argv) == 0
+    printed = capsys.readouterr().out
+    assert "| Method | SST-2 λ_max |" in printed
+    for method in ("adamw", "sam"):
+        result = json.loads((tmp_path / "runs" / "sst2" / method / "seed1" / "sharpness_results.json").read_text())
+        assert result["samples"] == 8 and result["step"] == 2 and math.isfinite(result["lambda_max"])
+    assert "lambda_max" in (tmp_path / "runs" / "summary.csv").read_text()
 
 
 # --- summarize.py ----------------------------------------------------------------------------------
@@ -360,6 +431,59 @@ def test_summarize_table_numbers(tmp_path):
     assert rows[0] == "method,task,metric,n_seeds,mean,std"
     assert "sampa-0.1,rte,accuracy,3,68.0000,2.0000" in rows
     assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+LAMBDA = {"adamw": [40.0, 44.0, 42.0], "sampa-0.1": [20.0, 22.0, 24.0]}  # sam measured nothing
+
+
+def _fabricate_sharpness(root):
+    for method, values in LAMBDA.items():
+        for seed, value in enumerate(values, 1):
+            (root / "rte" / method / f"seed{seed}" / "sharpness_results.json").write_text(
+                json.dumps({"lambda_max": value, "samples": 64, "seed": 0, "step": 30, "curve": [[30, value]]}))
+
+
+def test_summarize_reports_lambda_max_beside_the_scores(tmp_path):
+    import summarize
+
+    _fabricate(tmp_path)
+    _fabricate_sharpness(tmp_path)
+    assert summarize.main([str(tmp_path)]) == 0
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert lines[0] == "| Method | MRPC | RTE | Avg |"  # the scores' table first, as without sharpness
+    assert lines[2] == "| AdamW | 82.00 ± 2.00 | 62.00 ± 2.00 | 72.00 |"
+    start = lines.index("| Method | RTE λ_max |")
+    assert lines[start + 2] == "| AdamW | 42 ± 2 |"
+    assert lines[start + 3] == "| SAMPa-0.1 | 22 ± 2 |"
+    assert any("fixed sample of 64 training examples" in line for line in lines)
+    per_seed = lines.index("| Method | Task | seed 1 | seed 2 | seed 3 |")
+    assert lines[per_seed + 2] == "| AdamW | RTE | 60.00 / 40 | 62.00 / 44 | 64.00 / 42 |"
+    assert lines[per_seed + 3] == "| SAMPa-0.1 | RTE | 66.00 / 20 | 70.00 / 22 | 68.00 / 24 |"
+
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert rows[0] == "method,task,metric,n_seeds,mean,std"
+    assert "adamw,rte,lambda_max,3,42,2" in rows and "sampa-0.1,rte,lambda_max,3,22,2" in rows
+    assert "sampa-0.1,rte,accuracy,3,68.0000,2.0000" in rows  # the scores' rows are unchanged
+    with open(tmp_path / "summary_seeds.csv") as f:
+        seeds = list(csv.DictReader(f))
+    assert len(seeds) == sum(len(v) for per_task in FAKE.values() for v in per_task.values())  # every run
+    [row] = [r for r in seeds if (r["method"], r["task"], r["seed"]) == ("sampa-0.1", "rte", "2")]
+    assert float(row["score"]) == pytest.approx(70.0) and float(row["lambda_max"]) == 22.0
+    assert row["sharpness_samples"] == "64"
+    [row] = [r for r in seeds if (r["method"], r["task"], r["seed"]) == ("sam", "rte", "1")]
+    assert row["lambda_max"] == "" and float(row["score"]) == pytest.approx(61.0)
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+    assert summarize.collect_sharpness(tmp_path) == {m: {"rte": v} for m, v in LAMBDA.items()}
+
+
+def test_summarize_without_sharpness_writes_no_sharpness_table(tmp_path):
+    import summarize
+
+    _fabricate(tmp_path)
+    assert summarize.main([str(tmp_path), "--no_plot"]) == 0
+    assert "λ_max" not in (tmp_path / "summary.md").read_text()
+    assert "lambda_max" not in (tmp_path / "summary.csv").read_text()
+    assert not (tmp_path / "summary_seeds.csv").exists()
 
 
 def test_summarize_metric_override(tmp_path):
