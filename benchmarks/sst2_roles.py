@@ -9,7 +9,7 @@ batch 32, dynamic padding (each batch padded to its longest sentence, as Hugging
 default), one thread per process. Configurations, each in fresh processes, interleaved over --repeats rounds:
 AdamW with DDP on 2 processes, SAMPa-0.2 and Asynchronous SAM (r = 1) role-parallel on 2, SAM and SAMPa-0.2 on 1.
 Ratios are paired within rounds (the median over rounds of the ratio in each round) and use the mean step time.
---group_by_length uses Trainer's length-grouped sampler.
+--group_by_length uses Trainer's length-grouped sampler (`train_sampling_strategy=group_by_length`).
 
 Role-parallel runs time each rank's own pass and its exchange: the faster role's exchange includes waiting for
 the slower one, so per step, waiting = (the rank's exchange) - (the shorter of the two ranks' exchanges), and the
@@ -84,7 +84,8 @@ def _worker(opts) -> None:
         output_dir=os.path.join(opts.out, "run"), optim=optim, optim_args=optim_args or None, max_steps=steps,
         per_device_train_batch_size=opts.batch, learning_rate=5e-5, report_to=[], save_strategy="no",
         logging_steps=1, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=0,
-        ddp_backend="gloo" if "RANK" in os.environ else None, group_by_length=opts.group_by_length)
+        ddp_backend="gloo" if "RANK" in os.environ else None,
+        **({"train_sampling_strategy": "group_by_length"} if opts.group_by_length else {}))
     timer = bench.step_timer()
     trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=data, callbacks=[timer],
                                       data_collator=DataCollatorWithPadding(tokenizer))
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--group_by_length", action="store_true",
-                   help="Trainer's --group_by_length: batches of similar lengths, so consecutive batches cost alike")
+                   help="train_sampling_strategy=group_by_length (Trainer's length-grouped sampler): batches of "
+                        "similar lengths, so consecutive batches cost alike")
     p.add_argument("--only", default=None, help="comma-separated labels")
     p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

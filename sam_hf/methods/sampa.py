@@ -44,6 +44,9 @@ from .base import (SharpnessMethod, StepResult, _direction, _etas, as_tensor, as
                    restore, run_batches, to_device, zero_grads)
 
 
+COMBINE_CHUNK = 262144  # elements: G and the cosine's three dot products, chunk by chunk on a CPU
+
+
 def _count(batch):
     """The batch's `num_items_in_batch` (Trainer's loss normaliser for its accumulation cycle), if any."""
     return getattr(batch, "num_items_in_batch", None)
@@ -227,11 +230,20 @@ class SAMPa(SharpnessMethod):
             with torch.no_grad():
                 for gt, gn in zip(g_tilde, g_next):
                     if gt is not None and gn is not None:
-                        a, b = sharding.local(gt).reshape(-1), sharding.local(gn).reshape(-1)  # this rank's shard
-                        dots.append(torch.dot(a, b))
-                        sq_a.append(torch.dot(a, a))
-                        sq_b.append(torch.dot(b, b))
-                        combined.append(gt.mul_(1 - lam).add_(gn, alpha=lam))  # in place: g~_t is not needed again
+                        a, b = sharding.local(gt), sharding.local(gn)  # this rank's shard
+                        # in place: g~_t is not needed again. On a CPU, chunk by chunk (the same bits): the three
+                        # dot products and the combine then read each chunk from cache
+                        step = COMBINE_CHUNK if a.device.type == "cpu" and a.is_contiguous() and b.is_contiguous() \
+                            else max(a.numel(), 1)
+                        a, b = a.reshape(-1), b.reshape(-1)
+                        for s in range(0, a.numel(), step):
+                            ac, bc = a[s:s + step], b[s:s + step]
+                            dots.append(torch.dot(ac, bc))
+                            sq_a.append(torch.dot(ac, ac))
+                            sq_b.append(torch.dot(bc, bc))
+                            if step != a.numel():
+                                ac.mul_(1 - lam).add_(bc, alpha=lam)
+                        combined.append(gt if step != a.numel() else gt.mul_(1 - lam).add_(gn, alpha=lam))
                     else:
                         combined.append(None if gt is None and gn is None else gt.mul_(1 - lam) if gn is None
                                         else lam * gn)
