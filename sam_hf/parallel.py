@@ -73,7 +73,7 @@ class ParallelPlan:
     def describe(self) -> str:
         if self.mode == "roles":
             return f"role-parallel 2 x {self.dp_size} mesh (rank {self.rank}: role {self.role}, dp {self.dp_rank})"
-        return f"{self.mode} ({self.world_size} processes)"
+        return f"{self.mode} ({self.world_size} process{'es' if self.world_size != 1 else ''})"
 
 
 def _destroy_process_group() -> None:

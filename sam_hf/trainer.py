@@ -363,6 +363,17 @@ class SharpnessMixin:
                 "sam_hf supports TRL's SFTTrainer (its per-pass metrics are counted once per sample and gathered "
                 "within a role), not this trainer's own loss and metric collectives; launch one process, or use "
                 "SFTTrainer")
+        if cfg.exchange_dtype != "fp32" and plan.mode != "roles":
+            raise SharpnessConfigError(
+                f"optim_args: exchange_dtype={cfg.exchange_dtype!r} applies to the role exchange (sampa or asyncsam "
+                f"on 2 or more processes, parallel=auto/on); this run is {plan.describe()}, so it would be ignored: "
+                "drop exchange_dtype")
+        if plan.mode == "roles" and getattr(self.args, "train_sampling_strategy", None) == "batch_rebalance":
+            raise SharpnessConfigError(
+                f"train_sampling_strategy=batch_rebalance hands each of the {plan.world_size} ranks its own batches, "
+                f"but role-parallel {cfg.method} needs ranks (0, i) and (1, i) to read the same stream; use "
+                "train_sampling_strategy=group_by_length (it also evens the two roles' padded lengths) or random, or "
+                "optim_args parallel=off")
         if cfg.method != "msam":
             return
         args, m = self.args, cfg.micro_batches

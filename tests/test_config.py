@@ -52,6 +52,8 @@ BAD = [
     ("sam", "start=0.8,stop=0.5", ["start=0.8", "stop=0.5"]),
     ("sampa", "interval=2", ["interval=2", "sam and msam", "g_t"]),
     ("asyncsam", "start=0.5", ["start=0.5", "sam and msam"]),
+    ("sampa", "exchange_dtype=fp16", ["exchange_dtype='fp16'", "fp32", "bf16"]),
+    ("sampa", "exchange_dtype=bf16", ["exchange_dtype='bf16'", "role exchange", "ignored"]),  # one process
     ("sam", "rho", ["'rho'", "key=value"]),
     ("sam", "rho=0.1,rho=0.2", ["'rho'", "twice"]),
 ]

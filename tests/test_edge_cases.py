@@ -56,6 +56,16 @@ def test_a_second_train_call_continues(tmp_path):
     assert trainer.state.global_step == 2
 
 
+def test_batch_rebalance_is_refused_in_role_mode(tmp_path):
+    """transformers' batch_rebalance sampler shards by rank itself: the two roles would read different batches."""
+    trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), train_dataset=vector_data(),
+                                      args=args(tmp_path, "sampa", "rho=0.1", train_sampling_strategy="batch_rebalance"))
+    roles = ParallelPlan(mode="roles", world_size=2, dp_size=1)
+    with pytest.raises(sam_hf.SharpnessConfigError, match="batch_rebalance.*group_by_length.*parallel=off"):
+        trainer._check_world(trainer.sharpness_config, roles)
+    trainer._check_world(trainer.sharpness_config, ParallelPlan(mode="data", world_size=2))  # data parallel: fine
+
+
 def test_broadcasts_go_in_bounded_buckets_per_dtype(monkeypatch):
     # the start-up weight broadcast must not need a second copy of a large model at once
     from sam_hf import parallel

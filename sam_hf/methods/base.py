@@ -137,11 +137,6 @@ def restore(params: list[torch.nn.Parameter], saved: list[torch.Tensor]) -> None
         p.copy_(s)
 
 
-def grads_fp32(params: list[torch.nn.Parameter], scale: float) -> list[torch.Tensor | None]:
-    """Unscaled fp32 copies of `.grad` (None where a parameter got no gradient)."""
-    return [None if p.grad is None else p.grad.detach().to(torch.float32, copy=True).div_(scale) for p in params]
-
-
 def _direction(p: torch.Tensor, d: torch.Tensor, scale: float, eta: float | None) -> torch.Tensor:
     """fp32 T*d with T = |x| + eta (ASAM), or d where eta is None (T = 1), unscaled."""
     d32 = d.detach().float()
