@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("sam", "msam", "sampa", "asyncsam")
+SCHEDULED_METHODS = ("sam", "msam")  # interval/start/stop: the others carry a gradient from step to step
 
 # Base-optimizer keys that transformers' own handlers read from optim_args, less those Trainer then overrides:
 # its two parameter groups set `weight_decay` (args.weight_decay, and 0 for biases and LayerNorm weights), so
@@ -169,7 +170,7 @@ class SharpnessConfig:
         if self.start > self.stop:
             raise bad("start", self.start, f"start must be <= stop={self.stop} (the method is active within "
                                            "[start, stop) of the run)")
-        if self.scheduled and self.method not in ("sam", "msam"):
+        if self.scheduled and self.method not in SCHEDULED_METHODS:
             key = next(k for k, d in (("interval", 1), ("start", 0.0), ("stop", 1.0)) if getattr(self, k) != d)
             raise bad(key, getattr(self, key),
                       f"a schedule applies to sam and msam; {self.method} carries a gradient from one step to the next "

@@ -96,7 +96,7 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
                 "has 1; launch with sam-hf launch under torchrun --nproc_per_node 2, or drop ascent_device")
         if cfg.parallel == "on" and cfg.method in ROLE_NAMES:
             raise SharpnessConfigError(
-                f"optim_args: parallel=on needs 2 processes or more, this run has 1; launch with "
+                "optim_args: parallel=on needs 2 processes or more, this run has 1; launch with "
                 "torchrun --nproc_per_node 2 (or accelerate launch --num_processes 2), or use parallel=auto")
         return ParallelPlan(timeout_s=timeout_s)
     backend = str(dist.get_backend())

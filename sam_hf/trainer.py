@@ -25,7 +25,7 @@ from transformers.training_args import OptimizerNames
 
 from . import lookahead, parallel, sharding
 from .batching import TrainerBatch
-from .config import METHODS, SharpnessConfig, SharpnessConfigError
+from .config import METHODS, SCHEDULED_METHODS, SharpnessConfig, SharpnessConfigError
 from .methods import METHOD_CLASSES
 from .methods.base import StepResult, run_batches, zero_grads
 from .optimizer import SharpnessOptimizer
@@ -209,7 +209,8 @@ class TrainerPasses:
             return False
         if t._sharpness_loss_uses_count is not None:
             return t._sharpness_loss_uses_count
-        devices = [self.model_device.index or 0] if self.model_device.type == "cuda" else []
+        device = t.args.device
+        devices = [device.index or 0] if device.type == "cuda" else []
         losses = []
         with torch.no_grad(), _frozen_running_stats(self.batchnorms), _kept_pass_metrics(t):
             for count in (num_items, num_items * 2):
@@ -225,15 +226,10 @@ class TrainerPasses:
                            "and taken as they are", one, two)
             uses = True
         t._sharpness_loss_uses_count = uses
-        logger.info("sam_hf: the loss %s num_items_in_batch: a slice of a micro-batch counts %s", 
+        logger.info("sam_hf: the loss %s num_items_in_batch: a slice of a micro-batch counts %s",
                     "divides by" if uses else "ignores",
                     "as the loss gives it" if uses else "its share of the micro-batch's items")
         return uses
-
-    @property
-    def model_device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
 
     def _item_share(self, batch, whole, fraction: float):
         """The slice's share of its micro-batch's items, as Trainer counts items (labels != -100, shifted for a
@@ -476,7 +472,8 @@ class SharpnessMixin:
         if plan.distributed and not self._sharpness_fsdp2 and cfg.check_every and step % cfg.check_every == 0:
             parallel.check_replicas(plan, method.params, step)
         passes = TrainerPasses(self, model, num_items_in_batch)
-        if cfg.method in ("sam", "msam") and not cfg.active(step, self.state.max_steps):
+        active = cfg.active(step, self.state.max_steps)  # always, for the methods a schedule is refused to
+        if not active:
             result = self._base_step(method, batches, passes)
         elif plan.mode == "roles":
             scale = passes.loss_scale()
@@ -490,8 +487,8 @@ class SharpnessMixin:
             result.metrics["sam/exchange_seconds"] = exchange_seconds
         else:
             result = method.step(batches, passes)
-            if cfg.method in ("sam", "msam"):
-                result.metrics["sam/active"] = 1.0
+        if cfg.method in SCHEDULED_METHODS:
+            result.metrics["sam/active"] = float(active)
         if plan.distributed and self._sharpness_batchnorms:
             clean_rank = plan.dp_size if plan.mode == "roles" else 0  # role 1 runs the unperturbed pass
             parallel.broadcast_buffers(plan, self._sharpness_batchnorms, clean_rank, step)
@@ -527,7 +524,7 @@ class SharpnessMixin:
         zero_grads(method.params)
         loss = run_batches(passes, batches, clean=True)
         passes.all_reduce_grads(method.params)
-        return StepResult(loss, metrics={"sam/active": 0.0})
+        return StepResult(loss)
 
     # ---- data: ranks (0, i) and (1, i) read the same shard stream --------------
     def get_train_dataloader(self):
