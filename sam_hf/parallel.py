@@ -5,7 +5,8 @@ Two layouts (DESIGN.md, "With several processes"):
 * data parallel (`mode="data"`): SAM, mSAM, and SAMPa / Asynchronous SAM with
   `parallel=off`. Every rank runs the whole method on its own shard; gradients
   are averaged over all ranks where the method says (`all_reduce_grads`).
-* role parallel (`mode="roles"`): SAMPa on 2k ranks, Asynchronous SAM on 2.
+* role parallel (`mode="roles"`): SAMPa and Asynchronous SAM on 2k ranks
+  (Asynchronous SAM by default only on 2: `parallel=on` asks for 2k).
   A 2 x k `DeviceMesh` with dims (`role`, `dp`): role 0 computes the first
   gradient of the step (SAMPa's g~_t, Asynchronous SAM's descent), role 1 the
   second (g_{t+1}, the ascent a_t), each data parallel over its k ranks.
@@ -32,11 +33,13 @@ import atexit
 import datetime
 import faulthandler
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from . import sharding
 from .config import SharpnessConfig, SharpnessConfigError
 
 logger = logging.getLogger(__name__)
@@ -132,10 +135,6 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
         raise SharpnessConfigError(
             f"optim_args: parallel=on splits the ranks into two roles, but the world size is {world} (odd); "
             f"use {world - 1} or {world + 1} processes, or parallel=off to run both passes on every rank")
-    if cfg.method == "asyncsam" and world != 2:
-        raise SharpnessConfigError(
-            f"optim_args: parallel=on for asyncsam needs exactly 2 processes (descent and ascent), got {world}; "
-            "use 2 processes, or parallel=off for data-parallel Asynchronous SAM")
     from torch.distributed.device_mesh import init_device_mesh
 
     k = world // 2
@@ -330,6 +329,11 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     if any(g is not p.grad for g, p in zip(grads, like)):
         raise ValueError("exchange: `grads` must be the `.grad` tensors of `like` (it takes them over)")
     own = take_grads(like, scale)
+    sharded = sharding.has_sharded_params(like)
+    if sharded:  # FSDP2: each role is sharded over its k ranks; rank (0, i) and (1, i) hold the same shard
+        own_dt, like_dt, into_dt = own, like, into
+        own, like = [None if g is None else sharding.local(g) for g in own], [sharding.local(p) for p in like]
+        into = None if into is None else [None if b is None else sharding.local(b) for b in into]
     meta = torch.zeros(n + len(extra_keys), dtype=torch.float64)
     meta[:n] = torch.tensor([float(g is not None) for g in own], dtype=torch.float64)
     meta[n:] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float64)
@@ -337,10 +341,11 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     if plan.dp_size > 1:  # average the role's k shards first: flags (any rank's), extras, gradients
         _wait(dist.all_reduce(meta, group=plan.dp_group, async_op=True), plan, what)
         meta[n:] /= plan.dp_size
-        flags = meta[:n].tolist()
-        own = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None and f > 0 else g
-               for g, p, f in zip(own, like, flags)]
-        _dp_mean_([g for g in own if g is not None], plan, what)
+        if not sharded:  # FSDP2's reduce-scatter has already averaged each shard over the role's k ranks
+            flags = meta[:n].tolist()
+            own = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None and f > 0 else g
+                   for g, p, f in zip(own, like, flags)]
+            _dp_mean_([g for g in own if g is not None], plan, what)
     theirs_meta = torch.empty_like(meta)
     for work in _post([dist.P2POp(dist.isend, meta, plan.peer), dist.P2POp(dist.irecv, theirs_meta, plan.peer)]):
         _wait(work, plan, what)
@@ -403,7 +408,36 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
             buf.copy_(wire)
     merged_values = (meta[n:] + theirs_meta[n:]).tolist()
     merged = dict(zip(extra_keys, merged_values))
+    if sharded:  # the received shards become DTensors laid out as the parameters (the reused buffers already are)
+        own = own_dt
+        theirs = [None if t is None else _as_dtensor(t, p, into_dt[i] if into_dt is not None and i < len(into_dt)
+                                                     else None) for i, (t, p) in enumerate(zip(theirs, like_dt))]
     return (own, theirs, merged) if plan.role == 0 else (theirs, own, merged)
+
+
+def _as_dtensor(shard: torch.Tensor, param, reused):
+    """`shard` as a DTensor sharded like `param`: `reused` itself where the shard was received into its buffer."""
+    if reused is not None and sharding.local(reused) is shard:
+        return reused
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def role_step(plan: ParallelPlan, method, batches, passes, step: int):
+    """One role-parallel step: this rank's pass, the exchange, and the method's combination of the two gradients
+    (the same `StepResult` on both roles). `passes` runs forward + backward as the host's loop does."""
+    scale = passes.loss_scale()
+    extras = method.role_pass(plan.role, batches, passes)
+    start = time.perf_counter()
+    # the other role's gradient lands in the buffers of the method state this rank has spent
+    g0, g1, merged = exchange(plan, [p.grad for p in method.params], method.params, scale, extras,
+                              method.EXTRA_KEYS, step, method.config.method, into=method.receive_buffers())
+    exchange_seconds = time.perf_counter() - start
+    result = method.finish(g0, g1, batches, merged, scale)
+    result.metrics["sam/exchange_seconds"] = exchange_seconds
+    return result
 
 
 MIXED_RTOL = 1e-5  # CPU and GPU optimizer steps on the same gradients differ by round-off only
@@ -413,23 +447,29 @@ def check_replicas(plan: ParallelPlan, params: list[torch.Tensor], step: int) ->
     """Compare a float64 checksum of the weights over all ranks; a mismatch is an error, not a silent drift.
 
     With mixed devices the ranks' round-off differs: the checksums must agree to MIXED_RTOL, and rank 0's
-    weights are then copied to the others."""
+    weights are then copied to the others. Under FSDP2 (role mode) each rank checksums its shard, which must
+    equal the shard of the role-0 rank with the same dp index."""
     with torch.no_grad():
-        s1 = sum((p.detach().double().sum() for p in params), torch.zeros((), dtype=torch.float64))
-        s2 = sum((p.detach().double().pow(2).sum() for p in params), torch.zeros((), dtype=torch.float64))
+        shards = [sharding.local(p.detach()) for p in params]
+        s1 = sum((p.double().sum() for p in shards), torch.zeros((), dtype=torch.float64))
+        s2 = sum((p.double().pow(2).sum() for p in shards), torch.zeros((), dtype=torch.float64))
     mine = torch.stack([s1.cpu(), s2.cpu()]).to(plan.staging_device)
     gathered = [torch.zeros_like(mine) for _ in range(plan.world_size)]
     _wait(dist.all_gather(gathered, mine, async_op=True), plan, f"the replica check at step {step}")
-    ref = gathered[0]
-    numel = sum(p.numel() for p in params)
-    # |sum| <= sqrt(n * sum of squares): scale both checksums' tolerances by what they can reach
-    tol = torch.stack([(numel * ref[1]).sqrt(), ref[1]]) * (MIXED_RTOL if plan.mixed_devices else 0.0)
+    sharded = sharding.has_sharded_params(params)
+    numel = sum(p.numel() for p in shards)  # the same on every rank compared (the same shard layout)
+    layout = plan.mesh.mesh.flatten().tolist() if sharded else None  # row 0 (role 0) first
     for rank, other in enumerate(gathered):
+        ref_rank = layout[layout.index(rank) % plan.dp_size] if sharded else 0
+        ref = gathered[ref_rank]
+        # |sum| <= sqrt(n * sum of squares): scale both checksums' tolerances by what they can reach
+        tol = torch.stack([(numel * ref[1]).sqrt(), ref[1]]) * (MIXED_RTOL if plan.mixed_devices else 0.0)
         if not bool(((other - ref).abs() <= tol).all()):
             raise PeerFailure(
                 f"sam_hf: replicas diverged at step {step}: rank {rank}'s weight checksum {other.tolist()} != "
-                f"rank 0's {ref.tolist()}. Every rank must take the same optimizer step; something changed the "
-                "weights on one rank only (a callback, a non-deterministic kernel, or a mixed device setup).")
+                f"rank {ref_rank}'s {ref.tolist()}{' (the same shard)' if sharded else ''}. Every rank must take "
+                "the same optimizer step; something changed the weights on one rank only (a callback, a "
+                "non-deterministic kernel, or a mixed device setup).")
     if plan.mixed_devices:
         broadcast_tensors(plan, params, 0, f"the weight re-sync at step {step}")
 

@@ -323,6 +323,47 @@ def msam_micro_batches(cfg) -> int:
     return cfg.micro_batches
 
 
+# ---- role mode: each role sharded over its own k ranks --------------------------------
+
+def role_mesh(plan):
+    """The 1-D mesh of this rank's role (its k dp ranks): what `fully_shard(..., mesh=)` must get in role mode,
+    so that FSDP's reduce-scatter averages each role's gradient over its own ranks only."""
+    return plan.mesh["dp"]
+
+
+def check_role_layout(params, plan) -> None:
+    """Role mode on sharded parameters: every DTensor must be sharded over exactly this rank's role mesh, so that
+    rank (0, i) and rank (1, i) hold the same shard and the exchange can swap them shard for shard."""
+    want = role_mesh(plan).mesh.flatten().tolist()
+    for i, p in enumerate(params):
+        if not is_sharded(p):
+            continue
+        got = p.device_mesh.mesh.flatten().tolist()
+        if p.device_mesh.ndim != 1 or got != want:
+            raise SharpnessConfigError(
+                f"sam_hf: role-parallel {plan.describe()} under FSDP2 needs each role sharded over its own "
+                f"{plan.dp_size} rank(s) {want}, but parameter {i} is sharded over ranks {got} "
+                f"({p.device_mesh.ndim}-D mesh, {tuple(p.placements)}): the two roles run different passes and "
+                "must not all-gather from each other. Shard with fully_shard(module, mesh=sam_hf.sharding.role_mesh("
+                "plan)), or use optim_args parallel=off (both passes on every rank, sharded over all ranks)")
+
+
+@torch.no_grad()
+def sync_roles(plan, tensors, what: str = "the initial role sync") -> None:
+    """Give role 1's ranks the values of role 0's rank with the same dp index (its shard of every DTensor, and
+    plain tensors as they are): what DDP's start-up broadcast does, for two roles that must start as replicas."""
+    from .parallel import _wait
+
+    group = plan.mesh.get_group("role")
+    src = int(plan.mesh.mesh[0, plan.dp_rank])
+    for t in tensors:
+        shard = local(t.detach())
+        out = shard if shard.device.type == plan.staging_device.type else shard.to(plan.staging_device)
+        _wait(dist.broadcast(out, src=src, group=group, async_op=True), plan, what)
+        if out is not shard:
+            shard.copy_(out)
+
+
 def rebind_params(method) -> bool:
     """Point `method.params` at the parameters the base optimizer holds now, and return whether they are sharded.
 

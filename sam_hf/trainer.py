@@ -15,7 +15,6 @@ import contextlib
 import copy
 import logging
 import math
-import time
 from collections import defaultdict
 
 import torch
@@ -469,22 +468,16 @@ class SharpnessMixin:
         step = self.state.global_step
         if self._sharpness_fsdp2:  # accelerate swapped the optimizer's parameters for DTensors after create_optimizer
             sharding.rebind_params(method)
-        if plan.distributed and not self._sharpness_fsdp2 and cfg.check_every and step % cfg.check_every == 0:
+        # replicas: every rank, or under FSDP2 the two roles' equal shards (data-parallel shards all differ)
+        replicas = not self._sharpness_fsdp2 or plan.mode == "roles"
+        if plan.distributed and replicas and cfg.check_every and step % cfg.check_every == 0:
             parallel.check_replicas(plan, method.params, step)
         passes = TrainerPasses(self, model, num_items_in_batch)
         active = cfg.active(step, self.state.max_steps)  # always, for the methods a schedule is refused to
         if not active:
             result = self._base_step(method, batches, passes)
         elif plan.mode == "roles":
-            scale = passes.loss_scale()
-            extras = method.role_pass(plan.role, batches, passes)
-            start = time.perf_counter()
-            # the other role's gradient lands in the buffers of the method state this rank has spent
-            g0, g1, merged = parallel.exchange(plan, [p.grad for p in method.params], method.params, scale, extras,
-                                               method.EXTRA_KEYS, step, cfg.method, into=method.receive_buffers())
-            exchange_seconds = time.perf_counter() - start
-            result = method.finish(g0, g1, batches, merged, scale)
-            result.metrics["sam/exchange_seconds"] = exchange_seconds
+            result = parallel.role_step(plan, method, batches, passes, step)
         else:
             result = method.step(batches, passes)
         if cfg.method in SCHEDULED_METHODS:

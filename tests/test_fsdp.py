@@ -103,6 +103,20 @@ def test_method_memory_per_rank_falls_with_the_shard_count(sharded_runs, name):
             assert max(per_rank) <= 0.6 * one[kind], (kind, per_rank, one[kind])
 
 
+@pytest.mark.parametrize("name", [n for n in fsdp_train.CASES if n.endswith("_lora")])
+def test_lora_under_fsdp2_moves_and_keeps_only_the_adapters(sharded_runs, name):
+    """The frozen base weights are sharded too, but never perturbed, backed up or stepped."""
+    start = fsdp_train.with_lora(fsdp_train.MLP()).state_dict()
+    trained = _result(sharded_runs, name)
+    adapters = [k for k in start if "lora_" in k]
+    assert adapters and all(not torch.equal(trained[k], start[k]) for k in adapters)
+    for key in set(start) - set(adapters):
+        assert torch.equal(trained[key], start[key]), key
+    ranks = json.loads((sharded_runs / f"{name}.mem.json").read_text())
+    adapter_bytes = sum(v.numel() * v.element_size() for k, v in start.items() if "lora_" in k)
+    assert sum(r["backup"] for r in ranks) == adapter_bytes  # a backup of the adapters' shards, nothing else
+
+
 @pytest.mark.parametrize("name", fsdp_train.STATEFUL)
 def test_resume_from_a_sharded_checkpoint_equals_never_stopping(sharded_runs, name):
     never_stopped = _result(sharded_runs, name)
@@ -110,6 +124,51 @@ def test_resume_from_a_sharded_checkpoint_equals_never_stopping(sharded_runs, na
     for key in never_stopped:
         torch.testing.assert_close(resumed[key], never_stopped[key], atol=0, rtol=0)
     assert (sharded_runs / f"ckpt_{name}" / "sam_hf_state.rank1.pt").exists()  # held batches are per rank
+
+
+@pytest.fixture(scope="module")
+def role_runs(tmp_path_factory):
+    """Role mode on 4 processes: a 2 x 2 mesh, each role sharded over its own 2 ranks."""
+    out = tmp_path_factory.mktemp("fsdp_roles")
+    proc = launch("fsdp_train.py", 4, "--out_dir", str(out), "--steps", str(STEPS), "--cases", "--role_cases",
+                  *fsdp_train.ROLE_CASES, "--resume_check")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(fsdp_train.ROLE_CASES))
+def test_role_mode_with_each_role_sharded_equals_one_unsharded_process(role_runs, name):
+    """SAMPa and Asynchronous SAM on 2 x 2 ranks, the two gradients exchanged shard for shard, against the method
+    in one process on the global batch; resume from a sharded checkpoint is exact."""
+    one, _ = fsdp_train.train(name, STEPS, world=2)  # world: the role's 2 ranks (their shares of the batch)
+    sharded = _result(role_runs, name)
+    for key in one:
+        torch.testing.assert_close(sharded[key], one[key], atol=1e-5, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+    base = fsdp_train.train_base_only(name, STEPS)
+    assert max(float((base[k] - one[k]).abs().max()) for k in one) > 1e-3
+    resumed = _result(role_runs, name, ".resumed.pt")
+    for key in sharded:
+        torch.testing.assert_close(resumed[key], sharded[key], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(fsdp_train.ROLE_CASES))
+def test_role_mode_memory_per_rank_is_one_shard(role_runs, name):
+    """Each role's k ranks hold the method's backup and state one shard each (the received gradient included)."""
+    _, one = fsdp_train.train(name, 1, world=2)
+    _result(role_runs, name)
+    ranks = json.loads((role_runs / f"{name}.mem.json").read_text())
+    for role in (0, 1):
+        mine = sorted((r for r in ranks if r["role"] == role), key=lambda r: r["dp"])
+        for kind in ("backup", "state"):
+            assert sum(r[kind] for r in mine) == one[kind], (role, kind, mine, one)
+            assert max(r[kind] for r in mine) <= 0.6 * one[kind], (role, kind, mine, one)
+    assert [r[k] for r in ranks if r["role"] == 0 for k in ("backup", "state")] == \
+        [r[k] for r in ranks if r["role"] == 1 for k in ("backup", "state")]  # rank (0, i) and (1, i): one shard
+
+
+def test_role_mode_refuses_a_model_sharded_over_both_roles(role_runs):
+    message = json.loads((role_runs / "role_layout.json").read_text())["all_ranks_mesh"]
+    assert "sharded over ranks [0, 1, 2, 3]" in message and "role_mesh" in message and "parallel=off" in message
 
 
 def test_norms_and_checks_are_one_collective_over_the_shards(sharded_runs):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from sam_hf import sharding  # noqa: E402
+from sam_hf import parallel, sharding  # noqa: E402
 from sam_hf.batching import TrainerBatch  # noqa: E402
 from sam_hf.config import SharpnessConfig  # noqa: E402
 from sam_hf.methods import METHOD_CLASSES  # noqa: E402
@@ -49,8 +49,19 @@ CASES = {
     "sampa": ("sampa", "rho=0.5,lam=0.3,parallel=off,base=sgd", 1.0),  # clipping: the lookahead clips g_t globally
     "sampa_adamw": ("sampa", "rho=0.5,lam=0.3,parallel=off", 0.0),
     "asyncsam": ("asyncsam", "rho=0.5,ascent_batch_ratio=0.5,parallel=off,base=sgd", 0.0),
+    # LoRA (PEFT) on the sharded model: only the adapters are trainable, the frozen weights are sharded too
+    "sam_lora": ("sam", "rho=0.5,base=sgd", 0.0),
+    "sampa_lora": ("sampa", "rho=0.5,lam=0.3,parallel=off,base=sgd", 0.0),
 }
-STATEFUL = ("sampa", "sampa_adamw", "asyncsam")
+STATEFUL = ("sampa", "sampa_adamw", "asyncsam", "sampa_lora")
+# Role mode (launched on 2k processes): each role sharded over its own k ranks (`sharding.role_mesh`), the two
+# gradients exchanged shard for shard between ranks (0, i) and (1, i)
+ROLE_CASES = {
+    "sampa_roles": ("sampa", "rho=0.5,lam=0.3,parallel=on,base=sgd", 1.0),
+    "sampa_adamw_roles": ("sampa", "rho=0.5,lam=0.3,parallel=on", 0.0),
+    "asyncsam_roles": ("asyncsam", "rho=0.5,ascent_batch_ratio=0.5,parallel=on,base=sgd", 0.0),
+}
+ALL_CASES = {**CASES, **ROLE_CASES}
 
 
 class MLP(nn.Module):
@@ -70,12 +81,23 @@ class MLP(nn.Module):
         return nn.functional.cross_entropy(logits, labels)
 
 
-def shard_model(model: MLP, world: int) -> MLP:
+def with_lora(model: MLP):
+    """LoRA adapters (rank 2, B not zero so that every adapter gets a gradient at once) on the hidden layers."""
+    import peft
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["inp", "mid"], lora_dropout=0.0,
+                             init_lora_weights=False)
+    return peft.get_peft_model(model, config)
+
+
+def shard_model(model, world: int, mesh=None):
+    """fully_shard every Linear (with its LoRA adapters) and the root over `mesh` (default: all `world` ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
-    for module in (model.inp, model.mid, model.out):
+    mesh = mesh if mesh is not None else init_device_mesh("cpu", (world,))
+    mlp = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in (mlp.inp, mlp.mid, mlp.out):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the root holds the LayerNorm's parameters
     return model
@@ -117,23 +139,31 @@ class Passes:
             raise RuntimeError("unsharded multi-process runs are not what this script tests")
 
 
-def build(name: str, world: int, sharded: bool):
-    optim, optim_args, clip = CASES[name]
-    model = MLP()
-    if sharded:
+def build(name: str, world: int, sharded: bool, plan=None):
+    """The model (sharded over all ranks, or over this rank's role in role mode: `plan`), optimizer and method."""
+    optim, optim_args, clip = ALL_CASES[name]
+    model = with_lora(MLP()) if name.endswith("_lora") else MLP()
+    if plan is not None:
+        shard_model(model, world, mesh=sharding.role_mesh(plan))
+        sharding.sync_roles(plan, list(model.parameters()))
+    elif sharded:
         shard_model(model, world)
     cfg = SharpnessConfig.from_optim_args(optim, optim_args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.base == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        opt = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=0.01)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.01)
     kwargs = {"micro_batches": sharding.msam_micro_batches(cfg)} if optim == "msam" else {}
     method = METHOD_CLASSES[optim](cfg, opt, max_grad_norm=clip, **kwargs)
+    if plan is not None:
+        method.role_parallel = True
+        sharding.check_role_layout(method.params, plan)
     return model, opt, method, clip
 
 
 def parts_for(name: str) -> int:
-    cfg = SharpnessConfig.from_optim_args(*CASES[name][:2])
+    cfg = SharpnessConfig.from_optim_args(*ALL_CASES[name][:2])
     return cfg.micro_batches if cfg.method == "msam" else 2
 
 
@@ -148,10 +178,17 @@ def step_batch(step: int, name: str, world: int, rank: int, sharded: bool) -> Tr
     return TrainerBatch.of({"x": x, "labels": y}, None, 1)
 
 
-def run_steps(model, opt, method, clip, name, steps, world, rank, sharded, start=0):
+def run_steps(model, opt, method, clip, name, steps, world, rank, sharded, start=0, plan=None):
+    """Trainer's loop. In role mode (`plan`) `world` and `rank` are the role's k ranks and this rank's dp index:
+    ranks (0, i) and (1, i) read the same share of the batch."""
     passes = Passes(model)
     for step in range(start, steps):
-        result = method.step([step_batch(step, name, world, rank, sharded)], passes)
+        batch = step_batch(step, name, world, rank, sharded)
+        if plan is not None:
+            result = parallel.role_step(plan, method, [batch], passes, step)
+            parallel.check_replicas(plan, method.params, step)  # the roles' equal shards stay equal
+        else:
+            result = method.step([batch], passes)
         if not result.skip_update:
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -169,10 +206,18 @@ def memory(method) -> dict[str, int]:
     return {"backup": sharding.local_bytes(backup(method.params)), "state": sharding.local_bytes(state)}
 
 
-def train(name: str, steps: int, world: int = 2, rank: int = 0, sharded: bool = False):
-    model, opt, method, clip = build(name, world, sharded)
-    run_steps(model, opt, method, clip, name, steps, world, rank, sharded)
+def train(name: str, steps: int, world: int = 2, rank: int = 0, sharded: bool = False, plan=None):
+    model, opt, method, clip = build(name, world, sharded, plan)
+    run_steps(model, opt, method, clip, name, steps, world, rank, sharded, plan=plan)
     return full_weights(model), memory(method)
+
+
+def role_plan(name: str):
+    """The 2 x k role mesh parallel.make_plan builds for the case (as the Trainer does)."""
+    cfg = SharpnessConfig.from_optim_args(*ALL_CASES[name][:2])
+    plan = parallel.make_plan(cfg, torch.device("cpu"), 60.0)
+    assert plan.mode == "roles", plan.describe()
+    return plan
 
 
 def train_base_only(name: str, steps: int, world: int = 2) -> dict[str, torch.Tensor]:
@@ -188,26 +233,26 @@ def train_base_only(name: str, steps: int, world: int = 2) -> dict[str, torch.Te
     return full_weights(model)
 
 
-def train_with_resume(name: str, steps: int, world: int, rank: int, ckpt: str):
+def train_with_resume(name: str, steps: int, world: int, rank: int, ckpt: str, plan=None):
     """Train `steps // 2` steps, checkpoint, and continue in a fresh model, optimizer and method from it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     half = steps // 2
-    model, opt, method, clip = build(name, world, True)
-    run_steps(model, opt, method, clip, name, half, world, rank, True)
+    model, opt, method, clip = build(name, world, True, plan)
+    run_steps(model, opt, method, clip, name, half, world, rank, True, plan=plan)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(ckpt, "train"))
     sharding.save_method_state(method, ckpt)
     del model, opt, method
 
-    model, opt, method, clip = build(name, world, True)
+    model, opt, method, clip = build(name, world, True, plan)
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=os.path.join(ckpt, "train"))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     assert sharding.load_method_state(method, ckpt)
-    run_steps(model, opt, method, clip, name, steps, world, rank, True, start=half)
+    run_steps(model, opt, method, clip, name, steps, world, rank, True, start=half, plan=plan)
     return full_weights(model)
 
 
@@ -269,11 +314,46 @@ def cpu_fsdp_flags_check(out_dir: str) -> str:
     return f"is_fsdp_enabled={trainer.is_fsdp_enabled}: no error"
 
 
+def run_role_case(name: str, opts, world: int, rank: int) -> None:
+    """A role-mode case: weights (rank 0), every rank's memory and role/dp index, the resumed weights."""
+    try:
+        plan = role_plan(name)
+        k, i = plan.dp_size, plan.dp_rank
+        weights, mem = train(name, opts.steps, k, i, sharded=True, plan=plan)
+        mems = [None] * world
+        dist.all_gather_object(mems, {**mem, "role": plan.role, "dp": i})
+        if rank == 0:
+            torch.save(weights, os.path.join(opts.out_dir, f"{name}.pt"))
+            with open(os.path.join(opts.out_dir, f"{name}.mem.json"), "w") as f:
+                json.dump(mems, f)
+        if opts.resume_check:
+            resumed = train_with_resume(name, opts.steps, k, i, os.path.join(opts.out_dir, f"ckpt_{name}"), plan)
+            if rank == 0:
+                torch.save(resumed, os.path.join(opts.out_dir, f"{name}.resumed.pt"))
+    except Exception:
+        with open(os.path.join(opts.out_dir, f"{name}.rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+
+
+def role_layout_check(name: str) -> str:
+    """Role mode on a model sharded over all 2k ranks (the roles would all-gather from each other): refused."""
+    from sam_hf.config import SharpnessConfigError
+
+    plan = role_plan(name)
+    model = shard_model(MLP(), plan.world_size)
+    try:
+        sharding.check_role_layout(list(model.parameters()), plan)
+    except SharpnessConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out_dir", required=True)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--cases", nargs="*", default=list(CASES))
+    p.add_argument("--role_cases", nargs="*", default=[], help="ROLE_CASES to run (launch 2k processes)")
     p.add_argument("--resume_check", action="store_true")
     p.add_argument("--timeout", type=int, default=60, help="seconds a collective may wait for a peer")
     p.add_argument("--checks", action="store_true", help="the reductions' collectives and the CPU FSDP-flags check")
@@ -308,6 +388,13 @@ def main():
             except Exception:
                 with open(os.path.join(opts.out_dir, f"{name}.rank{rank}.error"), "w") as f:
                     f.write(traceback.format_exc())
+        for name in opts.role_cases:
+            run_role_case(name, opts, world, rank)
+        if opts.role_cases:
+            message = role_layout_check(opts.role_cases[0])
+            if rank == 0:
+                with open(os.path.join(opts.out_dir, "role_layout.json"), "w") as f:
+                    json.dump({"all_ranks_mesh": message}, f)
         if opts.trainer_cases:  # after the FSDP-flags check: this turns accelerate's FSDP on for CPU processes
             from fsdp_trainer import run_cases
 
