@@ -17,6 +17,10 @@ Two layouts (DESIGN.md, "With several processes"):
   then holds both gradients and takes the same optimizer step, with no more
   than one extra copy of the weights (see `exchange`).
 
+Under FSDP2 each role is sharded over its own k ranks (sharding.py): FSDP averages
+a role's gradient over them, and the exchange swaps local shards, since ranks
+(0, i) and (1, i) hold the same one.
+
 Asynchronous SAM may put its ascent rank on the CPU beside a GPU descent rank
 (`ascent_device=cpu`, placement.py): the exchange goes through CPU buffers over
 gloo, and since the two devices' optimizer steps differ by round-off, the

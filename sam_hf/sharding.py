@@ -39,11 +39,15 @@ the global batch B (1 and N processes give the same weights, as DESIGN.md asks):
   process's consecutive ranges), at the data-parallel cost of 2 passes over
   the local share. So under FSDP2 each rank runs all m micro-batches, not m/N
   (`msam_micro_batches`).
-* SAMPa and Asynchronous SAM run data parallel (`parallel=off`): both passes
-  on every rank, each averaged by FSDP. Role mode (the 2 x k mesh, each role
-  sharded over its k ranks) is not supported under FSDP2: `check_setup` turns
-  `parallel=auto` into `parallel=off` and refuses `parallel=on` (and
-  `ascent_device=cpu`, which needs role mode).
+* SAMPa and Asynchronous SAM run data parallel by default (`parallel=auto`
+  becomes `off`: both passes on every rank, each averaged by FSDP, the model
+  sharded over all 2k ranks). `parallel=on` asks for role mode: the 2 x k role
+  mesh, each role sharded over its own k ranks (`role_mesh`; in a Trainer,
+  `shard_for_roles` runs accelerate's own FSDP2 preparation over it), so FSDP
+  averages each role's gradient over its k ranks, and the exchange swaps
+  local shards point to point between ranks (0, i) and (1, i), which hold the
+  same shard. Twice the model's shard per rank of data-parallel FSDP over 2k
+  ranks, for the two passes in parallel. `ascent_device=cpu` is refused.
 
 Checkpoints: accelerate saves an FSDP2 optimizer through
 `get_optimizer_state_dict`, which keeps only `state` and `param_groups` and
@@ -261,9 +265,9 @@ def check_setup(trainer, cfg) -> bool:
 
     Call it where the trainer checks its combinations (after `Trainer.__init__` built the accelerator, before
     `parallel.make_plan`): it raises `SharpnessConfigError` for DeepSpeed, FSDP1, FSDP flags that accelerate
-    ignored (CPU runs), and what FSDP2 cannot run (role mode, per-rank SAM perturbations, too many mSAM
+    ignored (CPU runs), and what FSDP2 cannot run (a CPU ascent rank, per-rank SAM perturbations, too many mSAM
     micro-batches). Under FSDP2 it sets `cfg.parallel = "off"` where it was `auto`: SAMPa and Asynchronous SAM
-    then run data parallel."""
+    then run data parallel unless `parallel=on` asks for role mode."""
     name, args = cfg.method, trainer.args
     if getattr(trainer, "is_deepspeed_enabled", False):
         raise SharpnessConfigError(
@@ -290,15 +294,11 @@ def check_setup(trainer, cfg) -> bool:
             raise SharpnessConfigError(
                 "optim_args: ascent_device=cpu puts a whole unsharded replica on the CPU ascent rank; it does not "
                 "combine with FSDP2. Drop ascent_device (Asynchronous SAM then runs data parallel on the GPUs)")
-        if cfg.parallel == "on":
-            raise SharpnessConfigError(
-                f"optim_args: parallel=on (role mode: two roles, each sharded over its half of the ranks) is not "
-                f"supported with FSDP2 yet; use parallel=off: {name} then runs both passes on every rank, data "
-                "parallel over all ranks, with each pass's gradient averaged by FSDP (same result as one process "
-                "on the global batch)")
-        if cfg.parallel == "auto":
+        if cfg.parallel == "auto":  # memory first: the reason to shard; role mode holds twice the shard per rank
             cfg.parallel = "off"
-            logger.info("sam_hf: %s under FSDP2 runs data parallel (parallel=off): both passes on every rank", name)
+            logger.info("sam_hf: %s under FSDP2 runs data parallel (parallel=off): both passes on every rank, the "
+                        "model sharded over all ranks; parallel=on runs the two passes on two halves of the ranks, "
+                        "each sharded over its half", name)
     if cfg.method == "sam" and not cfg.sync_ascent:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         raise SharpnessConfigError(
@@ -362,6 +362,58 @@ def sync_roles(plan, tensors, what: str = "the initial role sync") -> None:
         _wait(dist.broadcast(out, src=src, group=group, async_op=True), plan, what)
         if out is not shard:
             shard.copy_(out)
+
+
+class _RoleMeshAccelerator:
+    """The Accelerator as accelerate's `fsdp2_prepare_model` reads it, with this rank's role mesh as the FSDP
+    mesh; everything else (the FSDP plugin, mixed precision, the device, the main process) is the real one's."""
+
+    def __init__(self, accelerator, plan):
+        from types import SimpleNamespace
+
+        self._accelerator = accelerator
+        self.torch_device_mesh = plan.mesh  # (role, dp): fsdp2_prepare_model takes mesh[("dp",)], this role's
+        self.parallelism_config = SimpleNamespace(fsdp_dim_names=("dp",))
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+
+def shard_for_roles(accelerator, model, plan, optimizer):
+    """Role mode under accelerate's FSDP2 plugin: shard `model` in place over this rank's role mesh with
+    accelerate's own preparation (the plugin's wrap policy, mixed precision, offload, resharding, tied weights,
+    cpu_ram_efficient_loading), where accelerate would shard it over all ranks. Trainer then hands the model to
+    `accelerator.prepare`, which keeps an FSDP2 module as it is.
+
+    Every rank starts from rank 0's weights (what DDP's start-up broadcast does; with cpu_ram_efficient_loading
+    accelerate already loads them so). The optimizer, built on the unsharded parameters, is pointed at the
+    sharded ones by name; returns those names per parameter group, for `rebind_optimizer` after `prepare`
+    (accelerate matches parameters by their shard's data pointer, and an empty shard has none)."""
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
+
+    from .parallel import broadcast_tensors
+
+    plugin = accelerator.state.fsdp_plugin
+    if not getattr(plugin, "cpu_ram_efficient_loading", False):
+        broadcast_tensors(plan, [*model.parameters(), *model.buffers()], 0, "the initial weight broadcast")
+    if getattr(plugin, "activation_checkpointing", False):  # before sharding, as accelerate's order is
+        model = fsdp2_apply_ac(accelerator, model)
+        plugin.activation_checkpointing = False  # applied: prepare must not wrap the layers again
+    names = {id(p): n for n, p in model.named_parameters()}
+    sharded = fsdp2_prepare_model(_RoleMeshAccelerator(accelerator, plan), model)
+    group_names = None
+    if optimizer is not None:
+        group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        rebind_optimizer(optimizer, sharded, group_names)
+    check_role_layout([p for p in sharded.parameters() if p.requires_grad], plan)
+    return sharded, group_names
+
+
+def rebind_optimizer(optimizer, model, group_names) -> None:
+    """Point each parameter group at `model`'s parameters of the recorded names."""
+    named = dict(model.named_parameters())
+    for group, names in zip(optimizer.param_groups, group_names):
+        group["params"] = [named[n] for n in names]
 
 
 def rebind_params(method) -> bool:

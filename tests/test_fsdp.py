@@ -54,12 +54,17 @@ TRAINER_CASES = {  # name: (optim, optim_args, equal to one process?) - see belo
     "asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", False),
 }
 TRAINER_RESUME = ("sampa", "asyncsam")
+# role mode on 4 CPU processes (2 roles x 2 ranks, per-device batch 4): the global batch of 8 is the one-process run's
+ROLE_TRAINER_CASES = {
+    "sampa_roles": ("sampa", "rho=0.1,lam=0.3,parallel=on", True),
+    "asyncsam_roles": ("asyncsam", "rho=0.1,parallel=on", True),
+}
 # the CPU Trainer case runs once trainer.py uses sam_hf.sharding (until then it refuses FSDP)
 WIRED = "sharding." in inspect.getsource(sam_trainer)
 
 
-def trainer_cases() -> list[str]:
-    return [f"{n}:{o}:{a}" for n, (o, a, _) in TRAINER_CASES.items()]
+def trainer_cases(cases=TRAINER_CASES) -> list[str]:
+    return [f"{n}:{o}:{a}" for n, (o, a, _) in cases.items()]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +136,8 @@ def role_runs(tmp_path_factory):
     """Role mode on 4 processes: a 2 x 2 mesh, each role sharded over its own 2 ranks."""
     out = tmp_path_factory.mktemp("fsdp_roles")
     proc = launch("fsdp_train.py", 4, "--out_dir", str(out), "--steps", str(STEPS), "--cases", "--role_cases",
-                  *fsdp_train.ROLE_CASES, "--resume_check")
+                  *fsdp_train.ROLE_CASES, "--resume_check", "--trainer_cases", *trainer_cases(ROLE_TRAINER_CASES),
+                  "--trainer_resume", *ROLE_TRAINER_CASES)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out
 
@@ -207,11 +213,10 @@ def cfg(method, optim_args=""):
     (fake_trainer(deepspeed=True), cfg("sam"), ["DeepSpeed", "fsdp_version: 2"]),
     (fake_trainer(version=1), cfg("sampa"), ["FSDP1", "fsdp_version: 2"]),
     (fake_trainer(fsdp_flag=True), cfg("sam"), ["left it off", "NOT be sharded"]),
-    (fake_trainer(version=2), cfg("sampa", "parallel=on"), ["parallel=on", "use parallel=off"]),
     (fake_trainer(version=2), cfg("asyncsam", "ascent_device=cpu"), ["ascent_device=cpu", "FSDP2"]),
     (fake_trainer(version=2), cfg("sam", "sync_ascent=false"), ["sync_ascent=false", "optim=msam"]),
     (fake_trainer(version=2, batch=2), cfg("msam", "micro_batches=4"), ["micro_batches <= 2"]),
-], ids=["deepspeed", "fsdp1", "fsdp-flags-ignored", "role-mode", "cpu-ascent", "sam-per-rank", "msam-too-many"])
+], ids=["deepspeed", "fsdp1", "fsdp-flags-ignored", "cpu-ascent", "sam-per-rank", "msam-too-many"])
 def test_check_setup_refuses_with_what_to_do_instead(monkeypatch, trainer, config, words):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     with pytest.raises(SharpnessConfigError) as err:
@@ -227,6 +232,9 @@ def test_check_setup_runs_sampa_and_asyncsam_data_parallel_under_fsdp2(monkeypat
         assert sharding.check_setup(fake_trainer(version=2), config) is True
         assert config.parallel == "off"
     assert sharding.check_setup(fake_trainer(), cfg("sampa")) is False  # no FSDP: nothing to do
+    for method in ("sampa", "asyncsam"):  # role mode on request: each role sharded over its half of the ranks
+        config = cfg(method, "parallel=on")
+        assert sharding.check_setup(fake_trainer(version=2), config) is True and config.parallel == "on"
 
 
 def test_plain_tensors_keep_their_norm():
@@ -241,19 +249,22 @@ def test_plain_tensors_keep_their_norm():
 
 # ---- the Trainer under accelerate's FSDP2 plugin -----------------------------------------------------------
 
-def check_trainer_results(out: Path, device: str):
+def check_trainer_results(out: Path, device: str, cases=TRAINER_CASES, resumed=TRAINER_RESUME):
     from fsdp_trainer import train
 
-    for name, (optim, optim_args, exact) in TRAINER_CASES.items():
+    for name, (optim, optim_args, exact) in cases.items():
         info = json.loads((out / f"{name}.json").read_text())
         assert info["sharded"] and info["model"].startswith("FSDP"), info
         two = torch.load(out / f"{name}.pt")
         assert all(torch.isfinite(v).all() for v in two.values())
         if exact:
-            _, one = train(str(out / f"{name}_one"), optim, optim_args, 8, 4, fsdp=False, device=device)
+            one_process = optim_args.replace(",parallel=on", "")
+            trainer, one = train(str(out / f"{name}_one"), optim, one_process, 8, 4, fsdp=False, device=device)
             for key in one:
                 torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
-        if name in TRAINER_RESUME:
+            losses = lambda log: [e["loss"] for e in log if "loss" in e]  # noqa: E731
+            torch.testing.assert_close(losses(info["log"]), losses(trainer.state.log_history), atol=1e-6, rtol=0)
+        if name in resumed:
             saved, resumed = torch.load(out / f"{name}.saved.pt"), torch.load(out / f"{name}.resumed.pt")
             for key in saved:
                 torch.testing.assert_close(resumed[key], saved[key], atol=0, rtol=0)
@@ -272,3 +283,14 @@ def test_trainer_with_accelerates_fsdp2_plugin_on_gpus(tmp_path):
 @pytest.mark.skipif(not WIRED, reason="sam_hf/trainer.py does not call sam_hf.sharding yet (FSDP still refused)")
 def test_trainer_with_accelerates_fsdp2_plugin_turned_on_for_cpu_processes(sharded_runs):
     check_trainer_results(sharded_runs / "trainer", "cpu")
+
+
+def test_trainer_role_mode_under_fsdp2_shards_each_role_over_its_ranks(role_runs):
+    """SharpnessTrainer, parallel=on, accelerate's FSDP2 plugin on 4 processes: accelerate's own preparation runs
+    over each role's 2 ranks; weights and logged loss equal one unsharded process, resume is exact, and each rank
+    holds one shard of the method state (ranks (0, i) and (1, i) the same one)."""
+    out = role_runs / "trainer"
+    check_trainer_results(out, "cpu", ROLE_TRAINER_CASES, tuple(ROLE_TRAINER_CASES))
+    for name in ROLE_TRAINER_CASES:
+        per_rank = json.loads((out / f"{name}.json").read_text())["state_bytes"]
+        assert per_rank[:2] == per_rank[2:] and 0 < max(per_rank) < sum(per_rank[:2]), per_rank

@@ -28,6 +28,7 @@ FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"], "state
 
 def force_fsdp_on_cpu():
     """What accelerate does on GPUs, on CPU processes: distributed type FSDP with the Trainer's FSDP2 plugin."""
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from transformers import Trainer
 
@@ -38,6 +39,8 @@ def force_fsdp_on_cpu():
         if self.args.fsdp_plugin_args is not None:
             state = self.accelerator.state
             state.distributed_type = DistributedType.FSDP
+            # as accelerate does on GPUs: a later AcceleratorState() (AcceleratedOptimizer's) copies it back from here
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
 
