@@ -3,6 +3,7 @@
     python benchmarks/param_copies.py             # the README table (one process)
     python benchmarks/param_copies.py --where     # also list what is alive at each method's peak
     python benchmarks/param_copies.py --roles     # role mode: each rank of 2-process SAMPa / Asynchronous SAM
+    python benchmarks/param_copies.py --layouts   # per-rank extra copies: 1 process, DDP, FSDP2, FSDP2 role mode
 
 CPU has no allocator statistics, so allocations are counted directly: a
 `TorchDispatchMode`, active for the whole of `trainer.train()`, looks at the
@@ -35,6 +36,20 @@ buffers); point-to-point gloo transfers of contiguous CPU tensors read and
 write those tensors in place, so nothing is hidden inside the collectives.
 (The all-gather the exchange used before also allocated a flat output inside
 gloo, which this meter cannot see: its 'before' figures are lower bounds.)
+
+Layouts (`--layouts`, `measure_layouts`): each method's extra copies on the
+busiest rank, in units of one FULL copy of the trainable parameters, in one
+process, data parallel on 2 processes (DDP), FSDP2 data parallel on 2 processes
+(accelerate's FSDP2 plugin, turned on for CPU processes as
+tests/scripts/fsdp_trainer.py does) and FSDP2 role mode on 4 processes (2 roles
+x 2 ranks, `parallel=on`). SAMPa and Asynchronous SAM run with `parallel=off`
+in the data-parallel layouts. With FSDP2 the parameters are DTensors: the meter
+counts a DTensor output by its local shard's storage, and its threshold is half
+the smallest LOCAL trainable tensor, read when training begins (after
+accelerate has sharded the model), so shard-sized allocations are counted.
+Each layout's baseline is the base optimizer under the same per-rank layout
+(role mode: FSDP2 on 2 processes, whose shards equal each role's 2-rank shards),
+so FSDP's own all-gather and reduce-scatter buffers are in both and cancel.
 """
 
 from __future__ import annotations
@@ -81,6 +96,11 @@ ROLE_ROWS = [
     ("Asynchronous SAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1"),
     ("Asynchronous SAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5"),
 ]
+# Layouts (--layouts): one row per method; SAMPa and Asynchronous SAM also run role mode under FSDP2 (parallel=on).
+LAYOUT_ROWS = [ROWS[i] for i in (0, 1, 2, 3, 5, 6)]
+ROLE_METHODS = ("sampa", "asyncsam")
+# accelerate's FSDP2 plugin as tests/scripts/fsdp_trainer.py configures it: every Linear its own FSDP unit
+FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"], "state_dict_type": "SHARDED_STATE_DICT"}
 ROLE_VARIANTS = [(0.0, 1), (1.0, 1), (0.0, 2), (1.0, 2)]  # (max_grad_norm, gradient_accumulation_steps)
 
 
@@ -120,10 +140,27 @@ class _Rows(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes of this rank's part of `t` (a DTensor's local shard, else the tensor)."""
+    if _is_dtensor(t):
+        t = t._local_tensor
+    return t.numel() * t.element_size()
+
+
 # ---- the meter ----------------------------------------------------------------------------------
 def _tensors(obj, out: list) -> list:
     """The tensors in an op's (nested tuple / list / dict) arguments or outputs."""
     if isinstance(obj, torch.Tensor):
+        if _is_dtensor(obj):  # FSDP2: the storage is the local shard's (the DTensor wrapper has none of its own)
+            obj = obj._local_tensor
         if obj.layout == torch.strided and obj.device.type != "meta":  # tensors with a storage
             out.append(obj)
     elif isinstance(obj, (tuple, list)):
@@ -150,11 +187,17 @@ class AllocationMeter(TorchDispatchMode):
     _SKIP_FILES = tuple(os.sep + os.path.join("torch", *parts) for parts in
                         (("utils", ""), ("_ops.py",), ("_dynamo", ""), ("_compile.py",))) + (__file__,)
 
-    def __init__(self, threshold: int, where: bool = False):
+    def __init__(self, threshold: int, where: bool = False, resizable: bool = False):
         super().__init__()
         self.threshold = threshold
         self.where = where
-        self.live: dict[int, tuple[object, Allocation]] = {}  # data_ptr -> (token, allocation)
+        # resizable: storages may shrink and grow in place (FSDP2 frees and re-allocates its unsharded parameters
+        # with `untyped_storage().resize_`, which no aten op reports): the live bytes are then re-read from every
+        # tracked storage's current size after each op, and a storage resized to 0 counts 0 until it grows again
+        self.resizable = resizable
+        # id(storage) -> (token, allocation, weak reference to the storage); torch keeps a storage's Python object
+        # alive as long as the storage, so the id names one storage for as long as the entry exists
+        self.live: dict[int, tuple[object, Allocation, weakref.ref]] = {}
         self.live_bytes = 0
         self.measuring = False
         self.step = 0
@@ -163,11 +206,29 @@ class AllocationMeter(TorchDispatchMode):
         self.tracked = 0
         self.armed = False  # from the first step on: what train() allocates before (e.g. moving the model) is not counted
 
-    def _freed(self, ptr: int, token: object) -> None:
-        entry = self.live.get(ptr)
+    def _freed(self, key: int, token: object) -> None:
+        entry = self.live.get(key)
         if entry is not None and entry[0] is token:
-            del self.live[ptr]
+            del self.live[key]
             self.live_bytes -= entry[1].nbytes
+
+    def _current(self) -> int:
+        """The live bytes as the tracked storages stand now (a resized storage counts its current size)."""
+        total = 0
+        for _, _, ref in self.live.values():
+            storage = ref()
+            total += storage.nbytes() if storage is not None else 0
+        return total
+
+    def _alive(self) -> list[Allocation]:
+        if not self.resizable:
+            return [a for _, a, _ in self.live.values()]
+        alive = []
+        for _, a, ref in self.live.values():
+            storage = ref()
+            if storage is not None and storage.nbytes():
+                alive.append(Allocation(a.op, a.shape, storage.nbytes(), a.step, a.where))
+        return alive
 
     def _location(self) -> str:
         frames, f = [], sys._getframe(2)
@@ -183,27 +244,30 @@ class AllocationMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        outputs = _tensors(out, []) if self.armed else None
-        if not outputs:
+        if not self.armed:
             return out
-        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs), [])}
+        outputs = _tensors(out, [])
         grew = False
-        for t in outputs:
-            storage = t.untyped_storage()
-            ptr, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes < self.threshold or ptr in inputs or ptr in self.live:
-                continue  # small, a view / in-place / out= result, or a storage already counted
-            token = object()
-            alloc = Allocation(str(func), tuple(t.shape), nbytes, self.step, self._location() if self.where else "")
-            self.live[ptr] = (token, alloc)
-            self.live_bytes += nbytes
-            self.tracked += 1
-            weakref.finalize(storage, self._freed, ptr, token)
-            grew = True
-        if grew and self.measuring and self.live_bytes > self.peak:
-            self.peak = self.live_bytes
-            if self.where:
-                self.peak_live = [a for _, a in self.live.values()]
+        if outputs:
+            inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs), [])}
+            for t in outputs:
+                storage = t.untyped_storage()
+                key, nbytes = id(storage), storage.nbytes()
+                if nbytes < self.threshold or key in inputs or key in self.live:
+                    continue  # small, a view / in-place / out= result, or a storage already counted
+                token = object()
+                alloc = Allocation(str(func), tuple(t.shape), nbytes, self.step, self._location() if self.where else "")
+                self.live[key] = (token, alloc, weakref.ref(storage))
+                self.live_bytes += nbytes
+                self.tracked += 1
+                weakref.finalize(storage, self._freed, key, token)
+                grew = True
+        if self.measuring and (grew or self.resizable):
+            current = self._current() if self.resizable else self.live_bytes
+            if current > self.peak:
+                self.peak = current
+                if self.where:
+                    self.peak_live = self._alive()
         return out
 
 
@@ -211,6 +275,13 @@ def _callback(meter: AllocationMeter, warmup: int):
     from transformers import TrainerCallback
 
     class Window(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            # after accelerate prepared the model: under FSDP2 each rank holds shards, so the threshold is half
+            # the smallest LOCAL trainable tensor (else every shard-sized allocation would be ignored)
+            sizes = [_local_bytes(p) for p in (model.parameters() if model is not None else ()) if p.requires_grad]
+            if sizes and min(sizes) > 0:
+                meter.threshold = min(sizes) // 2
+
         def on_step_begin(self, args, state, control, **kwargs):
             meter.armed = True
             meter.step = state.global_step + 1
@@ -250,23 +321,27 @@ def _cheap_gc():
 
 
 def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0, steps: int = STEPS,
-        warmup: int = WARMUP, dim: int = DIM, layers: int = LAYERS, where: bool = False, ga: int = 1) -> Run:
+        warmup: int = WARMUP, dim: int = DIM, layers: int = LAYERS, where: bool = False, ga: int = 1,
+        fsdp: bool = False) -> Run:
     """Train EqualLinears for `steps` steps under the meter; the peak of live tracked bytes after `warmup` steps.
-    Under torchrun every rank trains (gloo) and measures its own peak."""
+    Under torchrun every rank trains (gloo) and measures its own peak; `fsdp`: accelerate's FSDP2 plugin (call
+    `force_fsdp_on_cpu()` first in that process)."""
     import sam_hf
     from transformers import PrinterCallback, TrainingArguments
 
     model = EqualLinears(dim, layers)
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    meter = AllocationMeter(threshold=min(p.numel() * p.element_size() for p in params) // 2, where=where)
+    meter = AllocationMeter(threshold=min(p.numel() * p.element_size() for p in params) // 2, where=where,
+                            resizable=fsdp)
+    extra = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
     with tempfile.TemporaryDirectory() as out, _cheap_gc():
         args = TrainingArguments(
             output_dir=out, optim=optim, optim_args=optim_args or None, per_device_train_batch_size=BATCH,
             learning_rate=1e-3, lr_scheduler_type="constant", max_steps=steps, max_grad_norm=max_grad_norm,
             logging_strategy="no", report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
             dataloader_num_workers=0, gradient_accumulation_steps=ga,
-            ddp_backend="gloo" if "RANK" in os.environ else None)
+            ddp_backend="gloo" if "RANK" in os.environ else None, **extra)
         trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=_Rows(BATCH * steps * ga, dim),
                                           callbacks=[_callback(meter, warmup)])
         trainer.remove_callback(PrinterCallback)  # no log lines in the table's output
@@ -308,26 +383,39 @@ def measure(optim: str, optim_args: str | None = None, **kw) -> float:
 
 
 # ---- role mode: 2 processes, every rank metered ------------------------------------------------------
+def _fsdp_on_cpu() -> None:
+    """accelerate turns FSDP on for accelerators only: tests/scripts/fsdp_trainer.py's `force_fsdp_on_cpu` sets the
+    FSDP2 plugin on the accelerator state after Trainer built it (what accelerate does on GPUs)."""
+    scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    from fsdp_trainer import FSDP_CONFIG as script_config, force_fsdp_on_cpu
+
+    assert script_config == FSDP_CONFIG, (script_config, FSDP_CONFIG)
+    force_fsdp_on_cpu()
+
+
 def _role_worker(spec: str, out: str) -> None:
-    """Under torchrun: run every case of `spec` (JSON [[optim, optim_args, max_grad_norm, ga], ...]) and write
-    this rank's peaks to OUT/rank{r}.json."""
+    """Under torchrun: run every case of `spec` (JSON [[optim, optim_args, max_grad_norm, ga, steps(, fsdp)], ...])
+    and write this rank's peaks (and, with PARAM_COPIES_WHERE=1, what is alive at each) to OUT/rank{r}.json."""
     import json
 
     torch.set_num_threads(1)
-    cases = json.loads(spec)
+    cases = [(*c, False) if len(c) == 5 else tuple(c) for c in json.loads(spec)]
     where = os.environ.get("PARAM_COPIES_WHERE") == "1"
-    runs = [run(o, a, max_grad_norm=c, ga=ga, steps=steps, where=where) for o, a, c, ga, steps in cases]
+    if any(fsdp for *_, fsdp in cases):
+        _fsdp_on_cpu()  # only acts on runs whose TrainingArguments ask for FSDP
+    runs = [run(o, a, max_grad_norm=c, ga=ga, steps=steps, where=where, fsdp=fsdp)
+            for o, a, c, ga, steps, fsdp in cases]
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
-        json.dump([r.peak_bytes for r in runs], f)
-    if where:
-        for (o, a, c, ga, _), r in zip(cases, runs):
-            print(f"rank {os.environ['RANK']}: {o} {a} max_grad_norm={c:g} ga={ga}: peak {r.copies:.2f} copies\n"
-                  f"{_describe(r)}", file=sys.stderr)
+        json.dump({"peaks": [r.peak_bytes for r in runs],
+                   "where": [_describe(r) if where else "" for r in runs]}, f)
 
 
-def run_roles(cases: list[tuple], procs: int = 2, steps: int = STEPS, timeout: float = 900) -> list[list[int]]:
-    """Peak tracked bytes of every rank (a list per case) for each (optim, optim_args, max_grad_norm, ga) case,
-    trained role-parallel on `procs` processes in one torchrun launch."""
+def run_ranks(cases: list[tuple], procs: int = 2, steps: int = STEPS, timeout: float = 900,
+              where: bool = False) -> list[list[tuple[int, str]]]:
+    """(peak tracked bytes, what is alive at the peak) of every rank, a list per case, for each
+    (optim, optim_args, max_grad_norm, ga[, fsdp]) case, trained on `procs` processes in one torchrun launch."""
     import json
     import socket
     import subprocess
@@ -335,16 +423,22 @@ def run_roles(cases: list[tuple], procs: int = 2, steps: int = STEPS, timeout: f
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    spec = json.dumps([[o, a, c, ga, steps] for o, a, c, ga in cases])
+    spec = json.dumps([[c[0], c[1], c[2], c[3], steps, bool(c[4]) if len(c) > 4 else False] for c in cases])
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
                str(port), __file__, "--role_worker", spec, "--out", out]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PARAM_COPIES_WHERE": "1" if where else "0"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"role-mode memory run failed:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"{procs}-process memory run failed:\n{proc.stderr[-4000:]}")
         per_rank = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(procs)]
-    return [list(ranks) for ranks in zip(*per_rank)]
+    return [list(ranks) for ranks in zip(*[zip(r["peaks"], r["where"]) for r in per_rank])]
+
+
+def run_roles(cases: list[tuple], procs: int = 2, steps: int = STEPS, timeout: float = 900) -> list[list[int]]:
+    """Peak tracked bytes of every rank (a list per case) for each (optim, optim_args, max_grad_norm, ga) case,
+    trained role-parallel on `procs` processes in one torchrun launch."""
+    return [[peak for peak, _ in ranks] for ranks in run_ranks(cases, procs, steps, timeout)]
 
 
 def sam_twin(optim: str, optim_args: str | None) -> str:
@@ -368,6 +462,113 @@ def measure_roles(cases: list[tuple], steps: int = STEPS) -> list[dict]:
     return out
 
 
+# ---- layouts: 1 process, DDP, FSDP2, FSDP2 role mode; the busiest rank ---------------------------------
+def with_parallel(optim_args: str | None, value: str) -> str:
+    """optim_args with parallel=VALUE (replacing any parallel= already there)."""
+    keys = [kv for kv in (optim_args or "").split(",") if kv and not kv.startswith("parallel=")]
+    return ",".join(keys + [f"parallel={value}"])
+
+
+def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS, layouts=("one", "ddp", "fsdp", "fsdp_roles"),
+                    where: bool = False) -> dict:
+    """Extra copies on the busiest rank for each row (label, optim, optim_args) and layout, in units of one FULL
+    copy of the trainable parameters: {"rows": {label: {layout: copies}}, "baselines": {...}, "where": {...}}.
+
+    one: 1 process against the base optimizer in 1 process. ddp: 2 processes, unsharded (SAMPa and Asynchronous
+    SAM with parallel=off) against the base optimizer on the same 2 processes. fsdp: accelerate's FSDP2 plugin on 2
+    processes (parallel=off) against the base optimizer under the same FSDP2 layout. fsdp_roles: 4 processes, 2 roles
+    x 2 ranks (parallel=on, SAMPa and Asynchronous SAM only), each role sharded over its 2 ranks, against the base
+    optimizer under FSDP2 on 2 processes (the same per-rank shards). Per layout: (max over ranks of the method's
+    peak - max over ranks of the baseline's peak) / bytes of all trainable parameters."""
+    result = {"rows": {label: {} for label, _, _ in rows}, "baselines": {}, "where": {}}
+    bases = sorted({baseline_of(o, a) for _, o, a in rows}, key=str)
+    if "one" in layouts:
+        for label, optim, optim_args in rows:
+            base = baseline_run(optim, optim_args, steps=steps)
+            r = run(optim, optim_args, steps=steps, where=where)
+            result["rows"][label]["one"] = (r.peak_bytes - base.peak_bytes) / base.param_bytes
+            result["baselines"][("one", *baseline_of(optim, optim_args))] = base.copies
+            if where:
+                result["where"][(label, "one")] = f"peak {r.copies:.2f} copies\n{_describe(r)}"
+    full = LAYERS * DIM * DIM * 4
+    two = [(b, ba, 0.0, 1, fsdp) for fsdp in (False, True) for b, ba in bases
+           if ("fsdp" if fsdp else "ddp") in layouts or (fsdp and "fsdp_roles" in layouts)]
+    two += [(o, with_parallel(a, "off") if o in ROLE_METHODS else a, 0.0, 1, fsdp)
+            for fsdp in (False, True) if ("fsdp" if fsdp else "ddp") in layouts for _, o, a in rows]
+    # unsharded runs first: an FSDP run leaves ACCELERATE_USE_FSDP=true and FSDP in accelerate's shared state
+    two.sort(key=lambda case: case[4])
+    peaks = dict(zip(two, run_ranks(two, procs=2, steps=steps, where=where))) if two else {}
+    four = [(o, with_parallel(a, "on"), 0.0, 1, True) for _, o, a in rows if o in ROLE_METHODS] \
+        if "fsdp_roles" in layouts else []
+    peaks.update(zip(four, run_ranks(four, procs=4, steps=steps, where=where)) if four else {})
+
+    def busiest(case):
+        ranks = peaks[case]
+        rank = max(range(len(ranks)), key=lambda i: ranks[i][0])
+        return ranks[rank][0], rank, ranks[rank][1]
+
+    for fsdp in (False, True):
+        for b, ba in bases:
+            if (b, ba, 0.0, 1, fsdp) in peaks:
+                result["baselines"][("fsdp" if fsdp else "ddp", b, ba)] = busiest((b, ba, 0.0, 1, fsdp))[0] / full
+    for label, optim, optim_args in rows:
+        b, ba = baseline_of(optim, optim_args)
+        for layout, case in (("ddp", (optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS else optim_args,
+                                      0.0, 1, False)),
+                             ("fsdp", (optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS else optim_args,
+                                       0.0, 1, True)),
+                             ("fsdp_roles", (optim, with_parallel(optim_args, "on"), 0.0, 1, True))):
+            if case not in peaks:
+                continue
+            base = busiest((b, ba, 0.0, 1, layout != "ddp"))
+            peak, rank, alive = busiest(case)
+            result["rows"][label][layout] = (peak - base[0]) / full
+            if where:
+                result["where"][(label, layout)] = (f"busiest rank {rank}: peak {peak / full:.2f} copies "
+                                                   f"(baseline {b} {ba or ''}, rank {base[1]}: {base[0] / full:.2f})"
+                                                   f"\n{alive}")
+                result["where"][("baseline " + b + " " + (ba or ""), layout)] = \
+                    f"busiest rank {base[1]}: peak {base[0] / full:.2f} copies\n{base[2]}"
+    return result
+
+
+LAYOUT_NAMES = {"one": "1 process", "ddp": "DDP, 2 processes", "fsdp": "FSDP2, 2 processes",
+                "fsdp_roles": "FSDP2 role mode, 4 processes (2 roles x 2 ranks)"}
+
+
+def _layouts_table(where: bool = False) -> None:
+    res = measure_layouts(where=where)
+    print(f"Model: {LAYERS} x Linear({DIM}, {DIM}, bias=False), per-device batch {BATCH}, gloo on CPU processes; "
+          f"peak over steps {WARMUP + 1}-{STEPS}. Extra fp32 copies beyond the base optimizer (AdamW) on the "
+          "busiest rank (the max over ranks of the method's peak minus the max over ranks of the baseline's), in "
+          f"units of ONE FULL copy of the trainable parameters ({LAYERS * DIM * DIM * 4} bytes): a rank holding "
+          "one shard of a copy on 2 ranks shows 0.50.\n")
+    print("Baselines (the base optimizer under the same per-rank layout):\n"
+          "- 1 process: the base optimizer in 1 process.\n"
+          "- DDP, 2 processes: the base optimizer on the same 2 processes (DDP); SAMPa and Asynchronous SAM run "
+          "with parallel=off (data parallel, every rank both passes).\n"
+          "- FSDP2, 2 processes: the base optimizer under the same FSDP2 layout (accelerate's FSDP2 plugin, each "
+          "Linear its own unit, parameters sharded over the 2 ranks); SAMPa and Asynchronous SAM with parallel=off. "
+          "FSDP's all-gather and reduce-scatter buffers are in the baseline too.\n"
+          "- FSDP2 role mode, 4 processes: parallel=on, 2 roles x 2 ranks, each role sharded over its own 2 ranks; "
+          "baseline: the base optimizer under FSDP2 on 2 processes, whose per-rank shards equal each role's "
+          "(a plain optimizer has no roles; 4-process FSDP2 would shard over 4).\n")
+    layouts = list(LAYOUT_NAMES)
+    print("| method | optim_args | " + " | ".join(LAYOUT_NAMES[k] for k in layouts) + " |")
+    print("|---|---|" + "---:|" * len(layouts))
+    for label, optim, optim_args in LAYOUT_ROWS:
+        cells = res["rows"][label]
+        print(f"| {label} | `{optim_args}` | " + " | ".join(f"{cells[k]:.2f}" if k in cells else "n/a"
+                                                            for k in layouts) + " |")
+    bases = "; ".join(f"{LAYOUT_NAMES[k]}: `{b}{' ' + ba if ba else ''}` {v:.2f}"
+                      for (k, b, ba), v in res["baselines"].items())
+    print(f"\nBaselines, absolute peak on the busiest rank in full copies: {bases}.")
+    print("n/a: role mode (parallel=on) applies to SAMPa and Asynchronous SAM only.")
+    if where:
+        print("\nAlive at the peak (count x creating op [local shape] where):\n")
+        print("\n\n".join(f"{label}, {LAYOUT_NAMES[layout]}: {text}" for (label, layout), text in res["where"].items()))
+
+
 # ---- the table ------------------------------------------------------------------------------------
 def _describe(r: Run, limit: int = 12) -> str:
     from collections import Counter
@@ -384,6 +585,8 @@ def main(argv=None) -> None:
     p.add_argument("--where", action="store_true", help="list the allocations alive at each peak")
     p.add_argument("--roles", action="store_true",
                    help="role mode: 2-process SAMPa and Asynchronous SAM, each rank counted (torchrun, gloo)")
+    p.add_argument("--layouts", action="store_true",
+                   help="per-rank extra copies in 1 process, DDP (2), FSDP2 (2) and FSDP2 role mode (4 processes)")
     p.add_argument("--role_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -393,6 +596,9 @@ def main(argv=None) -> None:
         return
     if opts.roles:
         _roles_table()
+        return
+    if opts.layouts:
+        _layouts_table(where=opts.where)
         return
     clips = opts.max_grad_norm
     head = "| method | optim_args | target | " + " | ".join(

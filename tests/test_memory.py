@@ -139,3 +139,15 @@ def test_backup_written_into_the_spent_direction_is_exact(optim_args):
     for p, w, s, x0, i in zip(method.params, want, saved, x, ids):
         assert torch.equal(p, w) and torch.equal(s, x0)
         assert i is None or id(s) == i  # the direction's buffer now holds x
+
+
+def test_fsdp2_data_parallel_holds_one_shard_of_each_extra_copy():
+    """FSDP2 on 2 CPU processes (accelerate's plugin turned on for CPU, gloo; one torchrun launch, ~20 s): SAM and
+    SAMPa (parallel=off) hold their extra copies one shard per rank, so the busiest rank's figure (against AdamW
+    under the same FSDP2 layout, in units of one FULL copy) is about the 1-process figure / 2. The meter counts
+    DTensors by their local shards and sees FSDP2's in-place storage resizes: not 0, not a whole copy."""
+    rows = [ROWS["sam"], ROWS["sampa"]]
+    res = pc.measure_layouts(rows=rows, steps=STEPS, layouts=("one", "fsdp"))
+    for label, _, _ in rows:
+        one, fsdp = res["rows"][label]["one"], res["rows"][label]["fsdp"]
+        assert one / 2 - 0.15 <= fsdp <= one / 2 + 0.15, f"{label}: FSDP2 {fsdp:.3f} vs 1 process {one:.3f}"
