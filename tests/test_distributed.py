@@ -252,11 +252,16 @@ def test_gpu_descent_with_a_cpu_ascent_rank_matches_one_gpu_process(tmp_path):
     assert_close(torch.load(tmp_path / "het.rank0.pt"), torch.load(tmp_path / "het.rank1.pt"), atol=1e-4)
 
 
-def test_sampa_on_a_2x2_mesh_equals_one_process(tmp_path):
-    proc = launch(tmp_path, 4, "--steps", "3", "--cases", "mesh:sampa:rho=0.1:4")
+def test_sampa_and_asyncsam_on_a_2x2_mesh_equal_one_process(tmp_path):
+    # Asynchronous SAM on 2k ranks is asked for with parallel=on (auto takes role mode on 2 processes only)
+    proc = launch(tmp_path, 4, "--steps", "3", "--cases", "mesh:sampa:rho=0.1:4",
+                  "mesh_async:asyncsam:rho=0.1,parallel=on:4")
     assert proc.returncode == 0, proc.stderr[-6000:]
     _, one = train(str(tmp_path / "one"), "sampa", "rho=0.1", batch=8, steps=3)
     assert_close(one, torch.load(tmp_path / "mesh.pt"))
+    _, one = train(str(tmp_path / "one_async"), "asyncsam", "rho=0.1", batch=8, steps=3)
+    assert_close(one, torch.load(tmp_path / "mesh_async.pt"))
+    assert any("sam/exchange_seconds" in h for h in torch.load(tmp_path / "mesh_async.log"))
 
 
 def test_parallel_resume_equals_uninterrupted(two_process_runs, tmp_path):

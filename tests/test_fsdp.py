@@ -278,6 +278,16 @@ def test_trainer_with_accelerates_fsdp2_plugin_on_gpus(tmp_path):
                   str(8 // nproc), "--cases", *trainer_cases(), "--resume_cases", *TRAINER_RESUME, timeout=540)
     assert proc.returncode == 0, proc.stderr[-6000:]
     check_trainer_results(tmp_path, "cuda")
+    if nproc < 2:
+        return
+    # role mode: 2 x k GPUs, each role sharded over its k (per-device batch 8 / k: the same global batch of 8)
+    nproc = 4 if torch.cuda.device_count() >= 4 else 2
+    roles = tmp_path / "roles"
+    proc = launch("fsdp_trainer.py", nproc, "--out_dir", str(roles), "--device", "cuda", "--batch",
+                  str(8 // (nproc // 2)), "--cases", *trainer_cases(ROLE_TRAINER_CASES), "--resume_cases",
+                  *ROLE_TRAINER_CASES, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    check_trainer_results(roles, "cuda", ROLE_TRAINER_CASES, tuple(ROLE_TRAINER_CASES))
 
 
 @pytest.mark.skipif(not WIRED, reason="sam_hf/trainer.py does not call sam_hf.sharding yet (FSDP still refused)")
