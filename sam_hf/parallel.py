@@ -188,52 +188,22 @@ def _wait(work, plan: ParallelPlan, what: str) -> None:
             f"{plan.timeout_s:.0f} s (--ddp_timeout). Cause reported by torch.distributed: {exc}") from exc
 
 
-def pack(tensors: list[torch.Tensor | None], like: list[torch.Tensor], out: torch.Tensor, scale: float = 1.0) -> None:
-    """Write fp32 tensors / scale, then one has-gradient flag per parameter, into `out` (one copy, no temporaries).
+@torch.no_grad()
+def all_reduce_grads_(params: list[torch.Tensor], plan: ParallelPlan, what: str) -> None:
+    """Average every parameter's `.grad` over all ranks, in place (data-parallel mode).
 
-    None becomes zeros with flag 0, so every rank's layout matches and a parameter no rank gave a gradient
-    stays without one."""
-    offset = 0
-    for t, p in zip(tensors, like):
-        n = p.numel()
-        if t is None:
-            out[offset:offset + n].zero_()
-        else:
-            out[offset:offset + n].copy_(t.detach().reshape(-1))
-        offset += n
-    if scale != 1.0:
-        out[:offset].div_(scale)
-    out[offset:offset + len(like)] = torch.tensor([float(t is not None) for t in tensors], dtype=torch.float32)
-
-
-def flatten(tensors: list[torch.Tensor | None], like: list[torch.Tensor], device) -> torch.Tensor:
-    out = torch.empty(flat_size(like), device=device, dtype=torch.float32)
-    pack(tensors, like, out)
-    return out
-
-
-def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    out, offset = [], 0
-    flags = flat[-len(like):].tolist() if like else []
-    for p, flag in zip(like, flags):
-        n = p.numel()
-        out.append(flat[offset:offset + n].view(p.shape).to(p.device) if flag > 0 else None)
-        offset += n
-    return out
-
-
-def flat_size(like: list[torch.Tensor]) -> int:
-    return sum(p.numel() for p in like) + len(like)
-
-
-def all_reduce_mean(tensors: list[torch.Tensor | None], like: list[torch.Tensor], plan: ParallelPlan,
-                    what: str) -> list[torch.Tensor | None]:
-    """Average fp32 copies of `tensors` over all ranks, in one collective."""
-    flat = flatten(tensors, like, plan.staging_device)
-    if plan.world_size > 1:
-        _wait(dist.all_reduce(flat, async_op=True), plan, what)
-        flat[:-len(like) or None] /= plan.world_size
-    return unflatten(flat, like)
+    One small all-reduce of has-gradient flags first: a parameter no rank has a gradient for keeps None, one that
+    only some ranks have one for gets zeros on the others. Then the gradients in buckets (`_mean_`): an fp32
+    gradient that fills a bucket alone is reduced where it lies, the rest through one bucket-sized fp32 staging
+    buffer at a time, so the reduction never holds a second copy of all the gradients (a low-precision gradient
+    is still averaged in fp32)."""
+    flags = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float32,
+                         device=plan.staging_device)
+    _wait(dist.all_reduce(flags, async_op=True), plan, what)
+    for p, f in zip(params, flags.tolist()):
+        if p.grad is None and f > 0:
+            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    _mean_([p.grad for p in params if p.grad is not None], plan, what, None, plan.world_size)
 
 
 @torch.no_grad()
@@ -256,7 +226,8 @@ def take_grads(params: list[torch.Tensor], scale: float) -> list[torch.Tensor | 
     return out
 
 
-DP_BUCKET_BYTES = 32 * 2**20  # the dp all-reduce (k > 1) flattens at most this much at a time
+DP_BUCKET_BYTES = 32 * 2**20  # a gradient all-reduce stages at most this much at a time
+BUCKET_SHARE = 16  # ... and at most this fraction of all the gradients' bytes
 SMALL_NUMEL = 16384  # gradients of fewer elements (biases, norms) cross the link together, in one message
 
 
@@ -265,21 +236,27 @@ def _post(ops: list) -> list:
     return dist.batch_isend_irecv(ops) if ops else []
 
 
-def _dp_mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str) -> None:
-    """Average `tensors` in place over this rank's dp group (the k ranks of its role), in buckets of at most
-    DP_BUCKET_BYTES: a tensor that fills a bucket alone is reduced where it lies, without a copy."""
+def _mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str, group, size: int) -> None:
+    """Average `tensors` in place over `group` (of `size` ranks; None: all ranks), in buckets of at most
+    DP_BUCKET_BYTES and at most 1/BUCKET_SHARE of all the bytes (so the staging buffer is a small fraction of
+    a copy even for a small model): an fp32 contiguous tensor on the staging device that fills a bucket alone is
+    reduced where it lies, without a copy; the others go through an fp32 staging buffer and are copied back."""
     bucket: list[torch.Tensor] = []
-    size = 0
+    nbytes = 0
+    cap = min(DP_BUCKET_BYTES, sum(t.numel() for t in tensors) * 4 // BUCKET_SHARE)
+
+    def in_place(t):
+        return t.dtype == torch.float32 and t.is_contiguous() and t.device == plan.staging_device
 
     def flush():
         if not bucket:
             return
-        if len(bucket) == 1:
-            flat = bucket[0] if bucket[0].device == plan.staging_device else bucket[0].to(plan.staging_device)
+        if len(bucket) == 1 and in_place(bucket[0]):
+            flat = bucket[0]
         else:
-            flat = torch.cat([t.reshape(-1).to(plan.staging_device) for t in bucket])
-        _wait(dist.all_reduce(flat, group=plan.dp_group, async_op=True), plan, what)
-        flat.div_(plan.dp_size)
+            flat = torch.cat([t.reshape(-1).to(plan.staging_device, torch.float32) for t in bucket])
+        _wait(dist.all_reduce(flat, group=group, async_op=True), plan, what)
+        flat.div_(size)
         if flat is not bucket[0]:
             offset = 0
             for t in bucket:
@@ -288,11 +265,11 @@ def _dp_mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str) -> Non
         bucket.clear()
 
     for t in tensors:
-        if bucket and size + t.numel() * 4 > DP_BUCKET_BYTES:
+        if bucket and nbytes + t.numel() * 4 > cap:
             flush()
-            size = 0
+            nbytes = 0
         bucket.append(t)
-        size += t.numel() * 4
+        nbytes += t.numel() * 4
     flush()
 
 
@@ -349,7 +326,7 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
             flags = meta[:n].tolist()
             own = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None and f > 0 else g
                    for g, p, f in zip(own, like, flags)]
-            _dp_mean_([g for g in own if g is not None], plan, what)
+            _mean_([g for g in own if g is not None], plan, what, plan.dp_group, plan.dp_size)
     theirs_meta = torch.empty_like(meta)
     for work in _post([dist.P2POp(dist.isend, meta, plan.peer), dist.P2POp(dist.irecv, theirs_meta, plan.peer)]):
         _wait(work, plan, what)

@@ -261,12 +261,7 @@ class TrainerPasses:
             return
         if sharding.grads_reduced_by_fsdp(params):  # FSDP2's reduce-scatter averaged .grad in the backward
             return
-        step = self.trainer.state.global_step
-        reduced = parallel.all_reduce_mean([p.grad for p in params], params, plan,
-                                           f"the gradient all-reduce at step {step}")
-        with torch.no_grad():
-            for p, g in zip(params, reduced):
-                p.grad = None if g is None else g.to(p.dtype)
+        parallel.all_reduce_grads_(params, plan, f"the gradient all-reduce at step {self.trainer.state.global_step}")
 
 
 class SkippedUpdateCallback(TrainerCallback):

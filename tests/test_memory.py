@@ -141,13 +141,15 @@ def test_backup_written_into_the_spent_direction_is_exact(optim_args):
         assert i is None or id(s) == i  # the direction's buffer now holds x
 
 
-def test_fsdp2_data_parallel_holds_one_shard_of_each_extra_copy():
-    """FSDP2 on 2 CPU processes (accelerate's plugin turned on for CPU, gloo; one torchrun launch, ~20 s): SAM and
-    SAMPa (parallel=off) hold their extra copies one shard per rank, so the busiest rank's figure (against AdamW
-    under the same FSDP2 layout, in units of one FULL copy) is about the 1-process figure / 2. The meter counts
-    DTensors by their local shards and sees FSDP2's in-place storage resizes: not 0, not a whole copy."""
+def test_data_parallel_adds_nothing_per_rank_and_fsdp2_holds_one_shard_of_each_extra_copy():
+    """2 CPU processes (gloo; one torchrun launch), SAM and SAMPa (parallel=off), busiest rank against the base
+    optimizer in the same layout, in units of one FULL copy. Unsharded data parallel: the gradient all-reduce
+    works in place (staging at most 1/16 of the gradients), so each rank holds what 1 process holds. FSDP2
+    (accelerate's plugin turned on for CPU): one shard of each extra copy per rank, about the 1-process figure / 2
+    (the meter counts DTensors by their local shards and sees FSDP2's in-place storage resizes: not 0)."""
     rows = [ROWS["sam"], ROWS["sampa"]]
-    res = pc.measure_layouts(rows=rows, steps=STEPS, layouts=("one", "fsdp"))
+    res = pc.measure_layouts(rows=rows, steps=STEPS, layouts=("one", "ddp", "fsdp"))
     for label, _, _ in rows:
-        one, fsdp = res["rows"][label]["one"], res["rows"][label]["fsdp"]
+        one, ddp, fsdp = (res["rows"][label][k] for k in ("one", "ddp", "fsdp"))
+        assert ddp <= one + 0.1, f"{label}: data parallel {ddp:.3f} vs 1 process {one:.3f}"
         assert one / 2 - 0.15 <= fsdp <= one / 2 + 0.15, f"{label}: FSDP2 {fsdp:.3f} vs 1 process {one:.3f}"
