@@ -294,6 +294,13 @@ def check_setup(trainer, cfg) -> bool:
             raise SharpnessConfigError(
                 "optim_args: ascent_device=cpu puts a whole unsharded replica on the CPU ascent rank; it does not "
                 "combine with FSDP2. Drop ascent_device (Asynchronous SAM then runs data parallel on the GPUs)")
+        pc = getattr(getattr(trainer, "accelerator", None), "parallelism_config", None)
+        extra = {k: getattr(pc, f"{k}_size", 1) or 1 for k in ("dp_replicate", "tp", "cp", "sp")} if pc else {}
+        if cfg.parallel == "on" and any(v > 1 for v in extra.values()):
+            raise SharpnessConfigError(
+                f"optim_args: parallel=on under FSDP2 builds its own 2 x k mesh (each role sharded over its k ranks), "
+                f"which does not combine with accelerate's ParallelismConfig {extra}; drop the ParallelismConfig "
+                "(plain FSDP2), or use parallel=off")
         if cfg.parallel == "auto":  # memory first: the reason to shard; role mode holds twice the shard per rank
             cfg.parallel = "off"
             logger.info("sam_hf: %s under FSDP2 runs data parallel (parallel=off): both passes on every rank, the "

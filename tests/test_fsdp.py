@@ -197,12 +197,13 @@ def test_fsdp_flags_on_cpu_processes_are_reported_not_taken_for_a_sharded_run(sh
 # ---- check_setup's refusals, without processes -----------------------------------------------------------
 
 
-def fake_trainer(version=None, deepspeed=False, fsdp_flag=None, batch=4, ga=1):
+def fake_trainer(version=None, deepspeed=False, fsdp_flag=None, batch=4, ga=1, parallelism=None):
     plugin = None if version is None else SimpleNamespace(fsdp_version=version)
     args = SimpleNamespace(fsdp=fsdp_flag, fsdp_plugin_args=None, per_device_train_batch_size=batch,
                            gradient_accumulation_steps=ga, device=torch.device("cpu"), use_cpu=True)
     return SimpleNamespace(args=args, is_deepspeed_enabled=deepspeed,
-                           accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+                           accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin),
+                                                       parallelism_config=parallelism))
 
 
 def cfg(method, optim_args=""):
@@ -216,7 +217,9 @@ def cfg(method, optim_args=""):
     (fake_trainer(version=2), cfg("asyncsam", "ascent_device=cpu"), ["ascent_device=cpu", "FSDP2"]),
     (fake_trainer(version=2), cfg("sam", "sync_ascent=false"), ["sync_ascent=false", "optim=msam"]),
     (fake_trainer(version=2, batch=2), cfg("msam", "micro_batches=4"), ["micro_batches <= 2"]),
-], ids=["deepspeed", "fsdp1", "fsdp-flags-ignored", "cpu-ascent", "sam-per-rank", "msam-too-many"])
+    (fake_trainer(version=2, parallelism=SimpleNamespace(dp_replicate_size=2, dp_shard_size=2, tp_size=1)),
+     cfg("sampa", "parallel=on"), ["parallel=on", "ParallelismConfig", "'dp_replicate': 2", "parallel=off"]),
+], ids=["deepspeed", "fsdp1", "fsdp-flags-ignored", "cpu-ascent", "sam-per-rank", "msam-too-many", "roles-with-hsdp"])
 def test_check_setup_refuses_with_what_to_do_instead(monkeypatch, trainer, config, words):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     with pytest.raises(SharpnessConfigError) as err:
