@@ -133,7 +133,8 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
         if cfg.parallel == "auto":
             logger.warning("sam_hf: %s on %d processes runs data parallel (both passes on every rank); "
                            "role-parallel needs %s", cfg.method, world,
-                           "2 processes" if cfg.method == "asyncsam" else "an even number of processes")
+                           "2 processes (or parallel=on on an even number)" if cfg.method == "asyncsam"
+                           else "an even number of processes")
         return ParallelPlan(mode="data", **base)
     if world % 2:
         raise SharpnessConfigError(

@@ -116,6 +116,19 @@ def is_fsdp2(model) -> bool:
     return any(isinstance(m, FSDPModule) for m in unwrap(model).modules())
 
 
+def reshard(model) -> None:
+    """Free every FSDP2 module's unsharded parameters, so the next forward all-gathers the shards as they are now.
+
+    FSDP2 keeps a module unsharded after a forward without backward where `reshard_after_forward` is False (the
+    root, and accelerate's tail group): after an evaluation, a method that moves the weights before its first
+    forward (SAMPa's lookahead, a perturbation) would otherwise run that forward on the stale unsharded copy."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in unwrap(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def has_sharded_params(params) -> bool:
     return any(is_sharded(p) for p in params)
 
@@ -215,10 +228,11 @@ def all_finite(tensors) -> bool:
 
 
 @torch.no_grad()
-def totals(*groups) -> torch.Tensor:
+def totals(*groups, like=()) -> torch.Tensor:
     """Sums of the scalars in each group, over all shards, in one collective: `totals(dots, sq_a, sq_b)` for a
-    cosine. A scalar from a DTensor reduction is this rank's part (`float()` of it would be this rank's alone)."""
-    layout = None
+    cosine. A scalar from a DTensor reduction is this rank's part (`float()` of it would be this rank's alone);
+    scalars computed from local shards are summed over the layout of `like` (the parameters they came from)."""
+    layout = _layout(like)
     values = []
     for group in groups:
         parts = [local(v) for v in group]
@@ -338,21 +352,29 @@ def role_mesh(plan):
     return plan.mesh["dp"]
 
 
-def check_role_layout(params, plan) -> None:
-    """Role mode on sharded parameters: every DTensor must be sharded over exactly this rank's role mesh, so that
-    rank (0, i) and rank (1, i) hold the same shard and the exchange can swap them shard for shard."""
+def check_role_layout(params, plan, names=None) -> None:
+    """Role mode on sharded parameters: every trainable parameter must be a DTensor sharded over exactly this
+    rank's role mesh, so that rank (0, i) and rank (1, i) hold the same shard, FSDP averages it over the role's
+    k ranks, and the exchange can swap the two roles' shards."""
     want = role_mesh(plan).mesh.flatten().tolist()
+    names = names or {}
+    plain = [names.get(id(p), f"parameter {i}") for i, p in enumerate(params) if not is_sharded(p)]
+    if plain:
+        raise SharpnessConfigError(
+            f"sam_hf: role-parallel {plan.describe()} under FSDP2 needs every trainable parameter sharded by FSDP2, "
+            f"but {', '.join(plain[:5])}{' ...' if len(plain) > 5 else ''} ({len(plain)} in all) are plain tensors "
+            "(e.g. in the FSDP plugin's ignored modules): nothing would average their gradients over a role's "
+            "ranks. Shard them too, freeze them, or use optim_args parallel=off")
     for i, p in enumerate(params):
-        if not is_sharded(p):
-            continue
         got = p.device_mesh.mesh.flatten().tolist()
         if p.device_mesh.ndim != 1 or got != want:
             raise SharpnessConfigError(
                 f"sam_hf: role-parallel {plan.describe()} under FSDP2 needs each role sharded over its own "
-                f"{plan.dp_size} rank(s) {want}, but parameter {i} is sharded over ranks {got} "
-                f"({p.device_mesh.ndim}-D mesh, {tuple(p.placements)}): the two roles run different passes and "
-                "must not all-gather from each other. Shard with fully_shard(module, mesh=sam_hf.sharding.role_mesh("
-                "plan)), or use optim_args parallel=off (both passes on every rank, sharded over all ranks)")
+                f"{plan.dp_size} rank(s) {want}, but {names.get(id(p), f'parameter {i}')} is sharded over ranks "
+                f"{got} ({p.device_mesh.ndim}-D mesh, {tuple(p.placements)}): the two roles run different passes "
+                "and must not all-gather from each other. In a Trainer, pass the model unsharded (sam_hf shards "
+                "each role with accelerate's FSDP2 plugin); in a custom loop, fully_shard(module, "
+                "mesh=sam_hf.sharding.role_mesh(plan)); or use optim_args parallel=off")
 
 
 @torch.no_grad()
@@ -387,40 +409,48 @@ class _RoleMeshAccelerator:
 
 
 def shard_for_roles(accelerator, model, plan, optimizer):
-    """Role mode under accelerate's FSDP2 plugin: shard `model` in place over this rank's role mesh with
-    accelerate's own preparation (the plugin's wrap policy, mixed precision, offload, resharding, tied weights,
-    cpu_ram_efficient_loading), where accelerate would shard it over all ranks. Trainer then hands the model to
-    `accelerator.prepare`, which keeps an FSDP2 module as it is.
+    """Role mode under accelerate's FSDP2 plugin: shard `model` (under torch.compile's wrapper, if any) in place
+    over this rank's role mesh with accelerate's own preparation (the plugin's wrap policy, mixed precision,
+    offload, resharding, tied weights, cpu_ram_efficient_loading, activation checkpointing), where accelerate
+    would shard it over all ranks. Trainer then hands the model to `accelerator.prepare`, which keeps an FSDP2
+    module as it is.
 
     Every rank starts from rank 0's weights (what DDP's start-up broadcast does; with cpu_ram_efficient_loading
     accelerate already loads them so). The optimizer, built on the unsharded parameters, is pointed at the
-    sharded ones by name; returns those names per parameter group, for `rebind_optimizer` after `prepare`
-    (accelerate matches parameters by their shard's data pointer, and an empty shard has none)."""
+    sharded ones. Returns those sharded parameters per parameter group, for `rebind_optimizer` after each
+    `prepare` (accelerate matches parameters by their shard's data pointer, and an empty shard has none)."""
     from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
 
     from .parallel import broadcast_tensors
 
+    module = unwrap(model)
     plugin = accelerator.state.fsdp_plugin
     if not getattr(plugin, "cpu_ram_efficient_loading", False):
-        broadcast_tensors(plan, [*model.parameters(), *model.buffers()], 0, "the initial weight broadcast")
-    if getattr(plugin, "activation_checkpointing", False):  # before sharding, as accelerate's order is
-        model = fsdp2_apply_ac(accelerator, model)
-        plugin.activation_checkpointing = False  # applied: prepare must not wrap the layers again
-    names = {id(p): n for n, p in model.named_parameters()}
-    sharded = fsdp2_prepare_model(_RoleMeshAccelerator(accelerator, plan), model)
-    group_names = None
+        broadcast_tensors(plan, [*module.parameters(), *module.buffers()], 0, "the initial weight broadcast")
+    checkpointing = getattr(plugin, "activation_checkpointing", False)
+    if checkpointing:  # before sharding, as in accelerate's own order (in place)
+        fsdp2_apply_ac(accelerator, module)
+    names = {id(p): n for n, p in module.named_parameters()}
+    plugin.activation_checkpointing = False  # applied here: prepare must not wrap the layers again
+    try:
+        sharded = fsdp2_prepare_model(_RoleMeshAccelerator(accelerator, plan), module)
+    finally:
+        plugin.activation_checkpointing = checkpointing
+    named = dict(sharded.named_parameters())  # the sharded parameters, taken before any forward unshards them
+    groups = None
     if optimizer is not None:
-        group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-        rebind_optimizer(optimizer, sharded, group_names)
-    check_role_layout([p for p in sharded.parameters() if p.requires_grad], plan)
-    return sharded, group_names
+        groups = [[named[names[id(p)]] for p in group["params"]] for group in optimizer.param_groups]
+        rebind_optimizer(optimizer, groups)
+    check_role_layout([p for p in sharded.parameters() if p.requires_grad], plan,
+                      {id(p): n for n, p in named.items()})
+    return model, groups
 
 
-def rebind_optimizer(optimizer, model, group_names) -> None:
-    """Point each parameter group at `model`'s parameters of the recorded names."""
-    named = dict(model.named_parameters())
-    for group, names in zip(optimizer.param_groups, group_names):
-        group["params"] = [named[n] for n in names]
+def rebind_optimizer(optimizer, groups) -> None:
+    """Point each parameter group at the recorded parameters, where `prepare` changed them."""
+    for group, params in zip(optimizer.param_groups, groups):
+        if len(group["params"]) != len(params) or any(a is not b for a, b in zip(group["params"], params)):
+            group["params"] = list(params)
 
 
 def rebind_params(method) -> bool:

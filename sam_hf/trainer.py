@@ -418,11 +418,10 @@ class SharpnessMixin:
 
     def _wrap_model(self, model, training=True, dataloader=None):
         plan = self._sharpness_plan
-        if (self._sharpness_fsdp2 and plan.mode == "roles" and training and not sharding.is_fsdp2(model)
-                and self.accelerator.unwrap_model(model, keep_torch_compile=False) is model):
+        if self._sharpness_fsdp2 and plan.mode == "roles" and training and not sharding.is_fsdp2(model):
             # each role sharded over its own k ranks; accelerate.prepare then keeps the FSDP2 module as it is
-            model, self._sharpness_group_names = sharding.shard_for_roles(self.accelerator, model, plan,
-                                                                         self.optimizer)
+            model, self._sharpness_role_params = sharding.shard_for_roles(self.accelerator, model, plan,
+                                                                          self.optimizer)
             return model
         if (plan is None or not plan.distributed or not training or self._sharpness_fsdp2
                 or self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model):
@@ -468,10 +467,12 @@ class SharpnessMixin:
         method = self._sharpness_optimizer.method
         step = self.state.global_step
         if self._sharpness_fsdp2:  # accelerate swapped the optimizer's parameters for DTensors after create_optimizer
+            sharding.reshard(model)  # no unsharded copy left from an evaluation: the passes read the shards
             self._sharpness_rebind_optimizer()
             sharding.rebind_params(method)
             if plan.mode == "roles" and not getattr(self, "_sharpness_layout_checked", False):
-                sharding.check_role_layout(method.params, plan)  # e.g. a model the script sharded itself
+                names = {id(p): n for n, p in sharding.unwrap(model).named_parameters()}
+                sharding.check_role_layout(method.params, plan, names)  # e.g. a model the script sharded itself
                 self._sharpness_layout_checked = True
         # replicas: every rank, or under FSDP2 the two roles' equal shards (data-parallel shards all differ)
         replicas = not self._sharpness_fsdp2 or plan.mode == "roles"
@@ -509,11 +510,11 @@ class SharpnessMixin:
             sharding.save_method_state(self._sharpness_optimizer.method, output_dir)
 
     def _sharpness_rebind_optimizer(self) -> None:
-        """Role mode under FSDP2: after accelerate.prepare matched the optimizer's parameters by their shards' data
-        pointers (an empty shard has none), point it at the sharded parameters by name again, once."""
-        names, self._sharpness_group_names = getattr(self, "_sharpness_group_names", None), None
-        if names is not None:
-            sharding.rebind_optimizer(self.optimizer, sharding.unwrap(self.model), names)
+        """Role mode under FSDP2: accelerate.prepare matches the optimizer's parameters by their shards' data
+        pointers (an empty shard has none): point it at the sharded parameters again after every prepare."""
+        groups = getattr(self, "_sharpness_role_params", None)
+        if groups is not None:
+            sharding.rebind_optimizer(self.optimizer, groups)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if self.sharpness_config is not None and self._sharpness_fsdp2:

@@ -47,6 +47,8 @@ TRAINER_CASES = {  # name: (optim, optim_args, equal to one process?) - see belo
     "sam": ("sam", "rho=0.1", True),
     "asam": ("sam", "rho=0.5,adaptive=true", True),
     "sampa": ("sampa", "rho=0.1,lam=0.3", True),
+    # a parameter on the root module, evaluated before the first step (FSDP2 leaves the root unsharded after it)
+    "sampa_eval": ("sampa", "rho=0.1,lam=0.3", True),
     # accelerate deals the global batch out as consecutive per-rank batches, and under FSDP2 mSAM's micro-batch j
     # (and Asynchronous SAM's ascent batch) is every rank's j-th slice: the same rule on a different partition
     # of the batch than one process's consecutive ranges (exactness: the loop tests above)
@@ -58,6 +60,8 @@ TRAINER_RESUME = ("sampa", "asyncsam")
 ROLE_TRAINER_CASES = {
     "sampa_roles": ("sampa", "rho=0.1,lam=0.3,parallel=on", True),
     "asyncsam_roles": ("asyncsam", "rho=0.1,parallel=on", True),
+    # a parameter on the root module, evaluated before the first step: the optimizer keeps the shards
+    "sampa_roles_eval": ("sampa", "rho=0.1,lam=0.3,parallel=on", True),
 }
 # the CPU Trainer case runs once trainer.py uses sam_hf.sharding (until then it refuses FSDP)
 WIRED = "sharding." in inspect.getsource(sam_trainer)
@@ -262,11 +266,16 @@ def check_trainer_results(out: Path, device: str, cases=TRAINER_CASES, resumed=T
         assert all(torch.isfinite(v).all() for v in two.values())
         if exact:
             one_process = optim_args.replace(",parallel=on", "")
-            trainer, one = train(str(out / f"{name}_one"), optim, one_process, 8, 4, fsdp=False, device=device)
+            trainer, one = train(str(out / f"{name}_one"), optim, one_process, 8, 4, fsdp=False, device=device,
+                                 evaluate=name.endswith("_eval"))
             for key in one:
                 torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
-            losses = lambda log: [e["loss"] for e in log if "loss" in e]  # noqa: E731
-            torch.testing.assert_close(losses(info["log"]), losses(trainer.state.log_history), atol=1e-6, rtol=0)
+            for kind in ("loss", "eval_loss", "sam/grad_cosine"):  # the cosine: over all shards
+                logged = lambda log: [e[kind] for e in log if kind in e]  # noqa: E731
+                torch.testing.assert_close(logged(info["log"]), logged(trainer.state.log_history), atol=1e-6,
+                                           rtol=0)
+            if name.endswith("_eval"):
+                assert len([e for e in info["log"] if "eval_loss" in e]) == 3  # at the start, steps 2 and 4
         if name in resumed:
             saved, resumed = torch.load(out / f"{name}.saved.pt"), torch.load(out / f"{name}.resumed.pt")
             for key in saved:

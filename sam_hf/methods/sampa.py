@@ -252,7 +252,7 @@ class SAMPa(SharpnessMethod):
         self.g, self.held = g_next, list(batches)
         metrics = self._metrics(extras)
         if 0.0 < lam < 1.0:
-            dot, sq_a, sq_b = sharding.totals(dots, sq_a, sq_b)  # over the shards under FSDP2: one collective
+            dot, sq_a, sq_b = sharding.totals(dots, sq_a, sq_b, like=params)  # over the shards under FSDP2
             metrics["sam/grad_cosine"] = dot / (sq_a * sq_b).sqrt().clamp_min(1e-30) if dots else torch.zeros(())
         return StepResult(loss, metrics=metrics)
 

@@ -47,15 +47,37 @@ def force_fsdp_on_cpu():
     Trainer.create_accelerator_and_postprocess = create_with_fsdp
 
 
-def train(out_dir, optim, optim_args, batch, steps, fsdp=True, device="cpu", save_steps=0, resume=None):
+class RootParamModel(MeanLossModel):
+    """A parameter on the root module (FSDP2 keeps the root's parameters unsharded after a forward until the
+    backward): with an evaluation before the first training step, the optimizer must still hold the shards."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x) * self.scale
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def train(out_dir, optim, optim_args, batch, steps, fsdp=True, device="cpu", save_steps=0, resume=None,
+          evaluate=False):
+    """`evaluate`: the RootParamModel, evaluated before the first step and every 2 steps."""
     kwargs = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
     if "RANK" in os.environ:
         kwargs["ddp_backend"] = "gloo" if device == "cpu" else "nccl"
     if save_steps:
         kwargs.update(save_strategy="steps", save_steps=save_steps)
+    if evaluate:
+        kwargs.update(eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=4)
     targs = make_args(out_dir, optim, optim_args, max_steps=steps, per_device_train_batch_size=batch,
                       use_cpu=device == "cpu", **kwargs)
-    trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), args=targs, train_dataset=vector_data(n=64))
+    model = RootParamModel() if evaluate else MeanLossModel()
+    trainer = sam_hf.SharpnessTrainer(model=model, args=targs, train_dataset=vector_data(n=64),
+                                      eval_dataset=vector_data(n=16, seed=1) if evaluate else None)
     trainer.train(resume_from_checkpoint=resume)
     weights = {k: (v.full_tensor() if sharding.is_sharded(v) else v).detach().cpu().clone()
                for k, v in trainer.model.state_dict().items()}
@@ -69,7 +91,8 @@ def run_cases(out_dir, cases, resume_cases=(), batch=4, steps=4, device="cpu"):
     for case in cases:
         name, optim, optim_args = case.split(":")
         run = os.path.join(out_dir, name)
-        trainer, weights = train(run, optim, optim_args, batch, steps, device=device)
+        evaluate = name.endswith("_eval")
+        trainer, weights = train(run, optim, optim_args, batch, steps, device=device, evaluate=evaluate)
         method = trainer._sharpness_optimizer.method
         state = {k: v for k, v in method.state_dict().items() if k in ("g", "a")}
         info = {"sharded": sharding.has_sharded_params(method.params), "model": type(trainer.model).__name__,
@@ -77,9 +100,10 @@ def run_cases(out_dir, cases, resume_cases=(), batch=4, steps=4, device="cpu"):
         infos = [None] * dist.get_world_size()
         dist.all_gather_object(infos, info)
         if name in resume_cases:
-            _, full = train(run + "_saved", optim, optim_args, batch, steps, device=device, save_steps=2)
+            _, full = train(run + "_saved", optim, optim_args, batch, steps, device=device, save_steps=2,
+                            evaluate=evaluate)
             _, resumed = train(run + "_saved", optim, optim_args, batch, steps, device=device,
-                               resume=os.path.join(run + "_saved", "checkpoint-2"))
+                               resume=os.path.join(run + "_saved", "checkpoint-2"), evaluate=evaluate)
         if dist.get_rank() == 0:
             torch.save(weights, run + ".pt")
             with open(run + ".json", "w") as f:
