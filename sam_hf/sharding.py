@@ -228,20 +228,27 @@ def all_finite(tensors) -> bool:
 
 
 @torch.no_grad()
-def totals(*groups, like=()) -> torch.Tensor:
+def totals(*groups, like=(), replicated=None) -> torch.Tensor:
     """Sums of the scalars in each group, over all shards, in one collective: `totals(dots, sq_a, sq_b)` for a
     cosine. A scalar from a DTensor reduction is this rank's part (`float()` of it would be this rank's alone);
-    scalars computed from local shards are summed over the layout of `like` (the parameters they came from)."""
+    scalars computed from local shards are summed over the layout of `like` (the parameters they came from).
+    `replicated[i]` marks the i-th scalar of every group as the same on every rank (from a plain tensor, e.g. a
+    module FSDP ignores): counted once, not summed over the shards."""
     layout = _layout(like)
-    values = []
+    sharded_values, plain_values = [], []
     for group in groups:
         parts = [local(v) for v in group]
         layout = layout or _layout(group)
-        values.append(torch.stack(parts).sum() if parts else torch.zeros(()))
-    out = torch.stack([v.float().to(values[0].device) for v in values])
+        keep = replicated or [False] * len(parts)
+        mine = [v for v, r in zip(parts, keep) if not r]
+        same = [v for v, r in zip(parts, keep) if r]
+        sharded_values.append(torch.stack(mine).sum() if mine else torch.zeros(()))
+        plain_values.append(torch.stack(same).sum() if same else torch.zeros(()))
+    device = sharded_values[0].device
+    out = torch.stack([v.float().to(device) for v in sharded_values])
     if layout is not None:
         out = _all_reduce(out, layout[0], layout[1])
-    return out
+    return out + torch.stack([v.float().to(device) for v in plain_values])
 
 
 # ---- memory --------------------------------------------------------------------

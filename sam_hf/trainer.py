@@ -259,8 +259,10 @@ class TrainerPasses:
         plan = self.trainer._sharpness_plan
         if plan.mode != "data":  # one process, or role mode where the exchange does the averaging
             return
-        if sharding.grads_reduced_by_fsdp(params):  # FSDP2's reduce-scatter averaged .grad in the backward
-            return
+        if sharding.grads_reduced_by_fsdp(params):  # FSDP2's reduce-scatter averaged the shards' .grad already;
+            params = [p for p in params if not sharding.is_sharded(p)]  # parameters FSDP left alone are ours
+            if not params:
+                return
         parallel.all_reduce_grads_(params, plan, f"the gradient all-reduce at step {self.trainer.state.global_step}")
 
 

@@ -49,6 +49,9 @@ TRAINER_CASES = {  # name: (optim, optim_args, equal to one process?) - see belo
     "sampa": ("sampa", "rho=0.1,lam=0.3", True),
     # a parameter on the root module, evaluated before the first step (FSDP2 leaves the root unsharded after it)
     "sampa_eval": ("sampa", "rho=0.1,lam=0.3", True),
+    # the output layer in accelerate's ignored_modules: its parameters stay plain tensors, averaged by sam_hf
+    "sam_ignored": ("sam", "rho=0.1", True),
+    "sampa_ignored": ("sampa", "rho=0.1,lam=0.3", True),
     # accelerate deals the global batch out as consecutive per-rank batches, and under FSDP2 mSAM's micro-batch j
     # (and Asynchronous SAM's ascent batch) is every rank's j-th slice: the same rule on a different partition
     # of the batch than one process's consecutive ranges (exactness: the loop tests above)
@@ -268,6 +271,8 @@ def check_trainer_results(out: Path, device: str, cases=TRAINER_CASES, resumed=T
             one_process = optim_args.replace(",parallel=on", "")
             trainer, one = train(str(out / f"{name}_one"), optim, one_process, 8, 4, fsdp=False, device=device,
                                  evaluate=name.endswith("_eval"))
+            if name.endswith("_ignored"):
+                assert info["plain_trainable"] == ["net.2.weight", "net.2.bias"], info["plain_trainable"]
             for key in one:
                 torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
             for kind in ("loss", "eval_loss", "sam/grad_cosine"):  # the cosine: over all shards

@@ -226,7 +226,7 @@ class SAMPa(SharpnessMethod):
             del g_tilde
             _set_grads(params, [None if t is None else t.clone() for t in g_next], scale)
         else:
-            combined, dots, sq_a, sq_b = [], [], [], []
+            combined, dots, sq_a, sq_b, plain = [], [], [], [], []
             with torch.no_grad():
                 for gt, gn in zip(g_tilde, g_next):
                     if gt is not None and gn is not None:
@@ -238,6 +238,7 @@ class SAMPa(SharpnessMethod):
                         a, b = a.reshape(-1), b.reshape(-1)
                         for s in range(0, a.numel(), step):
                             ac, bc = a[s:s + step], b[s:s + step]
+                            plain.append(not sharding.is_sharded(gt))
                             dots.append(torch.dot(ac, bc))
                             sq_a.append(torch.dot(ac, ac))
                             sq_b.append(torch.dot(bc, bc))
@@ -252,7 +253,8 @@ class SAMPa(SharpnessMethod):
         self.g, self.held = g_next, list(batches)
         metrics = self._metrics(extras)
         if 0.0 < lam < 1.0:
-            dot, sq_a, sq_b = sharding.totals(dots, sq_a, sq_b, like=params)  # over the shards under FSDP2
+            # over the shards under FSDP2 (a parameter FSDP left unsharded counted once)
+            dot, sq_a, sq_b = sharding.totals(dots, sq_a, sq_b, like=params, replicated=plain)
             metrics["sam/grad_cosine"] = dot / (sq_a * sq_b).sqrt().clamp_min(1e-30) if dots else torch.zeros(())
         return StepResult(loss, metrics=metrics)
 

@@ -23,6 +23,7 @@ import sam_hf  # noqa: E402
 from sam_hf import sharding  # noqa: E402
 from tiny import MeanLossModel, args as make_args, vector_data  # noqa: E402
 
+IGNORED = r"net\.2"  # MeanLossModel's output layer, for the NAME_ignored cases
 FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"], "state_dict_type": "SHARDED_STATE_DICT"}
 
 
@@ -64,8 +65,9 @@ class RootParamModel(MeanLossModel):
 
 
 def train(out_dir, optim, optim_args, batch, steps, fsdp=True, device="cpu", save_steps=0, resume=None,
-          evaluate=False):
-    """`evaluate`: the RootParamModel, evaluated before the first step and every 2 steps."""
+          evaluate=False, ignored=None):
+    """`evaluate`: the RootParamModel, evaluated before the first step and every 2 steps. `ignored`: a regex of
+    modules FSDP leaves unsharded (accelerate's ignored_modules): their parameters stay plain tensors."""
     kwargs = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
     if "RANK" in os.environ:
         kwargs["ddp_backend"] = "gloo" if device == "cpu" else "nccl"
@@ -76,8 +78,13 @@ def train(out_dir, optim, optim_args, batch, steps, fsdp=True, device="cpu", sav
     targs = make_args(out_dir, optim, optim_args, max_steps=steps, per_device_train_batch_size=batch,
                       use_cpu=device == "cpu", **kwargs)
     model = RootParamModel() if evaluate else MeanLossModel()
-    trainer = sam_hf.SharpnessTrainer(model=model, args=targs, train_dataset=vector_data(n=64),
-                                      eval_dataset=vector_data(n=16, seed=1) if evaluate else None)
+    if ignored and fsdp:  # the plugin reads it when the Trainer builds the accelerator
+        os.environ["FSDP_IGNORED_MODULES"] = ignored
+    try:
+        trainer = sam_hf.SharpnessTrainer(model=model, args=targs, train_dataset=vector_data(n=64),
+                                          eval_dataset=vector_data(n=16, seed=1) if evaluate else None)
+    finally:
+        os.environ.pop("FSDP_IGNORED_MODULES", None)
     trainer.train(resume_from_checkpoint=resume)
     weights = {k: (v.full_tensor() if sharding.is_sharded(v) else v).detach().cpu().clone()
                for k, v in trainer.model.state_dict().items()}
@@ -92,10 +99,14 @@ def run_cases(out_dir, cases, resume_cases=(), batch=4, steps=4, device="cpu"):
         name, optim, optim_args = case.split(":")
         run = os.path.join(out_dir, name)
         evaluate = name.endswith("_eval")
-        trainer, weights = train(run, optim, optim_args, batch, steps, device=device, evaluate=evaluate)
+        ignored = IGNORED if name.endswith("_ignored") else None
+        trainer, weights = train(run, optim, optim_args, batch, steps, device=device, evaluate=evaluate,
+                                 ignored=ignored)
         method = trainer._sharpness_optimizer.method
         state = {k: v for k, v in method.state_dict().items() if k in ("g", "a")}
+        plain = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not sharding.is_sharded(p)]
         info = {"sharded": sharding.has_sharded_params(method.params), "model": type(trainer.model).__name__,
+                "plain_trainable": plain,
                 "state_bytes": sharding.local_bytes(state), "log": trainer.state.log_history}
         infos = [None] * dist.get_world_size()
         dist.all_gather_object(infos, info)
