@@ -252,8 +252,9 @@ def _mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str, group, si
     def flush():
         if not bucket:
             return
-        if len(bucket) == 1 and in_place(bucket[0]):
-            flat = bucket[0]
+        if len(bucket) == 1:  # reduced where it lies, or one fp32 staging copy
+            flat = bucket[0] if in_place(bucket[0]) else bucket[0].to(
+                plan.staging_device, torch.float32, copy=True, memory_format=torch.contiguous_format).reshape(-1)
         else:
             flat = torch.cat([t.reshape(-1).to(plan.staging_device, torch.float32) for t in bucket])
         _wait(dist.all_reduce(flat, group=group, async_op=True), plan, what)

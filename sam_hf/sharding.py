@@ -244,7 +244,7 @@ def totals(*groups, like=(), replicated=None) -> torch.Tensor:
         same = [v for v, r in zip(parts, keep) if r]
         sharded_values.append(torch.stack(mine).sum() if mine else torch.zeros(()))
         plain_values.append(torch.stack(same).sum() if same else torch.zeros(()))
-    device = sharded_values[0].device
+    device = next((v.device for v in (*sharded_values, *plain_values) if v.device.type != "cpu"), torch.device("cpu"))
     out = torch.stack([v.float().to(device) for v in sharded_values])
     if layout is not None:
         out = _all_reduce(out, layout[0], layout[1])
@@ -425,7 +425,9 @@ def shard_for_roles(accelerator, model, plan, optimizer):
     Every rank starts from rank 0's weights (what DDP's start-up broadcast does; with cpu_ram_efficient_loading
     accelerate already loads them so). The optimizer, built on the unsharded parameters, is pointed at the
     sharded ones. Returns those sharded parameters per parameter group, for `rebind_optimizer` after each
-    `prepare` (accelerate matches parameters by their shard's data pointer, and an empty shard has none)."""
+    `prepare` (accelerate matches parameters by their shard's data pointer, and an empty shard has none), and
+    whether activation checkpointing was applied (the plugin's flag is off until the caller sets it back after
+    `prepare`)."""
     from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
 
     from .parallel import broadcast_tensors
@@ -438,11 +440,9 @@ def shard_for_roles(accelerator, model, plan, optimizer):
     if checkpointing:  # before sharding, as in accelerate's own order (in place)
         fsdp2_apply_ac(accelerator, module)
     names = {id(p): n for n, p in module.named_parameters()}
-    plugin.activation_checkpointing = False  # applied here: prepare must not wrap the layers again
-    try:
-        sharded = fsdp2_prepare_model(_RoleMeshAccelerator(accelerator, plan), module)
-    finally:
-        plugin.activation_checkpointing = checkpointing
+    # applied here: accelerate.prepare must not wrap the layers again (the caller restores the flag after it)
+    plugin.activation_checkpointing = False
+    sharded = fsdp2_prepare_model(_RoleMeshAccelerator(accelerator, plan), module)
     named = dict(sharded.named_parameters())  # the sharded parameters, taken before any forward unshards them
     groups = None
     if optimizer is not None:
@@ -450,7 +450,7 @@ def shard_for_roles(accelerator, model, plan, optimizer):
         rebind_optimizer(optimizer, groups)
     check_role_layout([p for p in sharded.parameters() if p.requires_grad], plan,
                       {id(p): n for n, p in named.items()})
-    return model, groups
+    return model, groups, checkpointing
 
 
 def rebind_optimizer(optimizer, groups) -> None:

@@ -422,8 +422,8 @@ class SharpnessMixin:
         plan = self._sharpness_plan
         if self._sharpness_fsdp2 and plan.mode == "roles" and training and not sharding.is_fsdp2(model):
             # each role sharded over its own k ranks; accelerate.prepare then keeps the FSDP2 module as it is
-            model, self._sharpness_role_params = sharding.shard_for_roles(self.accelerator, model, plan,
-                                                                          self.optimizer)
+            model, self._sharpness_role_params, self._sharpness_restore_ac = sharding.shard_for_roles(
+                self.accelerator, model, plan, self.optimizer)
             return model
         if (plan is None or not plan.distributed or not training or self._sharpness_fsdp2
                 or self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model):
@@ -517,6 +517,9 @@ class SharpnessMixin:
         groups = getattr(self, "_sharpness_role_params", None)
         if groups is not None:
             sharding.rebind_optimizer(self.optimizer, groups)
+        if getattr(self, "_sharpness_restore_ac", False):  # prepare is done: the plugin's flag as the user set it
+            self.accelerator.state.fsdp_plugin.activation_checkpointing = True
+            self._sharpness_restore_ac = False
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if self.sharpness_config is not None and self._sharpness_fsdp2:

@@ -65,6 +65,8 @@ ROLE_TRAINER_CASES = {
     "asyncsam_roles": ("asyncsam", "rho=0.1,parallel=on", True),
     # a parameter on the root module, evaluated before the first step: the optimizer keeps the shards
     "sampa_roles_eval": ("sampa", "rho=0.1,lam=0.3,parallel=on", True),
+    # the plugin's activation checkpointing: applied once, before each role is sharded
+    "sampa_roles_ac": ("sampa", "rho=0.1,lam=0.3,parallel=on", True),
 }
 # the CPU Trainer case runs once trainer.py uses sam_hf.sharding (until then it refuses FSDP)
 WIRED = "sharding." in inspect.getsource(sam_trainer)
@@ -271,6 +273,9 @@ def check_trainer_results(out: Path, device: str, cases=TRAINER_CASES, resumed=T
             one_process = optim_args.replace(",parallel=on", "")
             trainer, one = train(str(out / f"{name}_one"), optim, one_process, 8, 4, fsdp=False, device=device,
                                  evaluate=name.endswith("_eval"))
+            if name.endswith("_ac"):
+                assert all(n.count("_checkpoint_wrapped_module") == 1 for n in info["names"] if "net." in n), \
+                    info["names"]
             if name.endswith("_ignored"):
                 assert info["plain_trainable"] == ["net.2.weight", "net.2.bias"], info["plain_trainable"]
             for key in one:

@@ -65,10 +65,11 @@ class RootParamModel(MeanLossModel):
 
 
 def train(out_dir, optim, optim_args, batch, steps, fsdp=True, device="cpu", save_steps=0, resume=None,
-          evaluate=False, ignored=None):
+          evaluate=False, ignored=None, checkpointing=False):
     """`evaluate`: the RootParamModel, evaluated before the first step and every 2 steps. `ignored`: a regex of
-    modules FSDP leaves unsharded (accelerate's ignored_modules): their parameters stay plain tensors."""
-    kwargs = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
+    modules FSDP leaves unsharded (accelerate's ignored_modules): their parameters stay plain tensors.
+    `checkpointing`: the plugin's activation checkpointing."""
+    kwargs = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG, activation_checkpointing=checkpointing)) if fsdp else {}
     if "RANK" in os.environ:
         kwargs["ddp_backend"] = "gloo" if device == "cpu" else "nccl"
     if save_steps:
@@ -101,12 +102,12 @@ def run_cases(out_dir, cases, resume_cases=(), batch=4, steps=4, device="cpu"):
         evaluate = name.endswith("_eval")
         ignored = IGNORED if name.endswith("_ignored") else None
         trainer, weights = train(run, optim, optim_args, batch, steps, device=device, evaluate=evaluate,
-                                 ignored=ignored)
+                                 ignored=ignored, checkpointing=name.endswith("_ac"))
         method = trainer._sharpness_optimizer.method
         state = {k: v for k, v in method.state_dict().items() if k in ("g", "a")}
         plain = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not sharding.is_sharded(p)]
         info = {"sharded": sharding.has_sharded_params(method.params), "model": type(trainer.model).__name__,
-                "plain_trainable": plain,
+                "plain_trainable": plain, "names": [n for n, _ in trainer.model.named_parameters()],
                 "state_bytes": sharding.local_bytes(state), "log": trainer.state.log_history}
         infos = [None] * dist.get_world_size()
         dist.all_gather_object(infos, info)
