@@ -68,6 +68,7 @@ ROLE_TRAINER_CASES = {
     # the plugin's activation checkpointing: applied once, before each role is sharded
     "sampa_roles_ac": ("sampa", "rho=0.1,lam=0.3,parallel=on", True),
 }
+ROLE_TRAINER_RESUME = ("sampa_roles", "asyncsam_roles")
 # the CPU Trainer case runs once trainer.py uses sam_hf.sharding (until then it refuses FSDP)
 WIRED = "sharding." in inspect.getsource(sam_trainer)
 
@@ -146,7 +147,7 @@ def role_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_roles")
     proc = launch("fsdp_train.py", 4, "--out_dir", str(out), "--steps", str(STEPS), "--cases", "--role_cases",
                   *fsdp_train.ROLE_CASES, "--resume_check", "--trainer_cases", *trainer_cases(ROLE_TRAINER_CASES),
-                  "--trainer_resume", *ROLE_TRAINER_CASES)
+                  "--trainer_resume", *ROLE_TRAINER_RESUME)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out
 
@@ -307,9 +308,9 @@ def test_trainer_with_accelerates_fsdp2_plugin_on_gpus(tmp_path):
     roles = tmp_path / "roles"
     proc = launch("fsdp_trainer.py", nproc, "--out_dir", str(roles), "--device", "cuda", "--batch",
                   str(8 // (nproc // 2)), "--cases", *trainer_cases(ROLE_TRAINER_CASES), "--resume_cases",
-                  *ROLE_TRAINER_CASES, timeout=540)
+                  *ROLE_TRAINER_RESUME, timeout=540)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    check_trainer_results(roles, "cuda", ROLE_TRAINER_CASES, tuple(ROLE_TRAINER_CASES))
+    check_trainer_results(roles, "cuda", ROLE_TRAINER_CASES, ROLE_TRAINER_RESUME)
 
 
 @pytest.mark.skipif(not WIRED, reason="sam_hf/trainer.py does not call sam_hf.sharding yet (FSDP still refused)")
@@ -322,7 +323,7 @@ def test_trainer_role_mode_under_fsdp2_shards_each_role_over_its_ranks(role_runs
     over each role's 2 ranks; weights and logged loss equal one unsharded process, resume is exact, and each rank
     holds one shard of the method state (ranks (0, i) and (1, i) the same one)."""
     out = role_runs / "trainer"
-    check_trainer_results(out, "cpu", ROLE_TRAINER_CASES, tuple(ROLE_TRAINER_CASES))
+    check_trainer_results(out, "cpu", ROLE_TRAINER_CASES, ROLE_TRAINER_RESUME)
     for name in ROLE_TRAINER_CASES:
         per_rank = json.loads((out / f"{name}.json").read_text())["state_bytes"]
         assert per_rank[:2] == per_rank[2:] and 0 < max(per_rank) < sum(per_rank[:2]), per_rank
