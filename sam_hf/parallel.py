@@ -460,8 +460,9 @@ def check_replicas(plan: ParallelPlan, params: list[torch.Tensor], step: int) ->
 BROADCAST_BUCKET_BYTES = 256 * 2**20  # as DDP's start-up broadcast: a large model never needs a second copy at once
 
 
-def broadcast_tensors(plan: ParallelPlan, tensors: list[torch.Tensor], src: int, what: str) -> None:
-    """Copy rank `src`'s values of `tensors` to every rank in place: one broadcast per dtype and bucket."""
+def broadcast_tensors(plan: ParallelPlan, tensors: list[torch.Tensor], src: int, what: str, group=None) -> None:
+    """Copy rank `src`'s values of `tensors` to every rank of `group` (default: all) in place: one broadcast per
+    dtype and bucket."""
     open_buckets: dict[torch.dtype, tuple[list[torch.Tensor], int]] = {}
     buckets: list[list[torch.Tensor]] = []
     for t in tensors:
@@ -473,7 +474,7 @@ def broadcast_tensors(plan: ParallelPlan, tensors: list[torch.Tensor], src: int,
         open_buckets[t.dtype] = (bucket, size + t.numel() * t.element_size())
     for bucket in buckets:
         flat = torch.cat([t.detach().reshape(-1).to(plan.staging_device) for t in bucket])
-        _wait(dist.broadcast(flat, src=src, async_op=True), plan, what)
+        _wait(dist.broadcast(flat, src=src, group=group, async_op=True), plan, what)
         offset = 0
         with torch.no_grad():
             for t in bucket:

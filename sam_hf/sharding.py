@@ -388,16 +388,10 @@ def check_role_layout(params, plan, names=None) -> None:
 def sync_roles(plan, tensors, what: str = "the initial role sync") -> None:
     """Give role 1's ranks the values of role 0's rank with the same dp index (its shard of every DTensor, and
     plain tensors as they are): what DDP's start-up broadcast does, for two roles that must start as replicas."""
-    from .parallel import _wait
+    from .parallel import broadcast_tensors
 
-    group = plan.mesh.get_group("role")
-    src = int(plan.mesh.mesh[0, plan.dp_rank])
-    for t in tensors:
-        shard = local(t.detach())
-        out = shard if shard.device.type == plan.staging_device.type else shard.to(plan.staging_device)
-        _wait(dist.broadcast(out, src=src, group=group, async_op=True), plan, what)
-        if out is not shard:
-            shard.copy_(out)
+    broadcast_tensors(plan, [local(t.detach()) for t in tensors], int(plan.mesh.mesh[0, plan.dp_rank]), what,
+                      group=plan.mesh.get_group("role"))
 
 
 class _RoleMeshAccelerator:
@@ -448,9 +442,7 @@ def shard_for_roles(accelerator, model, plan, optimizer):
     if optimizer is not None:
         groups = [[named[names[id(p)]] for p in group["params"]] for group in optimizer.param_groups]
         rebind_optimizer(optimizer, groups)
-    check_role_layout([p for p in sharded.parameters() if p.requires_grad], plan,
-                      {id(p): n for n, p in named.items()})
-    return model, groups, checkpointing
+    return model, groups, checkpointing  # the layout is checked at the first step (the trainer's check_role_layout)
 
 
 def rebind_optimizer(optimizer, groups) -> None:

@@ -76,7 +76,7 @@ def test_broadcasts_go_in_bounded_buckets_per_dtype(monkeypatch):
         def wait(self, timeout=None):
             pass
 
-    def fake_broadcast(flat, src, async_op):
+    def fake_broadcast(flat, src, async_op, group=None):
         sent.append((flat.dtype, flat.numel()))
         flat.add_(1.0)  # what rank 0's values look like on arrival
         return Done()

@@ -145,6 +145,10 @@ def build(name: str, world: int, sharded: bool, plan=None):
     model = with_lora(MLP()) if name.endswith("_lora") else MLP()
     if plan is not None:
         shard_model(model, world, mesh=sharding.role_mesh(plan))
+        if plan.role == 1:  # role 1 built differently: sync_roles gives it role 0's shards
+            with torch.no_grad():
+                for p in model.parameters():
+                    sharding.local(p).add_(1.0)
         sharding.sync_roles(plan, list(model.parameters()))
     elif sharded:
         shard_model(model, world)
