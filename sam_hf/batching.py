@@ -78,6 +78,7 @@ def sample_range(batches: list[Batch], start: int, stop: int) -> list[Piece]:
                 pieces.append(Piece(batch, 1.0, None))
             else:
                 pieces.append(Piece(TrainerBatch(slice_batch(batch, lo - offset, hi - offset)), (hi - lo) / n, batch))
+
         offset += n
     return pieces
 

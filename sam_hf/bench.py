@@ -29,24 +29,18 @@ import sys
 import time
 from pathlib import Path
 
-# (label, optim, optim_args, processes)
-CONFIGS = [
-    ("AdamW", "adamw_torch", "", 1),
-    ("SAM", "sam", "rho=0.05", 1),
-    ("SAM (interval=4)", "sam", "rho=0.05,interval=4", 1),  # sharpness-aware every 4th step: ~1.25x AdamW
-    ("mSAM (m=4)", "msam", "rho=0.05,micro_batches=4", 1),
-    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 1),
-    ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 1),
-    ("AdamW (DDP)", "adamw_torch", "", 2),  # what running two processes at once costs by itself
-    ("SAM (DDP)", "sam", "rho=0.05", 2),
-    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 2),
-    ("SAMPa-0.2 (bf16 exchange)", "sampa", "rho=0.1,lam=0.2,exchange_dtype=bf16", 2),
-    ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 2),
-    ("AsyncSAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5", 2),
-    # the paper's heterogeneous case: rank 0 on the GPU, rank 1's ascent on the CPU (run where CUDA is present)
-    ("AsyncSAM (CPU ascent, r=auto)", "asyncsam",
-     "rho=0.05,ascent_batch_ratio=auto,ascent_device=cpu", 2),
-]
+# The references every row is compared with: AdamW on 1 process, and AdamW under DDP on 2, which pays the same cost
+# of two processes at once. (label, optim, optim_args, processes)
+BASELINES = [("AdamW", "adamw_torch", "", 1), ("AdamW (DDP)", "adamw_torch", "", 2)]
+
+
+def configurations() -> list[tuple[str, str, str, int]]:
+    """The references, then every registered method's examples (registry.py): 1-process rows, then 2-process."""
+    import sam_hf  # noqa: F401  (registers the methods)
+    from sam_hf import registry
+
+    rows = [(e.label, s.name, e.optim_args, e.processes) for s in registry.specs() for e in s.examples if e.bench]
+    return [BASELINES[0]] + [r for r in rows if r[3] == 1] + [BASELINES[1]] + [r for r in rows if r[3] == 2]
 
 
 def runnable(procs: int, optim_args: str, cuda_devices: int, precision: str = "fp32") -> tuple[bool, str]:
@@ -310,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     results = []
     for round_ in range(opts.repeats):
-        for label, optim, optim_args, procs in CONFIGS:
+        for label, optim, optim_args, procs in configurations():
             if only and label not in only:
                 continue
             ok, why = runnable(procs, optim_args, gpus, opts.precision)

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .placement import cpu_cores
+from .distributed.placement import cpu_cores
 
 # name -> (label, optim, optim_args, processes). SAMPa-0.2 uses twice SAM's rho, as in the paper.
 METHODS = {

@@ -10,7 +10,7 @@
 choices and makes whatever Trainer the script builds run them; the script
 then runs as `__main__` with its own `sys.argv`, as if started directly.
 With `--optim asyncsam --optim_args "ascent_device=cpu"` on 2 processes, rank 1
-is put on the CPU first (placement.py).
+is put on the CPU first (distributed/placement.py).
 
 The launcher's own options come before the script:
 
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     import sam_hf  # noqa: F401  (registers the names and patches Trainer)
-    from . import integration
+    from .trainer import integration
     from .config import SharpnessConfigError
-    from .placement import place_from_argv
+    from .distributed.placement import place_from_argv
     from .sharpness import SharpnessCallback
 
     try:

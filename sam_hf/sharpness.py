@@ -449,7 +449,7 @@ class SharpnessCallback(TrainerCallback):
         self._measured_at: int | None = None
 
     def _trainer(self, model):
-        from .integration import trainer_of
+        from .trainer.integration import trainer_of
 
         trainer = trainer_of(model)
         if trainer is None:

@@ -75,9 +75,9 @@ def _force_flag(monkeypatch, flag):
 
 def _force_fsdp1(monkeypatch):
     """accelerate's FSDP plugin in version 1, as a `--fsdp` run on GPUs has it."""
-    from sam_hf import sharding
+    from sam_hf.distributed import fsdp2
 
-    monkeypatch.setattr(sharding, "fsdp_version", lambda trainer: 1)
+    monkeypatch.setattr(fsdp2, "fsdp_version", lambda trainer: 1)
 
 
 @pytest.mark.parametrize("flag,names,alternative", [
@@ -106,13 +106,17 @@ def test_back_end_flags_do_not_touch_plain_optimizers(tmp_path, monkeypatch):
     assert trainer.sharpness_config is None
 
 
-def test_check_combination_directly(tmp_path, monkeypatch):
-    """The same messages from `_check_combination` on a constructed trainer (how a later back end would call it)."""
+def test_trainer_sharding_directly(tmp_path, monkeypatch):
+    """The same messages from `layouts.trainer_sharding` on a constructed trainer (what the mixin asks before it
+    picks a layout)."""
+    from sam_hf.distributed.layouts import trainer_sharding
+
     trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, "sampa"), train_dataset=vector_data())
+    assert trainer_sharding(trainer, "sampa", roles_asked=False) is None
     _force_fsdp1(monkeypatch)
     with pytest.raises(SharpnessConfigError, match="FSDP1"):
-        trainer._check_combination(trainer.sharpness_config)
+        trainer_sharding(trainer, "sampa", roles_asked=False)
     monkeypatch.undo()
     trainer.is_deepspeed_enabled = True
     with pytest.raises(SharpnessConfigError, match="DeepSpeed"):
-        trainer._check_combination(trainer.sharpness_config)
+        trainer_sharding(trainer, "sampa", roles_asked=False)

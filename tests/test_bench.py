@@ -53,10 +53,24 @@ def test_ratios_are_paired_within_rounds_and_two_process_rows_meet_ddp():
     assert "| SAMPa-0.2 | 2 | 1210 | 1.20x | 1.09x | 1.67x | - | 100 / 101 |" in markdown
 
 
-def test_bench_runs_sam_every_4th_step_and_the_bf16_exchange():
-    configs = {(label, procs): args for label, _, args, procs in bench.CONFIGS}
-    assert configs[("SAM (interval=4)", 1)] == "rho=0.05,interval=4"
-    assert "exchange_dtype=bf16" in configs[("SAMPa-0.2 (bf16 exchange)", 2)]
+def test_bench_runs_every_registered_method_with_valid_options():
+    """The bench's rows come from the registry: every method on 1 process, every two-role method on 2 processes
+    too (role mode), each row's options valid for its method, labels unique per process count, and the rows the
+    targets compare present."""
+    from sam_hf import SharpnessConfig, registry
+
+    rows = bench.configurations()
+    assert rows[0] == ("AdamW", "adamw_torch", "", 1) and ("AdamW (DDP)", "adamw_torch", "", 2) in rows
+    for spec in registry.specs():
+        assert any(o == spec.name and p == 1 for _, o, _, p in rows), spec.name
+        if spec.method.two_roles:
+            assert any(o == spec.name and p == 2 for _, o, _, p in rows), spec.name
+    for label, optim, optim_args, procs in rows:
+        if registry.is_method(optim):
+            SharpnessConfig.from_optim_args(optim, optim_args)  # raises on a bad key or value
+    assert len({(label, p) for label, _, _, p in rows}) == len(rows)
+    for label, procs in [("SAM", 1), ("SAM (interval=4)", 1), ("SAMPa-0.2", 1), ("SAMPa-0.2", 2)]:
+        assert (label, procs) in {(r[0], r[3]) for r in rows}, label
 
 
 def test_one_configuration_end_to_end(tmp_path):

@@ -24,11 +24,16 @@ BAD = [
     ("asyncsam", "ascent_batch_ratio=0", ["ascent_batch_ratio=0.0", "(0, 1]"]),
     ("asyncsam", "ascent_batch_ratio=1.5", ["ascent_batch_ratio=1.5", "(0, 1]"]),
     ("sampa", "lookahead=adam", ["lookahead='adam'", "optimizer", "sgd"]),
-    ("sam", "parallel=maybe", ["parallel='maybe'", "auto, on or off"]),
+    ("sampa", "parallel=maybe", ["parallel='maybe'", "auto, on or off"]),
     ("sam", "sync_ascent=2", ["sync_ascent='2'", "true"]),
     ("sam", "bn_stats=never", ["bn_stats='never'", "clean"]),
     ("asyncsam", "ascent_device=gpu", ["ascent_device='gpu'", "auto", "cpu"]),
-    ("sampa", "ascent_device=cpu", ["ascent_device='cpu'", "asyncsam only"]),
+    ("sampa", "ascent_device=cpu", ["ascent_device=cpu", "asyncsam only"]),
+    # a key another method takes would be silently ignored: refused, naming the method it belongs to
+    ("sam", "rho=0.05,lam=0.2", ["lam=0.2", "applies to sampa only", "--optim sam", "drop lam"]),
+    ("sampa", "micro_batches=4", ["micro_batches=4", "msam only"]),
+    ("msam", "parallel=on", ["parallel=on", "sampa and asyncsam only"]),
+    ("sam", "rho=0.05 lam=0.2", ["'rho=0.05 lam=0.2'", "separate keys with commas"]),
     ("asyncsam", "ascent_device=cpu,parallel=off", ["ascent_device='cpu'", "parallel=off"]),
     ("asyncsam", "ascent_threads=4", ["ascent_threads=4", "ascent_device=cpu"]),
     ("asyncsam", "ascent_device=cpu,ascent_threads=-1", ["ascent_threads=-1", ">= 0"]),
@@ -80,8 +85,9 @@ def test_micro_batches_larger_than_the_step_batch(tmp_path):
 
 def test_defaults_and_values():
     cfg = SharpnessConfig.from_optim_args("sampa", None)
-    assert (cfg.rho, cfg.lam, cfg.adaptive, cfg.eta, cfg.micro_batches, cfg.base, cfg.lookahead, cfg.parallel) == (
-        0.05, 0.2, False, 0.01, 8, "adamw_torch", "optimizer", "auto")
+    assert (cfg.rho, cfg.lam, cfg.adaptive, cfg.eta, cfg.base, cfg.lookahead, cfg.parallel) == (
+        0.05, 0.2, False, 0.01, "adamw_torch", "optimizer", "auto")
+    assert SharpnessConfig.from_optim_args("msam", None).micro_batches == 8
     cfg = SharpnessConfig.from_optim_args("asyncsam", " rho=0.1, ascent_batch_ratio=auto, adaptive=TRUE ")
     assert (cfg.rho, cfg.ascent_batch_ratio, cfg.adaptive) == (0.1, "auto", True)
 

@@ -8,7 +8,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import sam_hf
-from sam_hf.integration import install
+from sam_hf.trainer.integration import install
 from tiny import (KwargsMeanModel, MeanLossModel, args, assert_same_weights, image_data, text_data, tiny_bert, tiny_vit, vector_data,
                   weights)
 

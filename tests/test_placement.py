@@ -9,8 +9,8 @@ import pytest
 import sam_hf
 from sam_hf import SharpnessConfigError, launch
 from sam_hf.config import SharpnessConfig
-from sam_hf.parallel import _check_devices
-from sam_hf.placement import place_ascent_rank, place_from_argv
+from sam_hf.distributed.placement import place_ascent_rank, place_from_argv
+from sam_hf.distributed.plan import check_devices
 from tiny import MeanLossModel, args, vector_data
 
 CPU_ASCENT = "rho=0.05,ascent_device=cpu"
@@ -95,11 +95,11 @@ def _cfg(optim_args):
 ], ids=["mixed-without-cpu-ascent", "ascent-rank-on-gpu", "nccl", "three-ranks"])
 def test_impossible_device_layouts_are_refused(optim_args, kinds, backend, message):
     with pytest.raises(SharpnessConfigError, match=message):
-        _check_devices(_cfg(optim_args), kinds, backend)
+        check_devices(kinds, backend, _cfg(optim_args).cpu_rank)
 
 
 @pytest.mark.parametrize("kinds", [["cuda", "cpu"], ["cpu", "cpu"]])
 def test_a_cpu_ascent_rank_is_accepted(kinds):
     # ascent_device=cpu always uses the tolerant check and re-sync, so a CPU-only run exercises that path too
-    assert _check_devices(_cfg(CPU_ASCENT), kinds, "gloo") is True
-    assert _check_devices(_cfg("rho=0.05"), ["cuda", "cuda"], "nccl") is False
+    assert check_devices(kinds, "gloo", _cfg(CPU_ASCENT).cpu_rank) is True
+    assert check_devices(["cuda", "cuda"], "nccl", _cfg("rho=0.05").cpu_rank) is False

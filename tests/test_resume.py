@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 import sam_hf
-from sam_hf.optimizer import STATE_KEY
+from sam_hf.optim import STATE_KEY
 from tiny import METHOD_CASES, MeanLossModel, args, text_data, tiny_bert, vector_data, weights
 
 CASES = {k: METHOD_CASES[k] for k in ('sam', 'msam', 'sampa', 'asyncsam', 'asyncsam_r1')}

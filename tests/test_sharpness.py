@@ -18,7 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, default_data_collator
 
 import sam_hf
-from sam_hf import integration, launch, measure_sharpness
+from sam_hf import launch, measure_sharpness
+from sam_hf.trainer import integration
 from sam_hf import sharpness as sharpness_module
 from tiny import MeanLossModel, args, text_data, tiny_bert, vector_data
 

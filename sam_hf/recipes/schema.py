@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from ..config import METHODS, SharpnessConfig, SharpnessConfigError
+from .. import registry
+from ..config import SharpnessConfig, SharpnessConfigError
 
 # One copy of the recipes: the top-level recipes/ folder of the repository. A built wheel carries them
 # as sam_hf/recipes/*.yaml (setup.py's build_py copies them there); a source checkout or an editable
@@ -440,7 +441,7 @@ def _check_data(data: DataSpec) -> None:
 
 def _check_method(recipe: Recipe) -> None:
     """Sharpness methods: SharpnessConfig checks optim_args now, not after the data has loaded."""
-    if recipe.method.optim in METHODS:
+    if registry.is_method(recipe.method.optim):
         try:
             SharpnessConfig.from_optim_args(recipe.method.optim, recipe.optim_args_string())
         except SharpnessConfigError as err:

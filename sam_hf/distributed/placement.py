@@ -18,7 +18,8 @@ import logging
 import os
 from collections.abc import MutableMapping
 
-from .config import SharpnessConfig, SharpnessConfigError
+from .. import registry
+from ..config import SharpnessConfig, SharpnessConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ def cpu_cores() -> int:
 
 
 def wants_cpu_ascent(optim, optim_args: str | None) -> bool:
-    if str(getattr(optim, "value", optim)) != "asyncsam":
+    """Whether the run asks for a CPU rank beside a GPU one (Asynchronous SAM's ascent_device=cpu)."""
+    if not registry.is_method(optim):
         return False
-    return SharpnessConfig.from_optim_args("asyncsam", optim_args).ascent_device == "cpu"
+    return SharpnessConfig.from_optim_args(optim, optim_args).cpu_rank
 
 
 def place_ascent_rank(optim, optim_args: str | None, ddp_backend: str | None,
