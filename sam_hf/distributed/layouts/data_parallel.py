@@ -9,6 +9,8 @@ statistics follow rank 0's clean pass.
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 from .. import collectives
 from .base import Layout
 
@@ -22,6 +24,17 @@ class DataParallel(Layout):
     def all_reduce_grads(self, params) -> None:
         if self.distributed:
             collectives.all_reduce_grads_(params, self.plan, f"the gradient all-reduce at step {self.step_index}")
+
+    @property
+    def data_rank(self) -> int:
+        return self.plan.rank
+
+    def gather_data_shards(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def check_replicas(self, params, step: int) -> None:
         if self.distributed and self.replicas:
