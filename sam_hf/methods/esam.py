@@ -141,7 +141,7 @@ class ESAM(SharpnessMethod):
         saved = backup(params)
         _, applied, norm = self.perturb_([p.grad if keep else None for p, keep in zip(params, mask)], scale)
         zero_grads(params)
-        kept = 0
+        kept, perturbed_loss = 0, 0.0
         if sds:
             for batch, before in zip(batches, clean_losses):
                 n = batch_size(batch)
@@ -149,13 +149,14 @@ class ESAM(SharpnessMethod):
                 k = max(1, int(n * cfg.gamma))
                 rows = torch.topk(sharpness, k).indices.sort().values
                 kept += k
-                passes.backward(take_rows(batch, rows), k / n, clean=False, part_of=batch, weight=n / k)
+                perturbed_loss = perturbed_loss + passes.backward(take_rows(batch, rows), k / n, clean=False,
+                                                                  part_of=batch, weight=n / k)
         else:  # the perturbed pass (at x itself where nothing was applied: every tensor's gradient is needed)
-            for batch in batches:
-                passes.backward(batch, clean=False)
+            perturbed_loss = sum(passes.backward(batch, clean=False) for batch in batches)
         restore(params, saved)
         layout.all_reduce_grads(params)
-        metrics = {"sam/ascent_grad_norm": norm, "sam/skipped_ascent": float(not applied),
+        metrics = {"sam/perturbed_loss": perturbed_loss, "sam/ascent_grad_norm": norm,
+                   "sam/skipped_ascent": float(not applied),
                    "sam/perturbed_share": sum(mask) / max(len(mask), 1)}
         if sds:
             metrics["sam/selected_share"] = kept / sum(batch_size(b) for b in batches)

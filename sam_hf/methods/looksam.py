@@ -139,4 +139,6 @@ class LookSAM(SharpnessMethod):
 register_method("looksam", LookSAM, LookSAMConfig, "LookSAM: SAM's gradient every k-th step, its part orthogonal to "
                 "the clean gradient reused in between", paper="Liu et al. 2022, Algorithm 1",
                 examples=(Example("LookSAM (k=5)", "rho=0.05,k=5,alpha=0.7"),
+                          # the memory meter measures steps 3-5: with k = 2 a SAM step (backup and g_v) is among them
+                          Example("LookSAM (k=2)", "rho=0.05,k=2,alpha=0.7", bench=False),
                           Example("LookSAM (k=5, DDP)", "rho=0.05,k=5,alpha=0.7", 2)))

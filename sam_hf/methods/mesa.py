@@ -121,9 +121,9 @@ class MESA(SharpnessMethod):
 
                 def term(outputs, batch, reference=reference):
                     logits, ref = scored(logits_of(outputs, self.name), reference, batch, self.causal)
-                    values = trajectory_kl(logits, ref.to(logits.device), cfg.tau)
+                    values = trajectory_kl(logits, ref.to(logits.device), cfg.temperature)
                     meter.add(values)
-                    return cfg.lam * values
+                    return cfg.kl_weight * values
 
             loss = loss + passes.backward(batch, clean=True, loss_term=term)
         self.layout.all_reduce_grads(self.params)
@@ -151,5 +151,5 @@ def _swap(pairs) -> None:
 
 register_method("mesa", MESA, MESAConfig, "MESA: the training loss plus a KL term towards the logits of an exponential "
                 "moving average of the weights (one extra forward, one copy)", paper="Du et al. 2022b",
-                examples=(Example("MESA", "lam=0.8,decay=0.9995,start_epoch=-1"),
-                          Example("MESA (DDP)", "lam=0.8,decay=0.9995,start_epoch=-1", 2)))
+                examples=(Example("MESA", "kl_weight=0.8,decay=0.9995,start_epoch=-1"),
+                          Example("MESA (DDP)", "kl_weight=0.8,decay=0.9995,start_epoch=-1", 2)))

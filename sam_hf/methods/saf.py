@@ -38,7 +38,7 @@ from .trajectory import KLMeter, TrajectoryOptions, trajectory_kl
 
 @dataclass
 class SAFConfig(TrajectoryOptions):
-    lam: float = option(0.3, "weight lambda of the trajectory loss (the authors' run.sh: --reinforce 0.3)", example=0.3)
+    kl_weight: float = option(0.3, "weight lambda of the trajectory loss (the authors' run.sh: --reinforce 0.3)", example=0.3)
     epochs_back: int = option(2, "SAF's E: the reference logits are those recorded E epochs earlier (the authors' "
                               "run.sh: --minus_epoch 2)", example=2)
     id_column: str = option("idx", "the batch column with a unique id (0, 1, ...) per training example, which SAF's "
@@ -80,9 +80,9 @@ class SAF(SharpnessMethod):
             if not active:
                 return None
             reference = self.memory[(epoch - cfg.epochs_back) % (cfg.epochs_back + 1)][ids.to(self.memory.device)]
-            values = trajectory_kl(logits, reference.to(logits.device), cfg.tau)
+            values = trajectory_kl(logits, reference.to(logits.device), cfg.temperature)
             meter.add(values)
-            return cfg.lam * values
+            return cfg.kl_weight * values
 
         zero_grads(self.params)
         loss = sum(passes.backward(b, clean=True, loss_term=term) for b in batches)
@@ -138,5 +138,5 @@ class SAF(SharpnessMethod):
 
 register_method("saf", SAF, SAFConfig, "SAF: the training loss plus a KL term towards the logits the model gave the same "
                 "example E epochs earlier (one pass, a per-example memory)",
-                paper="Du et al. 2022b", examples=(Example("SAF", "lam=0.3,epochs_back=2"),
-                                                   Example("SAF (DDP)", "lam=0.3,epochs_back=2", 2)))
+                paper="Du et al. 2022b", examples=(Example("SAF", "kl_weight=0.3,epochs_back=2"),
+                                                   Example("SAF (DDP)", "kl_weight=0.3,epochs_back=2", 2)))

@@ -29,18 +29,18 @@ class TrajectoryOptions(SharpnessConfig):
     # that take them)
     rho: float = field(default=0.05)
     bn_stats: str = field(default="clean")
-    lam: float = option(0.8, "weight lambda of the trajectory loss (MESA: 0.8, SAMPa paper, Appendix B.4)", example=0.8)
-    tau: float = option(5.0, "temperature tau of the trajectory loss's softmax (the authors' --temperature default)",
+    kl_weight: float = option(0.8, "weight lambda of the trajectory loss (MESA: 0.8, SAMPa paper, Appendix B.4)", example=0.8)
+    temperature: float = option(5.0, "temperature tau of the trajectory loss's softmax (the authors' --temperature default)",
                         example=5.0)
     start_epoch: int = option(5, "the trajectory loss is active in the epochs after start_epoch (epoch > "
                               "start_epoch, epochs counted from 0; Appendix B.4: 5; -1: from the first)", example=5)
 
     def validate(self) -> None:
         super().validate()
-        if not self.lam >= 0:
-            raise _bad("lam", self.lam, "lam (the trajectory loss's weight) must be >= 0 (e.g. lam=0.8)")
-        if not self.tau > 0:
-            raise _bad("tau", self.tau, "tau (the temperature) must be > 0 (e.g. tau=5)")
+        if not self.kl_weight >= 0:
+            raise _bad("kl_weight", self.kl_weight, "kl_weight (the trajectory loss's lambda) must be >= 0 (e.g. kl_weight=0.8)")
+        if not self.temperature > 0:
+            raise _bad("temperature", self.temperature, "temperature (tau) must be > 0 (e.g. temperature=5)")
         if self.start_epoch < -1:
             raise _bad("start_epoch", self.start_epoch, "use an epoch >= 0, or -1 for the first epoch on")
 
