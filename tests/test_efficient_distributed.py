@@ -93,3 +93,23 @@ def test_gsam_per_rank_is_the_authors_per_worker_rule(two_processes):
     assert_close(two, want)
     global_rule = efficient_dist.train("gsam", "rho=0.1,alpha=0.4", sequential=True)
     assert max(float((two[k] - global_rule[k]).abs().max()) for k in two) > 100 * ATOL
+
+
+def test_fsdp2_sharded_equals_one_unsharded_process(tmp_path):
+    """LookSAM, AE-SAM, ESAM and GSAM on parameters sharded by FSDP2 over 2 processes (norms and inner products
+    reduced over the shards; ESAM computes every tensor's clean gradient there and masks afterwards): equal to one
+    unsharded process, with LoRA too; a run resumed from a sharded checkpoint equals never stopping."""
+    import efficient_fsdp
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           efficient_fsdp.__file__, str(tmp_path)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    import json
+
+    for name in efficient_fsdp.CASES:
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert result["vs_one_process"] <= ATOL, (name, result)
+        if name in efficient_fsdp.RESUMED:
+            assert result["resumed_vs_straight"] == 0.0, (name, result)

@@ -132,10 +132,10 @@ class ESAM(SharpnessMethod):
         def record(outputs, batch):  # l_i(x) of each micro-batch, from the clean pass's own outputs
             clean_losses.append(self._example_losses(outputs, batch))
 
-        record = record if sds else None
+        with_record = {"loss_term": record} if sds else {}
         zero_grads(params)
         with self._only_kept(mask):
-            loss = sum(passes.backward(b, clean=True, loss_term=record) for b in batches)
+            loss = sum(passes.backward(b, clean=True, **with_record) for b in batches)
         if cfg.sync_ascent:
             layout.all_reduce_grads(params)
         saved = backup(params)
