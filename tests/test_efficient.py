@@ -32,7 +32,7 @@ from family_reference.saf_mesa import LogitMemory, WeightEMA, mesa_step, saf_ste
 from sam_hf.config import SharpnessConfig, SharpnessConfigError
 from sam_hf.distributed.layouts import DataParallel, FSDP2
 from sam_hf.distributed.plan import ParallelPlan
-from tiny import MeanLossModel, args as make_args, image_data, text_data, tiny_bert, tiny_vit, vector_data, weights
+from tiny import MODELS, MeanLossModel, args as make_args, image_data, text_data, tiny_bert, tiny_vit, vector_data, weights
 
 N, BATCH, STEPS = 16, 8, 6  # 2 steps per epoch, 3 epochs
 LR = 1e-2
@@ -321,6 +321,34 @@ def test_saf_and_mesa_log_the_models_own_loss():
         _, trainer = trainer_run(optim, optim_args)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         assert losses[:2] == [h["loss"] for h in plain.state.log_history if "loss" in h][:2]  # epoch 0: no term
+
+
+# ---- gradient accumulation, loss kinds, bf16 ----------------------------------------------------------------------
+ACCUMULATION_CASES = {"looksam": "rho=0.1,k=3,alpha=0.7", "aesam": "rho=0.2,delta=0.5", "esam": "rho=0.1,beta=0.5",
+                      "gsam": "rho=0.1,rho_min=0.02", "saf": SAF_ARGS, "mesa": MESA_ARGS}
+
+
+@pytest.mark.parametrize("kind", ["mean", "count"])
+@pytest.mark.parametrize("optim", list(ACCUMULATION_CASES))
+def test_accumulated_micro_batches_equal_one_batch(optim, kind):
+    """B_t is the whole accumulated batch (2 micro-batches of 4): the same as one batch of 8. `count`: a loss that
+    divides by Trainer's num_items_in_batch, so SAF's and MESA's term is summed over the cycle's count too."""
+    optim_args = ACCUMULATION_CASES[optim]
+    one, _ = trainer_run(optim, optim_args)
+    model = MODELS[kind]()
+    with tempfile.TemporaryDirectory() as out:
+        a = make_args(out, optim, optim_args, max_steps=STEPS, per_device_train_batch_size=4,
+                      gradient_accumulation_steps=2, max_grad_norm=0.0, train_sampling_strategy="sequential")
+        sam_hf.SharpnessTrainer(model=model, args=a, train_dataset=dataset()).train()
+    assert_close(weights(model), one)
+
+
+@pytest.mark.parametrize("optim", list(ACCUMULATION_CASES))
+def test_bf16_autocast_trains(optim):
+    start = weights(MeanLossModel())
+    got, trainer = trainer_run(optim, ACCUMULATION_CASES[optim], bf16=True)
+    assert all(torch.isfinite(v).all() for v in got.values()) and max_diff(got, start) > 0
+    assert torch.isfinite(torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])).all()
 
 
 # ---- Hugging Face models ---------------------------------------------------------------------------------------------
