@@ -376,6 +376,49 @@ def test_tiny_hf_models_train_and_evaluate(tmp_path, optim, kind):
         assert [h["sam/active"] for h in trainer.state.log_history if "sam/active" in h][-1] == 1.0
 
 
+def test_mesa_on_a_causal_lm_and_saf_refusing_it(tmp_path):
+    """Token-level outputs: MESA's KL is per scored token (labels != -100, shifted as the LM's loss is); SAF's
+    per-example memory would be tokens x vocabulary per example: refused."""
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sam_hf.methods.trajectory import is_causal_lm, scored
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0))
+    assert is_causal_lm(lm) and not is_causal_lm(MeanLossModel())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 40, (16, 6), generator=g)
+    labels = torch.where(torch.rand(16, 6, generator=g) > 0.3, ids, -100)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(), "idx": list(range(16))})
+    # the scored positions: logits at t against the label at t + 1
+    logits = torch.randn(2, 6, 40)
+    kept, _ = scored(logits, logits, {"labels": labels[:2]}, causal=True)
+    assert kept.shape[0] == int((labels[:2, 1:] != -100).sum())
+    trainer = sam_hf.SharpnessTrainer(model=lm, args=make_args(tmp_path, "mesa", "start_epoch=-1,decay=0.5",
+                                                                max_steps=4), train_dataset=data)
+    trainer.train()
+    kl = [h["sam/trajectory_kl"] for h in trainer.state.log_history if "sam/trajectory_kl" in h]
+    assert len(kl) == 4 and kl[0] == 0.0 and all(v > 0 for v in kl[1:])  # v = x at the first step only
+    with pytest.raises(SharpnessConfigError, match="token-level outputs"):
+        sam_hf.SharpnessTrainer(model=lm, args=make_args(tmp_path, "saf", "epochs_back=1,start_epoch=0", max_steps=1),
+                                train_dataset=data).train()
+
+
+def test_mesa_with_peft_averages_the_adapters_only(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                            task_type="SEQ_CLS"))
+    trainer = sam_hf.SharpnessTrainer(model=model, args=make_args(tmp_path, "mesa", "start_epoch=-1", max_steps=2),
+                                      train_dataset=text_data(n=16))
+    trainer.train()
+    method = trainer.optimizer.optimizer.method
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(method.average) == len(trainable) < len(list(model.parameters()))
+    assert sum(v.numel() for v in method.average) == sum(p.numel() for p in trainable)
+
+
 # ---- resume -----------------------------------------------------------------------------------------------------------
 class StopAt(TrainerCallback):
     def __init__(self, n):
