@@ -125,7 +125,7 @@ class ClosurePasses:
     def forward(self, batch, clean: bool = True):
         freeze = not clean and self.freeze_stats and self.batchnorms
         with frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(), torch.no_grad():
-            loss, outputs = split_outputs(self._call(batch))
+            _, outputs = split_outputs(self._call(batch))
         if outputs is None:
             raise TypeError("this method reads the model's outputs: the BatchClosure's loss_fn must return them (a "
                             "mapping with `loss` and `logits`, e.g. lambda b: model(**b), or a tuple (loss, logits))")

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ..config import SharpnessConfig, _bad, option
 
+
 @dataclass
 class TrajectoryOptions(SharpnessConfig):
     """Options of the trajectory loss; the ascent options every SAM method takes are not theirs."""
