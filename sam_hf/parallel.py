@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from . import sharding
 from .config import SharpnessConfig, SharpnessConfigError
+from .placement import cpu_ascent_world_message
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,7 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
                                    f"{cfg.method} is data parallel over all ranks: drop parallel=on")
     if world == 1:
         if cfg.ascent_device == "cpu":
-            raise SharpnessConfigError(
-                "optim_args: ascent_device=cpu needs 2 processes (a descent rank and a CPU ascent rank), this run "
-                "has 1; launch with sam-hf launch under torchrun --nproc_per_node 2, or drop ascent_device")
+            raise SharpnessConfigError(cpu_ascent_world_message(1))
         if cfg.parallel == "on" and cfg.method in ROLE_NAMES:
             raise SharpnessConfigError(
                 "optim_args: parallel=on needs 2 processes or more, this run has 1; launch with "
@@ -160,9 +159,7 @@ def _check_devices(cfg: SharpnessConfig, kinds: list[str], backend: str) -> bool
                 "step, so put them on one kind, or use asyncsam with ascent_device=cpu (only rank 1 on the CPU)")
         return False
     if len(kinds) != 2:
-        raise SharpnessConfigError(
-            f"optim_args: ascent_device=cpu needs exactly 2 processes (a descent rank and a CPU ascent rank), "
-            f"got {len(kinds)}; launch 2, or drop ascent_device")
+        raise SharpnessConfigError(cpu_ascent_world_message(len(kinds)))
     if "gloo" not in backend:
         raise SharpnessConfigError(f"optim_args: ascent_device=cpu needs --ddp_backend gloo (NCCL cannot reach a CPU "
                                    f"rank), this run uses {backend!r}; add --ddp_backend gloo")
