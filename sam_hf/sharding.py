@@ -68,6 +68,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from typing import Any
 
 import torch
@@ -470,18 +471,24 @@ def rebind_params(method) -> bool:
 
 # ---- checkpoints -------------------------------------------------------------------
 
-class _Slot:
-    """Where a DTensor sat in the method state, with what is needed to allocate it again for loading."""
+SLOT = "__sam_hf_dtensor__"  # the marker key of a plain dict that stands where a DTensor sat in the method state
 
-    def __init__(self, key: str, t):
-        self.key, self.shape, self.dtype, self.placements = key, tuple(t.shape), t.dtype, tuple(t.placements)
+
+def _slot(key: str, t) -> dict:
+    """Where a DTensor sat in the method state, with what is needed to allocate it again for loading: a plain dict
+    (torch.load(weights_only=True) reads it; placements and dtypes are on torch's own allow-list)."""
+    return {SLOT: key, "shape": list(t.shape), "dtype": t.dtype, "placements": list(t.placements)}
+
+
+def _is_slot(obj) -> bool:
+    return isinstance(obj, dict) and SLOT in obj
 
 
 def _split(obj, prefix: str, sharded: dict):
-    """The state with each DTensor moved into `sharded` (under a path key) and replaced by a `_Slot`."""
+    """The state with each DTensor moved into `sharded` (under a path key) and replaced by a slot."""
     if is_sharded(obj):
         sharded[prefix] = obj
-        return _Slot(prefix, obj)
+        return _slot(prefix, obj)
     if isinstance(obj, dict):
         return {k: _split(v, f"{prefix}.{k}", sharded) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -490,8 +497,8 @@ def _split(obj, prefix: str, sharded: dict):
 
 
 def _join(obj, loaded: dict):
-    if isinstance(obj, _Slot):
-        return loaded[obj.key]
+    if _is_slot(obj):
+        return loaded[obj[SLOT]]
     if isinstance(obj, dict):
         return {k: _join(v, loaded) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -500,7 +507,7 @@ def _join(obj, loaded: dict):
 
 
 def _slots(obj, out: list):
-    if isinstance(obj, _Slot):
+    if _is_slot(obj):
         out.append(obj)
     elif isinstance(obj, dict):
         for v in obj.values():
@@ -509,6 +516,44 @@ def _slots(obj, out: list):
         for v in obj:
             _slots(v, out)
     return out
+
+
+class _LegacySlot:
+    """Files sam_hf wrote before its slots were plain dicts hold pickled `sam_hf.sharding._Slot` objects (attributes
+    key, shape, dtype, placements): this class alone is allowed to the weights_only unpickler under that name (it
+    runs no code: the unpickler sets its attributes), so those checkpoints still load, each slot read as a dict."""
+
+    def as_dict(self) -> dict:
+        return {SLOT: self.key, "shape": list(self.shape), "dtype": self.dtype, "placements": list(self.placements)}
+
+
+def _from_legacy(obj):
+    if isinstance(obj, _LegacySlot):
+        return obj.as_dict()
+    if isinstance(obj, dict):
+        return {k: _from_legacy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_legacy(v) for v in obj)
+    return obj
+
+
+def read_state_file(path: str) -> dict:
+    """One rank's method-state file, read with `torch.load(weights_only=True)`: tensors, plain containers and
+    torch's allow-listed types only, so a file carrying any other pickled object is refused, never run."""
+    try:
+        with torch.serialization.safe_globals([(_LegacySlot, "sam_hf.sharding._Slot")]):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"WeightsUnpickler error: ([^\n.]+)", str(err))  # torch's reason, without its advice
+        reason = found.group(1) if found else type(err).__name__
+        raise SharpnessConfigError(
+            f"sam_hf: refusing to load {path}: it holds a pickled object that is not a tensor or a plain container "
+            f"({reason}), and unpickling it could run code from the file. sam_hf writes only tensors and plain "
+            "containers there; if the checkpoint is yours, delete the file to resume without the method state (the "
+            "method starts its state afresh), or resume from a checkpoint sam_hf wrote") from None
+    if not (isinstance(saved, dict) and "state" in saved):
+        raise SharpnessConfigError(f"sam_hf: {path} is not a method-state file sam_hf wrote (no 'state' entry)")
+    return _from_legacy(saved)
 
 
 def _rank() -> int:
@@ -539,7 +584,7 @@ def load_method_state(method, checkpoint_dir: str) -> bool:
     path = os.path.join(checkpoint_dir, RANK_FILE.format(rank=_rank()))
     if not os.path.exists(path):
         return False
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = read_state_file(path)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if saved.get("world_size", world) != world:
         raise SharpnessConfigError(
@@ -553,7 +598,7 @@ def load_method_state(method, checkpoint_dir: str) -> bool:
         if mesh is None:
             raise SharpnessConfigError(f"sam_hf: {checkpoint_dir} holds sharded (FSDP2) method state, but this run's "
                                        "parameters are not sharded; resume under FSDP2")
-        loaded = {s.key: dtensor_empty(s.shape, dtype=s.dtype, device_mesh=mesh, placements=s.placements)
+        loaded = {s[SLOT]: dtensor_empty(s["shape"], dtype=s["dtype"], device_mesh=mesh, placements=s["placements"])
                   for s in slots}
         dcp.load(loaded, checkpoint_id=os.path.join(checkpoint_dir, STATE_DIR))
     method.load_state_dict(_join(saved["state"], loaded))

@@ -3,13 +3,17 @@ stopping, for every method; the method's state rides in Trainer's own optimizer.
 added to the checkpoint (no weight backups)."""
 
 import os
+import pathlib
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 import sam_hf
+from sam_hf import sharding
+from sam_hf.config import SharpnessConfigError
 from sam_hf.optimizer import STATE_KEY
+from sam_hf.sharding import RANK_FILE
 from tiny import METHOD_CASES, MeanLossModel, args, text_data, tiny_bert, vector_data, weights
 
 CASES = {k: METHOD_CASES[k] for k in ('sam', 'msam', 'sampa', 'asyncsam', 'asyncsam_r1')}
@@ -161,3 +165,46 @@ def test_resume_sampa_on_bert(tmp_path):
     straight = uninterrupted(tmp_path, optim, optim_args, build, data)
     resumed, _, _ = interrupted_and_resumed(tmp_path, optim, optim_args, build, data)
     assert_bitwise(straight, resumed)
+
+
+# ---- method-state files (FSDP2 checkpoints): read with torch.load(weights_only=True) only
+
+class _Payload:
+    """A pickled object whose unpickling would run code (it would create `path`)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_method_state_file_with_a_pickled_object_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"state": {"g": [_Payload(str(marker))]}, "world_size": 1}, tmp_path / RANK_FILE.format(rank=0))
+    with pytest.raises(SharpnessConfigError, match="refusing to load .*not a tensor or a plain container"):
+        sharding.load_method_state(None, str(tmp_path))
+    assert not marker.exists()
+
+
+def test_method_state_files_of_the_previous_format_still_load(tmp_path, monkeypatch):
+    """Before this format, a DTensor's slot was a pickled `sam_hf.sharding._Slot`: such files load (that class
+    alone is allowed, under its old name), each slot read as the plain dict sam_hf writes now."""
+    from torch.distributed.tensor import Shard
+
+    class _Slot:  # the class as it was
+        def __init__(self, key, shape, dtype, placements):
+            self.key, self.shape, self.dtype, self.placements = key, shape, dtype, placements
+
+    _Slot.__module__, _Slot.__qualname__ = "sam_hf.sharding", "_Slot"
+    monkeypatch.setattr(sharding, "_Slot", _Slot, raising=False)
+    held = [{"x": torch.ones(2, 6), "labels": torch.tensor([0, 1])}]
+    state = {"g": [_Slot("state.g.0", (4, 6), torch.float32, (Shard(0),)), torch.ones(3)], "held": held}
+    path = tmp_path / RANK_FILE.format(rank=0)
+    torch.save({"state": state, "world_size": 2}, path)
+    monkeypatch.delattr(sharding, "_Slot")
+    saved = sharding.read_state_file(str(path))
+    slot, plain = saved["state"]["g"]
+    assert slot == {sharding.SLOT: "state.g.0", "shape": [4, 6], "dtype": torch.float32, "placements": [Shard(0)]}
+    assert torch.equal(plain, torch.ones(3)) and torch.equal(saved["state"]["held"][0]["x"], held[0]["x"])
+    assert saved["world_size"] == 2
