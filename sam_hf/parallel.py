@@ -91,9 +91,32 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> ParallelPlan:
-    """Decide the layout from the method, `parallel` and the world size; reject what cannot work."""
+def device_backend(device: torch.device) -> str:
+    """The backend of the default process group that carries `device`'s tensors.
+
+    A group started with one backend names it (`dist.get_backend()`: "gloo", "nccl"). One started without
+    (`init_process_group()`, as accelerate does where it finds no accelerator) gets torch's default of one backend
+    per device type: `get_backend()` then says "undefined" (or "cpu:gloo,cuda:nccl") and `get_backend_config()`
+    lists them, e.g. "cpu:gloo"."""
+    backend = str(dist.get_backend())
+    if backend in SUPPORTED_BACKENDS:
+        return backend
+    per_device = dict(p.strip().split(":", 1) for p in str(dist.get_backend_config()).split(",") if ":" in p)
+    return per_device.get(device.type, backend)
+
+
+def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float,
+              trainer_world: int | None = None) -> ParallelPlan:
+    """Decide the layout from the method, `parallel` and the world size; reject what cannot work.
+
+    `trainer_world` is the number of processes transformers works with (TrainingArguments.world_size): it must be
+    torch.distributed's, or each process would train alone on the whole data while sam_hf pairs them up."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if trainer_world is not None and trainer_world != world:
+        raise SharpnessConfigError(
+            f"sam_hf: torch.distributed runs {world} processes but transformers sees {trainer_world} (accelerate "
+            "found no GPU, and without --use_cpu it trains each process alone on the whole data): add --use_cpu "
+            "(CPU processes over gloo)")
     if cfg.parallel == "on" and cfg.method not in ROLE_NAMES:
         raise SharpnessConfigError(f"optim_args: parallel=on (two roles) applies to sampa and asyncsam; "
                                    f"{cfg.method} is data parallel over all ranks: drop parallel=on")
@@ -105,10 +128,10 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float) -> P
                 "optim_args: parallel=on needs 2 processes or more, this run has 1; launch with "
                 "torchrun --nproc_per_node 2 (or accelerate launch --num_processes 2), or use parallel=auto")
         return ParallelPlan(timeout_s=timeout_s)
-    backend = str(dist.get_backend())
-    if not any(b in backend for b in SUPPORTED_BACKENDS):
-        raise SharpnessConfigError(f"sam_hf runs on the gloo and nccl backends, not {backend!r}; "
-                                   "use --ddp_backend gloo (CPU) or nccl (GPUs)")
+    backend = device_backend(device)
+    if backend not in SUPPORTED_BACKENDS:
+        raise SharpnessConfigError(f"sam_hf runs on the gloo and nccl backends; this run's {device.type} tensors go "
+                                   f"through {backend!r}: add --ddp_backend gloo (CPU) or nccl (GPUs)")
     atexit.unregister(_destroy_process_group)  # registered once, however many trainers a script builds
     atexit.register(_destroy_process_group)
     # TrainingArguments gives a CPU process's group no timeout (gloo's 30 min default): let --ddp_timeout bound

@@ -315,7 +315,8 @@ class SharpnessMixin:
         self._sharpness_optimizer: SharpnessOptimizer | None = None
         self._sharpness_batchnorms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                                       and m.track_running_stats]
-        self._sharpness_plan = parallel.make_plan(cfg, self.args.device, float(self.args.ddp_timeout))
+        self._sharpness_plan = parallel.make_plan(cfg, self.args.device, float(self.args.ddp_timeout),
+                                                  trainer_world=self.args.world_size)
         self._check_world(cfg, self._sharpness_plan)
         if self._sharpness_plan.mixed_devices and self._sharpness_plan.role == 1:
             self._setup_cpu_ascent_rank(cfg)
