@@ -37,6 +37,7 @@ import atexit
 import datetime
 import faulthandler
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -105,6 +106,17 @@ def device_backend(device: torch.device) -> str:
     return per_device.get(device.type, backend)
 
 
+def meant_several_processes(env=os.environ) -> str | None:
+    """A warning for a one-process run whose launcher was asked for several, else None: `accelerate launch
+    --num_processes N` without --multi_gpu starts one process through its simple launcher, which sets MASTER_ADDR
+    (for N > 1) but no WORLD_SIZE."""
+    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and any(k.startswith("ACCELERATE_") for k in env):
+        return ("sam_hf: this run has 1 process, but accelerate launch was asked for several (MASTER_ADDR is set, "
+                "WORLD_SIZE is not): without --multi_gpu its launcher starts one process; add --multi_gpu (on a "
+                "machine without GPUs, also --use_cpu in the script's arguments)")
+    return None
+
+
 def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float,
               trainer_world: int | None = None) -> ParallelPlan:
     """Decide the layout from the method, `parallel` and the world size; reject what cannot work.
@@ -152,7 +164,7 @@ def make_plan(cfg: SharpnessConfig, device: torch.device, timeout_s: float,
     if cfg.method == "asyncsam" and cfg.parallel == "auto" and world != 2:
         roles = False
     if not roles:
-        if cfg.parallel == "auto":
+        if cfg.parallel == "auto" and rank == 0:  # once, not once per rank
             logger.warning("sam_hf: %s on %d processes runs data parallel (both passes on every rank); "
                            "role-parallel needs %s", cfg.method, world,
                            "2 processes (or parallel=on on an even number)" if cfg.method == "asyncsam"

@@ -55,6 +55,23 @@ def follow_transformers_logging() -> None:
     ours.propagate = theirs.propagate
 
 
+def loss_factor_note(args, plan: parallel.ParallelPlan, loss_takes_count: bool) -> str | None:
+    """One line for multi-process runs: the factor transformers puts on the logged loss (None where it puts none).
+
+    With `average_tokens_across_devices` and a loss that takes `num_items_in_batch` (a model whose forward takes
+    **kwargs, or a compute_loss_func), Trainer divides by all ranks' items and multiplies each rank's loss by the
+    number of data-parallel replicas (sam_hf counts k of them in role mode, not 2k): right for a loss divided by
+    the count, a factor on one that is a mean."""
+    if not plan.distributed or not args.average_tokens_across_devices or not loss_takes_count:
+        return None
+    factor = plan.dp_size if plan.mode == "roles" else plan.world_size
+    return (f"sam_hf: {plan.world_size} processes: transformers multiplies each rank's training loss by {factor} "
+            f"(average_tokens_across_devices=True and a loss that takes num_items_in_batch): a loss divided by "
+            f"the count logs the global batch's mean, but one that is a plain mean (e.g. "
+            f"BertForSequenceClassification's) logs loss, and eval_loss, {factor} times too large; see the README, "
+            f"'Where transformers itself surprises'")
+
+
 def is_sharpness_optim(optim) -> bool:
     return str(getattr(optim, "value", optim)) in METHODS
 
@@ -320,8 +337,14 @@ class SharpnessMixin:
         self._check_world(cfg, self._sharpness_plan)
         if self._sharpness_plan.mixed_devices and self._sharpness_plan.role == 1:
             self._setup_cpu_ascent_rank(cfg)
-        if self._sharpness_plan.distributed:
-            logger.info("sam_hf: %s runs %s", cfg.method, self._sharpness_plan.describe())
+        logger.info("sam_hf: %s runs %s", cfg.method, self._sharpness_plan.describe())
+        hint = None if self._sharpness_plan.distributed else parallel.meant_several_processes()
+        if hint:
+            logger.warning(hint)
+        note = loss_factor_note(self.args, self._sharpness_plan,
+                                self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+        if note:
+            logger.info(note)
         if cfg.method == "sampa":
             self.add_callback(SkippedUpdateCallback())
 
