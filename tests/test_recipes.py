@@ -12,7 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from sam_hf.recipes import RecipeError, load_recipe, main, parse_overrides, shipped_recipes  # noqa: E402
+import sam_hf  # noqa: E402
+from sam_hf.recipes import USAGE, RecipeError, load_recipe, main, parse_overrides, shipped_recipes  # noqa: E402
+from sam_hf.recipes.schema import load_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a good bad movie film is was great awful fun boring plot actors".split()
@@ -351,3 +353,33 @@ def test_image_augmentations():
 def test_bad_data_options(argv, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_recipe("msam_vit_cifar10", argv)  # a recipe with no normalisation of its own
+
+
+def test_print_keeps_the_papers_citations(capsys):
+    """--print renders the resolved recipe with the recipe files' comments: headers (of the recipe and the ones it
+    extends) and each key's citation; an overridden key says what the recipe had. The text is still the recipe."""
+    assert main(["sampa_vit_cifar100_sampa", "--print", "--training.num_train_epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "# SAMPa paper, Table 5: ViT-B/16 on CIFAR-100 with SAMPa-0.2." in out  # this recipe's header
+    assert "# SAMPa paper (Xie, Pethick and Cevher, NeurIPS 2024)" in out  # the header of the recipe it extends
+    assert "  learning_rate: 0.0001  # Sec. 5.3: peak learning rate" in out
+    assert "  optim_args:  # Sec. 5.1: 2 x SAM's 0.1, lambda 0.2" in out  # the nearer file's comment
+    assert "  num_train_epochs: 1  # overridden; the recipe has 10 (Sec. 5.3)" in out
+    assert "  # Sec. 5.1 normalises with the training set's statistics" in out  # a comment above its key
+    assert load_yaml(out) == load_recipe("sampa_vit_cifar100_sampa", ["--training.num_train_epochs", "1"]).to_dict()
+
+
+def test_train_without_a_recipe_is_a_usage_error(capsys):
+    assert main([]) == 2  # as `sam-hf launch` with nothing to run
+    assert "usage: sam-hf train RECIPE" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
+def test_cli_version_and_usage_strings_agree(capsys):
+    from sam_hf import cli
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"sam-hf {sam_hf.__version__} (torch ")
+    train_usage = USAGE.splitlines()[0].removeprefix("usage: ")
+    assert train_usage.startswith("sam-hf train RECIPE [--section.key value ...]")
+    assert "sam-hf train RECIPE [--section.key value ...]" in cli._usage()
