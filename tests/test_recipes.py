@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -383,3 +386,67 @@ def test_cli_version_and_usage_strings_agree(capsys):
     train_usage = USAGE.splitlines()[0].removeprefix("usage: ")
     assert train_usage.startswith("sam-hf train RECIPE [--section.key value ...]")
     assert "sam-hf train RECIPE [--section.key value ...]" in cli._usage()
+
+
+# ---- any override list: a valid recipe, or a RecipeError that names a key (property-based)
+
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sam_hf.recipes.schema import SECTIONS, SPECS  # noqa: E402
+
+_KEYS = {section: [f.name for f in dataclasses.fields(spec)] for section, spec in SPECS.items()}
+_KEYS["training"] = ["num_train_epochs", "learning_rate", "seed", "bf16", "eval_strategy", "output_dir",
+                     "per_device_train_batch_size", "max_steps", "optim", "lerning_rate"]
+_PATHS = st.one_of(
+    st.sampled_from(list(_KEYS)).flatmap(lambda s: st.sampled_from(_KEYS[s]).map(lambda k: f"{s}.{k}")),
+    st.sampled_from(["model.config.hidden_size", "model.config.model_type", "method.optim_args.rho",
+                     "method.optim_args.lam", "method.optim_args.nope", "data.dataset.x", "name", "description",
+                     "name.x", "training", "nosection.key", "model", ""]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz._-", max_size=12))
+_VALUES = st.one_of(
+    st.sampled_from(["1", "0", "-1", "0.5", "1e-4", "2.0e-5", "true", "false", "null", "~", "[]", "[a, b]", "[1, 2]",
+                     "{}", "{a: 1}", "{model_type: bert}", "rho=0.1,lam=0.2", "rho=-1", "rho", "sam", "sampa", "sgd",
+                     "cifar10", "x.csv", "x.txt", "epoch", "no", "'quoted'", "[unclosed", "a: b", "-", "--x", ""]),
+    st.text(max_size=12))
+_OVERRIDE = st.one_of(
+    st.builds(lambda p, v: [f"--{p}", v], _PATHS, _VALUES),
+    st.builds(lambda s, v: [f"--{s}", v], st.sampled_from(["data", "model", "method"]).flatmap(
+        lambda s: st.sampled_from(_KEYS[s]).map(lambda k: f"{s}.{k}")), st.sampled_from(["5", "0.5", "[a]", "{a: 1}",
+                                                                                          "true", "x.csv"])),
+    st.builds(lambda p, v: [f"--{p}={v}"], _PATHS, _VALUES),
+    st.builds(lambda p: [f"--{p}"], _PATHS),
+    st.text(max_size=8).map(lambda t: [t]))
+
+
+def _assert_well_typed(recipe) -> None:
+    """Every field of the model, data and method sections holds a value of its annotated type."""
+    for section, spec in SPECS.items():
+        hints = typing.get_type_hints(spec)
+        for f in dataclasses.fields(spec):
+            value = getattr(getattr(recipe, section), f.name)
+            kinds = tuple(typing.get_origin(t) or t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)))
+            if float in kinds:
+                kinds += (int,)
+            assert value is None or isinstance(value, kinds), (section, f.name, value)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(overrides=st.lists(_OVERRIDE, max_size=4).map(lambda groups: [a for g in groups for a in g]),
+       recipe=st.sampled_from(["sampa_bert_glue", "sampa_vit_cifar100_sampa"]))
+@example(overrides=["--data.train_file", "5"], recipe="sampa_bert_glue")  # was a TypeError from pathlib
+@example(overrides=["--data.dataset", "[a]"], recipe="sampa_bert_glue")  # was accepted, a list as the dataset
+@example(overrides=["--data.text_columns", "{a: 1}"], recipe="sampa_bert_glue")  # was accepted as [{a: 1}]
+@example(overrides=["--method.optim", "adamw_nope"], recipe="sampa_bert_glue")  # was accepted until training
+def test_any_overrides_give_a_recipe_or_an_error_naming_a_key(overrides, recipe):
+    try:
+        result = load_recipe(recipe, overrides)
+    except RecipeError as err:
+        message = str(err)
+        words = {w for arg in overrides for w in re.split(r"[-.=\s]+", arg) if w} | set(SECTIONS) | {
+            "name", "description", "section"}
+        assert any(w in message or repr(w)[1:-1] in message for w in words), (overrides, message)
+        return
+    _assert_well_typed(result)
+    result.to_dict()
+    result.optim_args_string()
