@@ -65,6 +65,8 @@ def loss_factor_note(args, plan: parallel.ParallelPlan, loss_takes_count: bool) 
     if not plan.distributed or not args.average_tokens_across_devices or not loss_takes_count:
         return None
     factor = plan.dp_size if plan.mode == "roles" else plan.world_size
+    if factor == 1:  # role mode on 2 processes: one replica, nothing to say
+        return None
     return (f"sam_hf: {plan.world_size} processes: transformers multiplies each rank's training loss by {factor} "
             f"(average_tokens_across_devices=True and a loss that takes num_items_in_batch): a loss divided by "
             f"the count logs the global batch's mean, but one that is a plain mean (e.g. "

@@ -141,6 +141,14 @@ trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(out, "sampa",
 trainer.train()
 result["plan"] = trainer._sharpness_plan.describe()
 result["world_size"] = trainer.args.world_size
+# a model taking **kwargs, data parallel (SAM): the factor transformers puts on its logged loss is stated once
+import io, logging
+from tiny import KwargsMeanModel
+stream = io.StringIO()
+logging.getLogger("sam_hf").addHandler(logging.StreamHandler(stream))
+sam_hf.SharpnessTrainer(model=KwargsMeanModel(), args=args(out, "sam", "rho=0.1", log_level="info",
+                                                           log_level_replica="info"), train_dataset=vector_data())
+result["log"] = stream.getvalue()
 torch.save(weights(trainer.model), f"{out}/rank{rank}.pt")
 json.dump(result, open(f"{out}/rank{rank}.json", "w"))
 dist.destroy_process_group()
@@ -172,6 +180,8 @@ def test_a_process_group_started_without_a_backend(tmp_path):
         assert r["backend"] == "undefined" and r["world_size"] == 2
         assert r["plan"].startswith("role-parallel 2 x 1"), r["plan"]
         assert "add --use_cpu" in r["without_use_cpu"] and "\n" not in r["without_use_cpu"], r["without_use_cpu"]
+        assert "sam_hf: sam runs data (2 processes)" in r["log"], r["log"]
+        assert r["log"].count("multiplies each rank's training loss by 2") == 1, r["log"]
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k

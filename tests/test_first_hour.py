@@ -88,6 +88,7 @@ def test_the_loss_factor_on_several_processes_is_stated_once():
     assert "2 processes" in note and "multiplies each rank's training loss by 2" in note
     assert "eval_loss" in note and "Where transformers itself surprises" in note
     assert "multiplies each rank's training loss by 2 " in loss_factor_note(args_, roles, True)  # k, not 2k
+    assert loss_factor_note(args_, parallel.ParallelPlan(mode="roles", world_size=2, dp_size=1), True) is None
     assert loss_factor_note(args_, parallel.ParallelPlan(), True) is None  # one process: no factor
     assert loss_factor_note(args_, data, False) is None  # a loss that takes no count: transformers multiplies nothing
     assert loss_factor_note(SimpleNamespace(average_tokens_across_devices=False), data, True) is None
