@@ -65,10 +65,13 @@ CPU accelerate enables FSDP only for accelerators).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
 import re
+import types
+import warnings
 from typing import Any
 
 import torch
@@ -520,11 +523,34 @@ def _slots(obj, out: list):
 
 class _LegacySlot:
     """Files sam_hf wrote before its slots were plain dicts hold pickled `sam_hf.sharding._Slot` objects (attributes
-    key, shape, dtype, placements): this class alone is allowed to the weights_only unpickler under that name (it
-    runs no code: the unpickler sets its attributes), so those checkpoints still load, each slot read as a dict."""
+    key, shape, dtype, placements) in pickle protocol 5, which torch's weights_only unpickler does not read. They
+    are read by `_LegacyUnpickler`, which resolves only the globals such a file holds: this class (built without
+    running any of its code: the unpickler sets its attributes), tensors, dtypes and DTensor placements."""
 
     def as_dict(self) -> dict:
         return {SLOT: self.key, "shape": list(self.shape), "dtype": self.dtype, "placements": list(self.placements)}
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        from torch.distributed.tensor import placement_types
+
+        if (module, name) == ("sam_hf.sharding", "_Slot"):
+            return _LegacySlot
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == placement_types.__name__ and name in ("Shard", "Replicate", "Partial", "_StridedShard"):
+            return getattr(placement_types, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name} is not a tensor, a dtype or a "
+                                     "placement")
+
+
+_legacy_pickle = types.SimpleNamespace(__name__="sam_hf_legacy_pickle", Unpickler=_LegacyUnpickler,
+                                       load=pickle.load)
 
 
 def _from_legacy(obj):
@@ -539,21 +565,29 @@ def _from_legacy(obj):
 
 def read_state_file(path: str) -> dict:
     """One rank's method-state file, read with `torch.load(weights_only=True)`: tensors, plain containers and
-    torch's allow-listed types only, so a file carrying any other pickled object is refused, never run."""
+    torch's allow-listed types only, so a file carrying any other pickled object is refused, never run. A file of
+    the previous format (pickle protocol 5, `_Slot` objects) is read by `_LegacyUnpickler`, as restricted."""
     try:
-        with torch.serialization.safe_globals([(_LegacySlot, "sam_hf.sharding._Slot")]):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with warnings.catch_warnings():  # torch warns about protocol 5 before it fails on it
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "Unsupported operand 149" not in str(err):  # 149: FRAME, pickle protocol 4+: the previous format
+                raise
+            saved = _from_legacy(torch.load(path, map_location="cpu", weights_only=False,
+                                            pickle_module=_legacy_pickle))
     except pickle.UnpicklingError as err:
-        found = re.search(r"WeightsUnpickler error: ([^\n.]+)", str(err))  # torch's reason, without its advice
-        reason = found.group(1) if found else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"a pickled {found.group(1)}" if found else "a pickled object"
         raise SharpnessConfigError(
-            f"sam_hf: refusing to load {path}: it holds a pickled object that is not a tensor or a plain container "
-            f"({reason}), and unpickling it could run code from the file. sam_hf writes only tensors and plain "
+            f"sam_hf: refusing to load {path}: it holds {what}, which is not a tensor or a plain container, and "
+            "unpickling it could run code from the file. sam_hf writes only tensors and plain "
             "containers there; if the checkpoint is yours, delete the file to resume without the method state (the "
             "method starts its state afresh), or resume from a checkpoint sam_hf wrote") from None
     if not (isinstance(saved, dict) and "state" in saved):
         raise SharpnessConfigError(f"sam_hf: {path} is not a method-state file sam_hf wrote (no 'state' entry)")
-    return _from_legacy(saved)
+    return saved
 
 
 def _rank() -> int:
@@ -569,8 +603,9 @@ def save_method_state(method, checkpoint_dir: str) -> None:
     sharded: dict[str, Any] = {}
     rest = _split(method.state_dict(), "state", sharded)
     os.makedirs(checkpoint_dir, exist_ok=True)
+    # torch's default pickle protocol: the one torch.load(weights_only=True) reads
     torch.save({"state": rest, "world_size": dist.get_world_size() if dist.is_initialized() else 1},
-               os.path.join(checkpoint_dir, RANK_FILE.format(rank=_rank())), pickle_protocol=pickle.HIGHEST_PROTOCOL)
+               os.path.join(checkpoint_dir, RANK_FILE.format(rank=_rank())))
     if sharded:
         dcp.save(sharded, checkpoint_id=os.path.join(checkpoint_dir, STATE_DIR))
 

@@ -4,6 +4,7 @@ added to the checkpoint (no weight backups)."""
 
 import os
 import pathlib
+import pickle
 
 import pytest
 import torch
@@ -179,17 +180,20 @@ class _Payload:
         return (pathlib.Path.touch, (pathlib.Path(self.path),))
 
 
-def test_method_state_file_with_a_pickled_object_is_refused(tmp_path):
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])  # torch's default; the previous format's
+def test_method_state_file_with_a_pickled_object_is_refused(tmp_path, protocol):
     marker = tmp_path / "code_ran"
-    torch.save({"state": {"g": [_Payload(str(marker))]}, "world_size": 1}, tmp_path / RANK_FILE.format(rank=0))
-    with pytest.raises(SharpnessConfigError, match="refusing to load .*not a tensor or a plain container"):
+    torch.save({"state": {"g": [_Payload(str(marker))]}, "world_size": 1}, tmp_path / RANK_FILE.format(rank=0),
+               pickle_protocol=protocol)
+    with pytest.raises(SharpnessConfigError, match="refusing to load .*a pickled .*not a tensor or a plain container"):
         sharding.load_method_state(None, str(tmp_path))
     assert not marker.exists()
 
 
 def test_method_state_files_of_the_previous_format_still_load(tmp_path, monkeypatch):
-    """Before this format, a DTensor's slot was a pickled `sam_hf.sharding._Slot`: such files load (that class
-    alone is allowed, under its old name), each slot read as the plain dict sam_hf writes now."""
+    """Before this format, a DTensor's slot was a pickled `sam_hf.sharding._Slot`, in pickle protocol 5 (which
+    torch's weights_only unpickler cannot read): such files load through an unpickler that resolves only that class,
+    tensors, dtypes and placements, each slot read as the plain dict sam_hf writes now."""
     from torch.distributed.tensor import Shard
 
     class _Slot:  # the class as it was
@@ -201,7 +205,7 @@ def test_method_state_files_of_the_previous_format_still_load(tmp_path, monkeypa
     held = [{"x": torch.ones(2, 6), "labels": torch.tensor([0, 1])}]
     state = {"g": [_Slot("state.g.0", (4, 6), torch.float32, (Shard(0),)), torch.ones(3)], "held": held}
     path = tmp_path / RANK_FILE.format(rank=0)
-    torch.save({"state": state, "world_size": 2}, path)
+    torch.save({"state": state, "world_size": 2}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)  # as it was written
     monkeypatch.delattr(sharding, "_Slot")
     saved = sharding.read_state_file(str(path))
     slot, plain = saved["state"]["g"]
