@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +121,10 @@ def _convert(f: dataclasses.Field, key: str, value):
 
 
 def parse_optim_args(optim_args: str | None) -> dict[str, str]:
-    """`"rho=0.05, lam=0.2"` -> `{"rho": "0.05", "lam": "0.2"}`, with errors that show the bad piece."""
+    """`"rho=0.05, lam=0.2"` -> `{"rho": "0.05", "lam": "0.2"}`, with errors that show the bad piece.
+
+    Spaces around keys and values are dropped, as transformers drops them; a space inside one (`"rho=0.05 lam=0.2"`,
+    which transformers would read as rho = "0.05lam=0.2") is refused: pairs are separated by commas."""
     out: dict[str, str] = {}
     if not optim_args:
         return out
@@ -128,14 +132,18 @@ def parse_optim_args(optim_args: str | None) -> dict[str, str]:
         piece = piece.strip()
         if not piece:
             continue
-        key, sep, value = piece.partition("=")
-        key, value = key.strip(), value.strip()
-        if sep and " " in value and "=" in value:
-            raise SharpnessConfigError(
-                f"optim_args: {piece!r} holds two keys; separate keys with commas, not spaces "
-                f"(e.g. --optim_args \"{key}={value.split()[0]},{' '.join(value.split()[1:])}\")")
+        key, sep, value = (part.strip() for part in piece.partition("="))
         if not sep or not key or not value:
             raise SharpnessConfigError(f"optim_args: {piece!r} is not key=value (e.g. --optim_args \"rho=0.05,lam=0.2\")")
+        spaced = any(ch.isspace() for ch in key + value)
+        if "=" in value and spaced:  # "rho=0.05 lam=0.2"
+            pairs = ",".join("=".join(w.strip() for w in p.split("=")) for p in re.split(r"\s+(?=[^=\s]+\s*=)", piece))
+            raise SharpnessConfigError(f"optim_args: {piece!r} holds several key=value pairs: separate them with "
+                                       f"commas, not spaces: --optim_args \"{pairs}\"")
+        if "=" in value or spaced:
+            raise SharpnessConfigError(f"optim_args: {piece!r} is not one key=value: a key or value holds "
+                                       f"{'a space' if spaced else 'an ='}; give comma-separated key=value pairs "
+                                       "(e.g. --optim_args \"rho=0.05,lam=0.2\")")
         if key in out:
             raise SharpnessConfigError(f"optim_args: key {key!r} is given twice")
         out[key] = value

@@ -140,6 +140,7 @@ def test_resume_from_a_sharded_checkpoint_equals_never_stopping(sharded_runs, na
     # one state file for every rank (the held batch gathered from the data shards), the shards through DCP
     assert (sharded_runs / f"ckpt_{name}" / "sam_hf_state.pt").exists()
     assert not list((sharded_runs / f"ckpt_{name}").glob("sam_hf_state.rank*.pt"))
+    torch.load(sharded_runs / f"ckpt_{name}" / "sam_hf_state.pt", weights_only=True)  # plain types: no allow-list
 
 
 @pytest.fixture(scope="module")

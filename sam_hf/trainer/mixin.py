@@ -23,10 +23,11 @@ from ..batching import TrainerBatch
 from ..config import SharpnessConfig, SharpnessConfigError
 from ..distributed.layouts import Layout, make_layout, trainer_sharding
 from ..distributed.placement import cpu_cores
+from ..distributed.plan import meant_several_processes
 from ..methods.base import Progress, StepResult, run_batches
 from ..optim import SharpnessOptimizer
 from ..tensors import batchnorms, zero_grads
-from .callbacks import MetricMeter, SkippedUpdateCallback, follow_transformers_logging
+from .callbacks import MetricMeter, SkippedUpdateCallback, follow_transformers_logging, loss_factor_note
 from .passes import _PASS_METRIC_ATTRS, TrainerPasses
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class SharpnessMixin:
         self._sharpness_batchnorms = batchnorms(self.model)
         roles_asked = method_cls.two_roles and cfg.parallel == "on"
         layout = make_layout(cfg, method_cls, self.args.device, float(self.args.ddp_timeout),
-                             trainer_sharding(self, cfg.method, roles_asked))
+                             trainer_sharding(self, cfg.method, roles_asked), trainer_world=self.args.world_size)
         self._sharpness_layout = layout
         self._check_world(cfg, layout)
         layout.check_trainer(self)
@@ -75,6 +76,13 @@ class SharpnessMixin:
         if layout.plan.mixed_devices and layout.plan.role == 1:
             self._setup_cpu_ascent_rank(cfg)
         logger.info("sam_hf: %s runs %s", cfg.method, layout.describe())
+        hint = None if layout.distributed else meant_several_processes()
+        if hint:
+            logger.warning(hint)
+        note = loss_factor_note(self.args, layout.plan,
+                                self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+        if note:
+            logger.info(note)
         if method_cls.skips_first_update:
             self.add_callback(SkippedUpdateCallback())
 

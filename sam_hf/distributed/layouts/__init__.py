@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ...config import SharpnessConfigError
 from ..fsdp2 import FSDP2_HOW
+from ..placement import cpu_ascent_world_message
 from ..plan import ParallelPlan, make_plan, world_size
 from .base import Layout
 from .data_parallel import DataParallel
@@ -80,18 +81,17 @@ def trainer_sharding(trainer, method_name: str, roles_asked: bool) -> str | None
 
 
 def make_layout(config, method_cls, device: torch.device | None = None, timeout_s: float = 1800.0,
-                sharding: str | None = None) -> Layout:
+                sharding: str | None = None, trainer_world: int | None = None) -> Layout:
     """The layout for this process: from the world size, the method, its `parallel` option and the sharding
     (None, or "fsdp2" for parameters sharded by FSDP2). Refuses what cannot run, saying what to do."""
     world = world_size()
     if config.cpu_rank and world == 1:
-        raise SharpnessConfigError(
-            "optim_args: ascent_device=cpu needs 2 processes (a descent rank and a CPU ascent rank), this run has 1; "
-            "launch with sam-hf launch under torchrun --nproc_per_node 2, or drop ascent_device")
+        raise SharpnessConfigError(cpu_ascent_world_message(1))
     roles = wants_roles(config, method_cls, world, sharding)
     device = device if device is not None else torch.device("cpu")
     plan = make_plan(device, timeout_s, roles=roles, cpu_rank=config.cpu_rank,
-                     exchange_dtype=config.exchange_dtype if method_cls.two_roles else "fp32")
+                     exchange_dtype=config.exchange_dtype if method_cls.two_roles else "fp32",
+                     trainer_world=trainer_world)
     if sharding == "fsdp2":
         return FSDP2Roles(plan) if roles else FSDP2(plan)
     if sharding is not None:
