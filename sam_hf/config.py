@@ -159,6 +159,8 @@ class SharpnessConfig:
                            "only) or all", choices=("clean", "all"))
     check_every: int = option(50, "steps between replica checksums on several processes (0: never)")
     base_optim_args: dict[str, str] = field(default_factory=dict)
+    # the option keys the user gave (optim_args or keywords): an option a rule does not use is refused only if given
+    given: frozenset = field(default_factory=frozenset, repr=False, compare=False)
 
     # ---- building ----------------------------------------------------------
     @classmethod
@@ -181,9 +183,17 @@ class SharpnessConfig:
             else:
                 _refuse_other_methods_key(spec.name, own, key, value)
                 base_args[key] = value if isinstance(value, str) else str(value).lower()
-        cfg = spec.config(method=spec.name, base_optim_args=base_args, **values)
+        cfg = spec.config(method=spec.name, base_optim_args=base_args, given=frozenset(values), **values)
         cfg.validate()
         return cfg
+
+    def was_given(self, key: str) -> bool:
+        """Whether option `key` was set by the user (for a config built directly: whether it differs from its
+        default)."""
+        if self.given:
+            return key in self.given
+        default = next((f.default for f in option_fields(type(self)) if f.name == key), None)
+        return getattr(self, key, default) != default
 
     def validate(self) -> None:
         for f in option_fields(type(self)):

@@ -35,7 +35,8 @@ def small_ones(like: list[torch.Tensor]) -> list[bool]:
 
 def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[torch.Tensor], scale: float,
              extras: dict[str, float], extra_keys: tuple[str, ...], what: str,
-             into: list[torch.Tensor | None] | None = None, dtype: str | None = None):
+             into: list[torch.Tensor | None] | None = None, dtype: str | None = None, average: bool = True,
+             own: list[torch.Tensor | None] | None = None):
     """The role exchange: returns (role 0's gradients, role 1's gradients, merged extras), dp-averaged and
     unscaled fp32, on every rank. `grads` are this rank's `.grad` tensors (scaled by `scale`), the params' `like`.
 
@@ -52,11 +53,17 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     copies, and each rank rounds its own gradients the same way, so the ranks still combine identical values and
     stay replicas (the result is then SAMPa / Asynchronous SAM with bf16-rounded gradients, not bit for bit the
     1-process run).
+
+    `own`: this rank's gradients as unscaled fp32 tensors it gives away, instead of `.grad` (`grads` is then
+    ignored; all None: this rank sends nothing, e.g. a one-way exchange of a method's side gradients).
+    `average=False`: the k ranks of a role hold different gradients that are not to be averaged (one per
+    micro-batch each).
     """
     n = len(like)
-    if any(g is not p.grad for g, p in zip(grads, like)):
-        raise ValueError("exchange: `grads` must be the `.grad` tensors of `like` (it takes them over)")
-    own = take_grads(like, scale)
+    if own is None:
+        if any(g is not p.grad for g, p in zip(grads, like)):
+            raise ValueError("exchange: `grads` must be the `.grad` tensors of `like` (it takes them over)")
+        own = take_grads(like, scale)
     sharded = dtensor.has_sharded_params(like)
     if sharded:  # FSDP2: each role is sharded over its k ranks; rank (0, i) and (1, i) hold the same shard
         own_dt, like_dt, into_dt = own, like, into
@@ -66,7 +73,7 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     meta[:n] = torch.tensor([float(g is not None) for g in own], dtype=torch.float64)
     meta[n:] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float64)
     meta = meta.to(plan.staging_device)
-    if plan.dp_size > 1:  # average the role's k shards first: flags (any rank's), extras, gradients
+    if plan.dp_size > 1 and average:  # average the role's k shards first: flags (any rank's), extras, gradients
         wait(dist.all_reduce(meta, group=plan.dp_group, async_op=True), plan, what)
         meta[n:] /= plan.dp_size
         if not sharded:  # FSDP2's reduce-scatter has already averaged each shard over the role's k ranks

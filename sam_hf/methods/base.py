@@ -15,6 +15,7 @@ and every rank calls `finish` with both.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,17 +25,23 @@ from ..batching import Batch, Piece
 from ..config import SharpnessConfig, SharpnessConfigError
 from ..distributed.layouts.base import Layout
 from ..tensors import trainable_params
-from .rules import AscentRule
+from .rules import AscentRule, ParamInfo
 
 
 class GradientPasses(Protocol):
-    def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None
-                 ) -> torch.Tensor:
+    def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None,
+                 ascent=None) -> torch.Tensor:
         """Forward + backward on `batch`, adding to `.grad`; returns the detached loss as the host reports it.
 
         For a slice of a micro-batch, `part_of` is that micro-batch and `fraction` the slice's share of its
         samples: the slice then contributes exactly its part of the micro-batch's loss (DESIGN.md, "Units").
         `clean=False` marks a pass at perturbed weights (BatchNorm statistics are kept).
+
+        `ascent`: a rule's ascent loss (BiSAM's lower bound, methods/bisam.py), called as
+        `ascent(logits, labels) -> (sum over the scored examples, their count)` on the model's logits and the
+        batch's labels, aligned position by position (a causal LM's shifted). The pass then backpropagates that
+        sum over the micro-batch's scored examples, divided by their number (and by the accumulation steps, as a
+        mean loss), instead of the training loss; it still returns the training loss, for the logs.
         """
 
     def loss_scale(self) -> float:
@@ -62,20 +69,29 @@ class SharpnessMethod:
     extra_copies = 1  # copies of the trainable parameters kept beyond the base optimizer's, one process (memory)
 
     def __init__(self, config: SharpnessConfig, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0,
-                 param_names: dict[int, str] | None = None, layout: Layout | None = None):
+                 param_names: dict[int, str] | None = None, layout: Layout | None = None,
+                 model: torch.nn.Module | None = None):
+        """`model` (or at least `param_names`, id(param) -> name) tells the rule what it needs of the parameters:
+        ASAM's T by name, SAM-ON's normalization layers by module type."""
         self.config = config
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.layout = layout or Layout()
         self.params = trainable_params(optimizer)
-        names = None if param_names is None else [param_names.get(id(p), "") for p in self.params]
-        self.rule = AscentRule(config, self.layout, names)
+        info = ParamInfo.of(self.params, model, param_names)
+        self.rule = AscentRule(config, self.layout, info.names, info.in_norm_layer)
         self.last_step_seconds = 0.0
 
     @classmethod
     def check(cls, config, layout: Layout, samples_per_rank: int | None = None) -> None:
         """Refuse, before training, what this method cannot do in `layout` (raise SharpnessConfigError).
         `samples_per_rank`: one step's samples on each rank, where the host knows it."""
+
+    @classmethod
+    def copies(cls, config) -> float:
+        """Copies of the trainable parameters this configuration keeps beyond the base optimizer's, in one process
+        (the memory meter's target): the method's own, plus the rule's state (VaSSO's average)."""
+        return cls.extra_copies + (1 if getattr(config, "rule", "sam") == "vasso" else 0)
 
     def rebind_params(self) -> None:
         """Point `self.params` at the parameters the base optimizer holds now (accelerate's FSDP2 preparation
@@ -106,10 +122,18 @@ class SharpnessMethod:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return self.rule_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.load_rule_state(state)
+
+    def rule_state(self) -> dict[str, Any]:
+        """The ascent rule's state (VaSSO's average) under the key "rule", or nothing for a stateless rule."""
+        state = self.rule.state_dict()
+        return {"rule": state} if state else {}
+
+    def load_rule_state(self, state: dict[str, Any]) -> None:
+        self.rule.load_state_dict(state.get("rule") or {}, self.device)
 
 
 class TwoRoleMethod(SharpnessMethod):
@@ -163,11 +187,57 @@ class TwoRoleMethod(SharpnessMethod):
         """Combine role 0's and role 1's unscaled fp32 gradients into `.grad` (scaled by `scale`); keep state."""
         raise NotImplementedError
 
+    # ---- side gradients: more than one gradient from role 1 (SAMPa with BiSAM or micro-batches) ----------------
+    side_averaged = True  # the role's k ranks average each side gradient (False: each rank's is its own)
 
-def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True) -> torch.Tensor:
-    return sum(passes.backward(p.batch, clean=clean) if p.parent is None else
-               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent) for p in pieces)
+    def side_count(self, batches) -> int:
+        """How many more gradient lists role 1 sends role 0 after the exchange this step (the same on every rank)."""
+        return 0
+
+    def side_gradients(self) -> list:
+        """Role 1: the side gradient lists, unscaled fp32, given away."""
+        return []
+
+    def receive_side(self, gradients: list) -> None:
+        """Every rank: the side gradient lists, in order, before `finish`."""
 
 
-def run_batches(passes: GradientPasses, batches: list[Batch], clean: bool = True) -> torch.Tensor:
-    return sum(passes.backward(batch, clean=clean) for batch in batches)
+def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True, ascent=None) -> torch.Tensor:
+    """Forward + backward over sample ranges; `ascent`: the rule's ascent loss instead of the training loss."""
+    kw = {} if ascent is None else {"ascent": ascent}
+    return sum(passes.backward(p.batch, clean=clean, **kw) if p.parent is None else
+               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent, **kw) for p in pieces)
+
+
+def run_batches(passes: GradientPasses, batches: list[Batch], clean: bool = True, ascent=None) -> torch.Tensor:
+    """Forward + backward over whole micro-batches; `ascent`: the rule's ascent loss instead of the training loss."""
+    kw = {} if ascent is None else {"ascent": ascent}
+    return sum(passes.backward(batch, clean=clean, **kw) for batch in batches)
+
+
+class Randomness:
+    """The random state at construction, to run a second pass with it: BiSAM's lower bound at SAMPa's lookahead
+    point is a second pass over the batch of the first, and drawing the same dropout masks makes the two passes
+    what one forward with two backward passes would be."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device.index or 0] if device.type == "cuda" else []
+        self.state = self._get()
+
+    def _get(self):
+        return torch.random.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def _set(self, state) -> None:
+        torch.random.set_rng_state(state[0])
+        for d, s in zip(self.devices, state[1]):
+            torch.cuda.set_rng_state(s, d)
+
+    @contextlib.contextmanager
+    def again(self):
+        """Run the block from the recorded state; afterwards the state is what it was before the block."""
+        now = self._get()
+        self._set(self.state)
+        try:
+            yield
+        finally:
+            self._set(now)

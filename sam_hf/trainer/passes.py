@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..batching import TrainerBatch
+from ..methods import bisam
 from ..tensors import frozen_running_stats
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ class TrainerPasses:
         self.num_items_in_batch = num_items_in_batch
         self.batchnorms = trainer._sharpness_batchnorms
 
-    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None) -> torch.Tensor:
+    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, ascent=None) -> torch.Tensor:
+        """See methods.base.GradientPasses. With `ascent` (BiSAM's lower bound) the pass backpropagates it, from the
+        outputs' `logits` and the batch's `labels` (a causal LM's shifted), in mean-loss units: the sum over the
+        piece's scored examples / the micro-batch's scored examples / the accumulation steps."""
         t = self.trainer
         source = batch if part_of is None else part_of  # a slice is normalised as its micro-batch
         num_items = getattr(source, "num_items_in_batch", self.num_items_in_batch)
@@ -68,7 +72,7 @@ class TrainerPasses:
         # in place before would fail autograd's version check.
         with (frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
               contextlib.nullcontext() if self._counts(batch, part_of) else _kept_pass_metrics(t)):
-            loss = self._loss(batch, num_items)
+            loss, outputs = self._loss(batch, num_items, outputs=ascent is not None)
             if world_factor != 1.0:
                 loss = loss * world_factor
             if t.args.n_gpu > 1:
@@ -81,8 +85,23 @@ class TrainerPasses:
                 loss = loss * self._item_share(batch, part_of, fraction)
             if not scaled_for_ga:
                 loss = loss / steps
-            t.accelerator.backward(loss)
+            if ascent is None:
+                t.accelerator.backward(loss)
+            else:  # the rule's ascent loss; the training loss is only reported
+                t.accelerator.backward(self._ascent_loss(ascent, outputs, batch, part_of, steps))
         return loss.detach()
+
+    def _ascent_loss(self, ascent, outputs, batch, part_of, steps):
+        shift = self._shifts()
+        total, _ = ascent(*bisam.aligned(outputs, batch, shift))
+        return total / max(bisam.scored(part_of if part_of is not None else batch, shift), 1) / steps
+
+    def _shifts(self) -> bool:
+        """Whether the model is a causal LM (BiSAM's margins then pair position t with label t + 1)."""
+        t = self.trainer
+        if getattr(t, "_sharpness_shifts_labels", None) is None:
+            t._sharpness_shifts_labels = bisam.shifts_labels(t.model)
+        return t._sharpness_shifts_labels
 
     def _counts(self, batch, part_of) -> bool:
         """Whether this pass's per-pass metrics count: the first pass over a sample in a step does (SAM's clean
@@ -97,12 +116,15 @@ class TrainerPasses:
             batch.metrics_counted = True
         return True
 
-    def _loss(self, batch, num_items):
+    def _loss(self, batch, num_items, outputs: bool = False):
+        """The loss as Trainer computes it, and the model's outputs where asked (else None)."""
         t = self.trainer
         with t.compute_loss_context_manager(), t._sharpness_layout.pass_gathers(t.accelerator):
             # a shallow copy: Trainer's compute_loss pops "labels" (label smoothing, compute_loss_func), and the
             # same batch runs again (SAM's second pass, SAMPa's held batch)
-            return t.compute_loss(self.model, dict(batch), num_items_in_batch=num_items)
+            if outputs:
+                return t.compute_loss(self.model, dict(batch), return_outputs=True, num_items_in_batch=num_items)
+            return t.compute_loss(self.model, dict(batch), num_items_in_batch=num_items), None
 
     def _loss_uses_count(self, batch, num_items) -> bool:
         """Whether the loss divides by `num_items_in_batch`: measured once per trainer, from two forward passes
@@ -118,7 +140,7 @@ class TrainerPasses:
         with torch.no_grad(), frozen_running_stats(self.batchnorms), _kept_pass_metrics(t):
             for count in (num_items, num_items * 2):
                 with torch.random.fork_rng(devices=devices):
-                    losses.append(float(self._loss(batch, count).float().mean()))
+                    losses.append(float(self._loss(batch, count)[0].float().mean()))
         one, two = losses
         if not (math.isfinite(one) and one != 0.0):
             return True  # nothing to tell from this slice (no items): its part is 0 either way; ask again later

@@ -156,7 +156,7 @@ def build(name: str, world: int, sharded: bool, layout=None):
         opt = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.01)
-    method = method_cls(cfg, opt, max_grad_norm=clip, layout=layout)
+    method = method_cls(cfg, opt, max_grad_norm=clip, layout=layout, model=model)
     if layout is not None and layout.roles:
         layout.before_step(None, model, method)  # checks that each role is sharded over its own ranks
     return model, opt, method, clip
