@@ -60,7 +60,7 @@ class SAMConfig(ScheduleOptions, AscentOptions, SharpnessConfig):
         """Ranks sharing one perturbation (world: all of them, exact SAM)."""
         if not self.sync_ascent:
             return 1
-        return min(self.ascent_group_size, world) if self.ascent_group_size else world
+        return self.ascent_group_size or world
 
 
 class SAM(SharpnessMethod):
@@ -74,8 +74,9 @@ class SAM(SharpnessMethod):
                 f"ascent_group_size={config.ascent_group_size} (one perturbation per group of ranks)")
         if world % size:
             raise SharpnessConfigError(
-                f"optim_args: ascent_group_size={config.ascent_group_size} does not divide the {world} processes into "
-                f"equal groups; use a divisor of {world} (e.g. ascent_group_size={max(1, world // 2)}) or 0 (all ranks)")
+                f"optim_args: ascent_group_size={config.ascent_group_size} does not divide the {world} "
+                f"process{'es' if world > 1 else ''} into equal groups; use a divisor of {world} "
+                f"(e.g. ascent_group_size={max(1, world // 2)}) or 0 (all ranks)")
         if size < world and layout.reduces_every_pass:
             raise SharpnessConfigError(
                 f"optim_args: {what} does not run under {layout.describe()}: every backward pass averages the "
