@@ -404,5 +404,12 @@ register_method("sampa", SAMPa, SAMPaConfig, "SAMPa-lambda: the ascent and the l
                 examples=(Example("SAMPa-0.2", "rho=0.1,lam=0.2"),
                           Example("SAMPa-0.2, base=sgd momentum=0.9", "rho=0.1,lam=0.2,base=sgd,momentum=0.9",
                                   bench=False),
+                          # the SAMPa paper's Table 8 (its Appendix B.4: each variant's rho doubled, lam = 0.2)
+                          Example("SAMPa + mSAM (m=4)", "rho=0.1,lam=0.2,micro_batches=4"),
+                          Example("SAMPa + ASAM", "rho=1.0,lam=0.2,rule=asam"),
+                          Example("SAMPa + SAM-ON", "rho=1.0,lam=0.2,rule=sam_on", meter=False),
+                          Example("SAMPa + VaSSO", "rho=0.1,lam=0.2,rule=vasso,theta=0.4"),
+                          Example("SAMPa + BiSAM", "rho=0.1,lam=0.2,rule=bisam,mu=1"),
                           Example("SAMPa-0.2", "rho=0.1,lam=0.2", 2),
+                          Example("SAMPa + BiSAM", "rho=0.1,lam=0.2,rule=bisam", 2, bench=False),
                           Example("SAMPa-0.2 (bf16 exchange)", "rho=0.1,lam=0.2,exchange_dtype=bf16", 2)))
