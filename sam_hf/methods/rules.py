@@ -199,13 +199,13 @@ class AscentRule:
         self.asam_params = getattr(config, "asam_params", "authors")
         self.ascent_loss = (bisam_math.LowerBound(config.bisam_bound, config.mu, config.tanh_alpha)
                             if self.kind == "bisam" else None)
-        self._t = self._scaled_params(names, len(names) if names is not None else None)
+        self._t = self._scaled_params(names)
         self.mask = self._perturbed(config, names, in_norm_layer)
         self.d: list[torch.Tensor | None] | None = None  # VaSSO's moving average m_t
         self._skip = False  # VaSSO: the last ascent gradient was not finite: no perturbation this step
 
     # ---- set-up ------------------------------------------------------------------
-    def _scaled_params(self, names, n):
+    def _scaled_params(self, names):
         """Which parameters get t = |x| (+ eta) under ASAM (None: all, e.g. before the count is known)."""
         if not self.scaled or self.asam_params == "davda54":
             return None

@@ -53,8 +53,11 @@ CASES = {
     # LoRA (PEFT) on the sharded model: only the adapters are trainable, the frozen weights are sharded too
     "sam_lora": ("sam", "rho=0.5,base=sgd", 0.0),
     "sampa_lora": ("sampa", "rho=0.5,lam=0.3,parallel=off,base=sgd", 0.0),
+    # VaSSO's average lives on the local shard (and is checkpointed through torch.distributed.checkpoint)
+    "sam_vasso": ("sam", "rho=0.5,rule=vasso,base=sgd", 0.0),
+    "sampa_vasso": ("sampa", "rho=0.5,lam=0.3,rule=vasso,parallel=off,base=sgd", 0.0),
 }
-STATEFUL = ("sampa", "sampa_adamw", "asyncsam", "sampa_lora")
+STATEFUL = ("sampa", "sampa_adamw", "asyncsam", "sampa_lora", "sam_vasso", "sampa_vasso")
 # Role mode (launched on 2k processes): each role sharded over its own k ranks (`fsdp2.role_mesh`), the two
 # gradients exchanged shard for shard between ranks (0, i) and (1, i)
 ROLE_CASES = {

@@ -24,11 +24,14 @@ CASES = {  # name: (optim, optim_args); the layout 2 processes get
     "sampa_msam2": ("sampa", "rho=0.1,lam=0.3,micro_batches=2"),  # role mode: 2 held gradients travel
     "sampa_vasso": ("sampa", "rho=0.1,lam=0.3,rule=vasso"),  # role mode
     "asyncsam_tau2": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5,staleness=2,rule=asam,asam_params=davda54"),
+    # float64 models: the role exchange carries float64 gradients (fp32 would round them to about 1e-8)
+    "sampa_fp64": ("sampa", "rho=0.1,lam=0.3", torch.float64),
+    "asyncsam_fp64": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", torch.float64),
 }
 
 
-def train(optim: str, optim_args: str, steps: int = STEPS, seed: int = 0) -> dict:
-    model = MeanLossModel(seed=seed)
+def train(optim: str, optim_args: str, dtype: torch.dtype = torch.float32, steps: int = STEPS, seed: int = 0) -> dict:
+    model = MeanLossModel(seed=seed).to(dtype)
     base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     opt = sam_hf.SharpnessOptimizer(base, optim, optim_args, model=model, max_grad_norm=1.0)
     shards, index = opt.data_shard()
@@ -36,6 +39,7 @@ def train(optim: str, optim_args: str, steps: int = STEPS, seed: int = 0) -> dic
         full = global_batch(step)
         size = GLOBAL_BATCH // shards
         batch = {k: v[index * size:(index + 1) * size] for k, v in full.items()}
+        batch["x"] = batch["x"].to(dtype)
         opt.step(sam_hf.BatchClosure(lambda b: model(**b)["loss"], batch, logits_fn=lambda b: model(b["x"])["logits"]))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
