@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("sam_hf.demo", "offline demo: a small ViT on scikit-learn's digits with AdamW, SAM and SAMPa"),
     "bench": ("sam_hf.bench", "step-time and memory benchmark of every method, 1 and 2 processes"),
     "sharpness": ("sam_hf.sharpness", "Hessian lambda_max and trace of a saved text classifier on its training data"),
+    "options": ("sam_hf.config", "every method's options, with defaults and help (docs/options.md)"),
 }
 
 

@@ -349,3 +349,16 @@ def options_reference(methods=None) -> str:
             lines.append(f"| `{f.name}` | `{_default_text(f.default)}` | {meaning.replace('|', chr(92) + '|')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`sam-hf options [METHOD ...]`: the options reference, for every method or the ones named."""
+    import sam_hf  # noqa: F401  (registers the methods)
+
+    names = list(argv or [])
+    unknown = [n for n in names if not registry.is_method(n)]
+    if unknown:
+        print(f"sam-hf options: unknown method(s) {unknown}; the methods are {list(registry.names())}")
+        return 2
+    print(options_reference(names or None))
+    return 0

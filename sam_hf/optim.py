@@ -269,7 +269,14 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             self.base.eval()
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
+    def gather_state(self) -> None:
+        """Every rank, before `state_dict()` on several processes: gather per-shard state (SAMPa's held batch) so
+        that the checkpoint resumes on another number of processes (in one process `state_dict` does it)."""
+        self.method.prepare_checkpoint()
+
     def state_dict(self):
+        if not self.layout.distributed:
+            self.method.prepare_checkpoint()
         state = self.base.state_dict()
         state[STATE_KEY] = self.method.state_dict()
         if self.steps:  # a plain loop's step count (schedules, replica checks); Trainer keeps its own

@@ -311,7 +311,7 @@ def test_odd_world_size_with_parallel_on_fails_before_training(tmp_path):
 
 @pytest.mark.parametrize("optim,optim_args,message", [
     ("sampa", "parallel=on", "parallel=on needs 2 processes or more"),
-    ("sam", "parallel=on", "parallel=on (two roles) applies to sampa and asyncsam"),
+    ("sam", "parallel=on", "parallel=on applies to sampa and asyncsam only"),
 ], ids=["sampa-one-process", "sam"])
 def test_impossible_layouts_fail_before_training(tmp_path, optim, optim_args, message):
     from sam_hf import SharpnessConfigError

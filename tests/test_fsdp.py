@@ -137,7 +137,9 @@ def test_resume_from_a_sharded_checkpoint_equals_never_stopping(sharded_runs, na
     resumed = _result(sharded_runs, name, ".resumed.pt")
     for key in never_stopped:
         torch.testing.assert_close(resumed[key], never_stopped[key], atol=0, rtol=0)
-    assert (sharded_runs / f"ckpt_{name}" / "sam_hf_state.rank1.pt").exists()  # held batches are per rank
+    # one state file for every rank (the held batch gathered from the data shards), the shards through DCP
+    assert (sharded_runs / f"ckpt_{name}" / "sam_hf_state.pt").exists()
+    assert not list((sharded_runs / f"ckpt_{name}").glob("sam_hf_state.rank*.pt"))
 
 
 @pytest.fixture(scope="module")

@@ -87,10 +87,10 @@ def test_resume_equals_uninterrupted(tmp_path, case):
     if optim in ("sam", "msam"):
         assert not list(tensors(method_state))  # stateless between steps: no weight backup saved
     elif optim == "sampa":
-        assert {"g", "held"} <= set(method_state)
+        assert set(method_state) == {"g", "held_parts"}
         assert sorted(tuple(g.shape) for g in method_state["g"]) == shapes  # g_t
         assert all(g.dtype == torch.float32 for g in method_state["g"])
-        held = method_state["held"]  # B_t: the batch the next step perturbs on
+        held = [part["batch"] for part in method_state["held_parts"]]  # B_t: the batch the next step perturbs on
         assert len(held) == 1 and set(held[0]) == {"x", "labels"} and len(held[0]["labels"]) == 8
         extra = sum(t.numel() for t in tensors(method_state))
         assert extra == sum(p.numel() for p in params) + 8 * 6 + 8  # g_t + B_t, nothing else
@@ -117,8 +117,8 @@ def test_resume_with_gradient_accumulation(tmp_path, case):
     first.train()
     ckpt = tmp_path / "run" / f"checkpoint-{N}"
     if optim == "sampa":
-        held = torch.load(ckpt / "optimizer.pt", weights_only=True)[STATE_KEY]["held"]
-        assert len(held) == 2 and all(len(b["labels"]) == 4 for b in held)
+        held = torch.load(ckpt / "optimizer.pt", weights_only=True)[STATE_KEY]["held_parts"]
+        assert len(held) == 2 and all(len(b["batch"]["labels"]) == 4 for b in held)
     model = MeanLossModel(seed=1)
     make_trainer(tmp_path / "run", optim, optim_args, model, data, save_strategy="no", **kw).train(
         resume_from_checkpoint=str(ckpt))

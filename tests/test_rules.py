@@ -422,15 +422,6 @@ def test_rule_spellings():
     assert cfg("sam", "").rule == "sam" and not cfg("sam", "").scaled
 
 
-def test_options_reference_is_current():
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "docs" / "options.md"
-    assert path.read_text() == sam_hf.config.options_reference() + "\n", (
-        "docs/options.md is stale: python -c \"import sam_hf; print(sam_hf.config.options_reference())\" > "
-        "docs/options.md")
-
-
 def test_rules_that_read_names_or_layers_need_the_model():
     model = make()
     for args, needle in [("rule=asam", "pass model="), ("rule=sam_on", "pass model=")]:

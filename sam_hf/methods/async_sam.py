@@ -39,7 +39,7 @@ from ..batching import ascent_count, chosen_samples, leading_samples
 from ..batching import batch_size as _size
 from ..config import RoleOptions, SharpnessConfig, SharpnessConfigError, _bad, option, parse_float
 from ..registry import Example, register_method
-from ..tensors import as_tensor, restore, take_grads, to_device, zero_grads
+from ..tensors import as_tensor, restore, set_grads, take_grads, to_device, zero_grads
 from .base import StepResult, TwoRoleMethod, run_batches, run_pieces
 from .rules import AscentOptions
 
@@ -204,13 +204,8 @@ class AsyncSAM(TwoRoleMethod):
     def finish(self, descent, ascent, batches, extras, scale) -> StepResult:
         """Step with the descent gradient; keep a_t for the next step. Both are unscaled fp32 and this method's to
         keep (`take_grads`, the exchange): the descent tensors become `.grad`, rescaled in place."""
-        params = self.params
         self._spent = None
-        with torch.no_grad():
-            for p, d in zip(params, descent):
-                if d is not None and scale != 1.0:
-                    d.mul_(scale)
-                p.grad = None if d is None else d.to(p.dtype)
+        set_grads(self.params, descent, scale)
         self.queue.append(ascent)
         if len(self.queue) >= self.config.staleness:
             self.rule.absorb(self.queue[0])  # VaSSO: the average takes a_(t+1-tau), which step t + 1 perturbs with

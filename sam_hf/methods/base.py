@@ -121,6 +121,10 @@ class SharpnessMethod:
     def step(self, batches: list[Batch], passes: GradientPasses) -> StepResult:
         raise NotImplementedError
 
+    def prepare_checkpoint(self) -> None:
+        """Every rank, before the state is saved (collectives allowed): gather what `state_dict` needs so that a
+        run on another number of processes can resume it (SAMPa's held batch, from every data shard)."""
+
     def state_dict(self) -> dict[str, Any]:
         return self.rule_state()
 

@@ -149,6 +149,8 @@ class SAMPa(TwoRoleMethod):
         self._next_a = None  # the lookahead pass's ascent directions for B_{t+1}
         self.held: list[dict] | None = None  # B_t
         self._x_saved: list[torch.Tensor] | None = None  # one process: x, backed up by the lookahead pass
+        self._held_shards: list | None = None  # B_t from every data shard, gathered for a checkpoint
+        self._a_shards: list | None = None  # the held directions of every data shard (micro-batches per rank)
         self.local_micro_batches = max(1, self.config.micro_batches // _ranks_sharing(self.layout))
         # the ascent directions are held apart from g_t (BiSAM's are another loss's; mSAM's one per micro-batch)
         self.separate = self.rule.ascent_loss is not None or self.config.micro_batches > 1
@@ -317,7 +319,7 @@ class SAMPa(TwoRoleMethod):
         first = self.g is None and self.held is None
         next_a, self._next_a = self._next_a, None
         # whatever is left of g_t and the held directions is freed before G is built
-        self.g = self.a = self._spent = self._x_saved = None
+        self.g = self.a = self._spent = self._x_saved = self._held_shards = self._a_shards = None
         if first:  # keep g_0, leave x and the optimizer state alone
             if layout.all_finite(g_next):
                 self.g, self.a, self.held = g_next, next_a, list(batches)
@@ -373,11 +375,58 @@ class SAMPa(TwoRoleMethod):
                 "sam/skipped_ascent": float(extras.get("skipped", 0.0))}
 
     # ---- checkpointing ------------------------------------------------------
+    # B_t is per rank: each data shard holds its part of the step's batch. A checkpoint keeps all of it
+    # (`prepare_checkpoint` gathers the shards), as whole micro-batches in units that do not depend on the number of
+    # processes: a mean loss weighs each of the M micro-batches 1/M; a loss normalised by `num_items_in_batch` keeps
+    # the step's count over the data-parallel replicas. A run on N processes then gives each data shard M/N of
+    # them, where N divides M: 2 -> 1, 1 (with accumulation) -> 2, 4 -> 2, role mode <-> one process.
+    def _part(self, batch) -> dict:
+        count = _count(batch)
+        if count is not None and self.layout.replica_fraction != 1.0:  # the count over the replicas (role
+            count = count * self.layout.replica_fraction  # mode: half of what Trainer gathered over all ranks)
+        return {"batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
+                "num_items": count.cpu() if torch.is_tensor(count) else count}
+
+    def prepare_checkpoint(self) -> None:
+        own = None if self.held is None or not all(isinstance(b, Mapping) for b in self.held) else \
+            [self._part(b) for b in self.held]
+        self._held_shards = self.layout.gather_data_shards(own)
+        if self._directions_per_rank():  # each data shard's micro-batch gradients are its own
+            self._a_shards = self.layout.gather_data_shards(to_device(self.a, torch.device("cpu")))
+
+    def _directions_per_rank(self) -> bool:
+        """micro_batches > 1 over several data-parallel ranks that each cut their own share (not FSDP2)."""
+        return self.config.micro_batches > 1 and _ranks_sharing(self.layout) > 1
+
+    def _a_state(self) -> dict:
+        if self._a_shards is not None and all(a is not None for a in self._a_shards):
+            return {"a_parts": self._a_shards}
+        return {} if self.a is None else {"a": self.a}  # plain SAMPa holds no directions apart from g_t
+
+    def _my_directions(self, state):
+        """The held ascent directions this rank resumes with; micro-batch gradients gathered from every data shard
+        belong to the shard that computed them, so they resume on as many data-parallel ranks only."""
+        parts = state.get("a_parts")
+        if parts is None:
+            return to_device(state.get("a"), self.device)
+        shards = self.layout.data_parallel_size if self._directions_per_rank() else 1
+        if len(parts) != shards:
+            raise SharpnessConfigError(
+                f"sam_hf: the checkpoint holds SAMPa's micro-batch gradients (micro_batches="
+                f"{self.config.micro_batches}) of {len(parts)} data shard(s), each computed on its own share of B_t; "
+                f"this run has {shards} ({self.layout.describe()}): resume on the layout that saved it")
+        return to_device(parts[self.layout.data_rank if shards > 1 else 0], self.device)
+
     def state_dict(self):
         if self.held is not None and not all(isinstance(b, Mapping) for b in self.held):
             # a plain closure (no batch to save): the run resumes with a first step, which computes g again
-            return {"g": None, "a": None, "held": None, "held_num_items": None, "held_accumulation_steps": None,
+            return {"g": None, "held": None, "held_num_items": None, "held_accumulation_steps": None,
                     **self.rule_state()}
+        shards = self._held_shards
+        if shards is not None and self.held is not None and all(s is not None for s in shards):
+            return {"g": self.g, **self._a_state(), "held_parts": [part for shard in shards for part in shard],
+                    **self.rule_state()}  # B_t, shard by shard
+        # not gathered (a plain loop on several processes): this rank's own part, for the same layout to resume
         held = None if self.held is None else [dict(b) for b in self.held]
         counts = None if self.held is None else [_count(b) for b in self.held]
         steps = None if self.held is None else [getattr(b, "accumulation_steps", None) for b in self.held]
@@ -387,16 +436,37 @@ class SAMPa(TwoRoleMethod):
     def load_state_dict(self, state):
         device = self.device
         self.g = to_device(state.get("g"), device)
-        self.a = to_device(state.get("a"), device)
+        self.a = self._my_directions(state)
         self.load_rule_state(state)
-        self.held = self._spent = self._x_saved = self._next_a = None
-        if state.get("held") is not None:
+        self.held = self._spent = self._x_saved = self._held_shards = self._a_shards = self._next_a = None
+        if state.get("held_parts") is not None:
+            self.held = self._my_parts(state["held_parts"])
+        elif state.get("held") is not None:  # this rank's own part, as saved (the same layout)
             counts = state.get("held_num_items") or [None] * len(state["held"])
             steps = state.get("held_accumulation_steps") or [None] * len(state["held"])
             self.held = [TrainerBatch.of(b, to_device(c, device), n)
                          for b, c, n in zip(to_device(state["held"], device), counts, steps)]
-            for batch in self.held:  # B_t was counted in the per-pass metrics of the step that handed it in
-                batch.metrics_counted = True
+        for batch in self.held or []:  # B_t was counted in the per-pass metrics of the step that handed it in
+            batch.metrics_counted = True
+
+    def _my_parts(self, parts) -> list:
+        """This data shard's micro-batches of the saved B_t, normalised as this layout's accumulation would."""
+        shards, index, total = self.layout.data_parallel_size, self.layout.data_rank, len(parts)
+        if total % shards:
+            raise SharpnessConfigError(
+                f"sam_hf: the checkpoint's held batch B_t is {total} micro-batch(es) over all processes, which "
+                f"cannot be shared evenly by this run's {shards} data-parallel ranks ({self.layout.describe()}): "
+                f"resume on a number of data-parallel ranks that divides {total}, or on the layout that saved it")
+        per = total // shards
+        held = []
+        for part in parts[index * per:(index + 1) * per]:
+            count = part["num_items"]
+            if count is not None:
+                count = to_device(count, self.device)
+                if self.layout.replica_fraction != 1.0:
+                    count = count / self.layout.replica_fraction
+            held.append(TrainerBatch.of(to_device(part["batch"], self.device), count, per))
+        return held
 
 
 register_method("sampa", SAMPa, SAMPaConfig, "SAMPa-lambda: the ascent and the lookahead gradient are independent, "

@@ -193,6 +193,8 @@ class SharpnessMixin:
 
     # ---- checkpoints -------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir):
+        if self.sharpness_config is not None:  # every rank: gather per-shard state (SAMPa's held batch)
+            self._sharpness_optimizer.method.prepare_checkpoint()
         super()._save_optimizer_and_scheduler(output_dir)
         if self.sharpness_config is not None:  # where the optimizer's own file cannot carry the method state
             self._sharpness_layout.save_state(self._sharpness_optimizer.method, output_dir)

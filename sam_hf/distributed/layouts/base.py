@@ -40,8 +40,18 @@ class Layout:
 
     @property
     def data_parallel_size(self) -> int:
-        """Ranks that split one step's batch between them."""
+        """Ranks that split one step's batch between them (data shards)."""
         return self.plan.world_size
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data shard, in [0, data_parallel_size)."""
+        return 0
+
+    def gather_data_shards(self, obj) -> list:
+        """`obj` from every data shard, in shard order (every rank calls it; a collective where there are several):
+        what a checkpoint keeps of per-shard state (SAMPa's held batch) so that another layout can resume it."""
+        return [obj]
 
     def describe(self) -> str:
         return "one process"

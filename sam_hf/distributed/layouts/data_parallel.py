@@ -45,6 +45,17 @@ class DataParallel(Layout):
         if self.distributed:
             collectives.all_reduce_grads_(params, self.plan, f"the gradient all-reduce at step {self.step_index}")
 
+    @property
+    def data_rank(self) -> int:
+        return self.plan.rank
+
+    def gather_data_shards(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def check_replicas(self, params, step: int) -> None:
         if self.distributed and self.replicas:
             collectives.check_replicas(self.plan, params, step)

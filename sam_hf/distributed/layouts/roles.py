@@ -35,6 +35,16 @@ class Roles(DataParallel):
     def data_parallel_size(self) -> int:
         return self.plan.dp_size
 
+    @property
+    def data_rank(self) -> int:
+        return self.plan.dp_rank
+
+    def gather_data_shards(self, obj) -> list:
+        """Role 0's ranks in dp order: ranks (0, i) and (1, i) hold the same shard."""
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return [out[int(self.plan.mesh.mesh[0, i])] for i in range(self.plan.dp_size)]
+
     def describe(self) -> str:
         return self.plan.describe()
 
