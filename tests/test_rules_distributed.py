@@ -138,3 +138,19 @@ def test_impossible_groups_are_refused(layout, optim_args, message):
     made = {"ddp": DataParallel(plan), "one": Layout(), "fsdp2": FSDP2(plan)}[layout]
     with pytest.raises(SharpnessConfigError, match=message):
         SAM.check(SharpnessConfig.from_optim_args("sam", optim_args), made)
+
+
+def test_sampa_micro_batches_data_parallel_resume_equals_uninterrupted(runs, tmp_path):
+    """Each rank's held micro-batch gradients are its own: the checkpoint gathers them from every data shard (beside
+    the gathered B_t), and every rank resumes with its own."""
+    case = "sampa_msam2_ddp:sampa:rho=0.1,micro_batches=2,parallel=off:4"
+    first = launch("dist_train.py", 2, "--out_dir", str(tmp_path), "--steps", str(STEPS), "--save_steps", "2",
+                   "--kill_at", "3", "--cases", case, timeout=300)
+    assert first.returncode != 0  # killed after the checkpoint at step 2
+    checkpoint = tmp_path / "sampa_msam2_ddp" / "run" / "checkpoint-2"
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["sam_hf"]
+    assert len(state["a_parts"]) == 2 and all(len(a) == 1 for a in state["a_parts"])  # one micro-batch per rank
+    resumed = launch("dist_train.py", 2, "--out_dir", str(tmp_path), "--steps", str(STEPS), "--resume", str(checkpoint),
+                     "--cases", case, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert_close(torch.load(runs / "sampa_msam2_ddp.pt"), torch.load(tmp_path / "sampa_msam2_ddp.pt"), atol=0)
