@@ -438,3 +438,21 @@ def test_bisam_needs_logits_in_a_plain_loop():
         opt.step(sam_hf.BatchClosure(lambda b: per_example(model, b).mean(), b))
     with pytest.raises(TypeError, match="BatchClosure"):
         opt.step(lambda: per_example(model, b).mean())
+
+
+def test_sampa_micro_batch_gradients_resume_only_where_each_shard_has_its_own():
+    """One process holds the m micro-batch gradients of the whole B_t; 2 data-parallel ranks would each cut their
+    half of B_t into m/2 micro-batches of their own: refused, naming the layout (2 -> 2 resumes exactly:
+    test_rules_distributed.py)."""
+    from sam_hf.distributed.layouts import DataParallel
+    from sam_hf.distributed.plan import ParallelPlan
+    from sam_hf.methods import SAMPa
+
+    _, saved = ours("sampa", f"rho={RHO},micro_batches=2", save_at=2)
+    state = saved["optim"]["sam_hf"]
+    assert len(state["a"]) == 2 and "held_parts" in state
+    model = make()
+    method = SAMPa(SharpnessConfig.from_optim_args("sampa", "micro_batches=2"), sgd(model), model=model,
+                   layout=DataParallel(ParallelPlan(mode="data", world_size=2)))
+    with pytest.raises(SharpnessConfigError, match="resume on the layout that saved it"):
+        method.load_state_dict(state)

@@ -407,13 +407,16 @@ class SAMPa(TwoRoleMethod):
         """The held ascent directions this rank resumes with; micro-batch gradients gathered from every data shard
         belong to the shard that computed them, so they resume on as many data-parallel ranks only."""
         parts = state.get("a_parts")
-        if parts is None:
-            return to_device(state.get("a"), self.device)
+        if parts is None and state.get("a") is None:
+            return None
+        saved = 1 if parts is None else len(parts)
         shards = self.layout.data_parallel_size if self._directions_per_rank() else 1
-        if len(parts) != shards:
+        if parts is None and (shards == 1 or state.get("held_parts") is None):  # (or this rank's own, as saved)
+            return to_device(state["a"], self.device)
+        if saved != shards:
             raise SharpnessConfigError(
                 f"sam_hf: the checkpoint holds SAMPa's micro-batch gradients (micro_batches="
-                f"{self.config.micro_batches}) of {len(parts)} data shard(s), each computed on its own share of B_t; "
+                f"{self.config.micro_batches}) of {saved} data shard(s), each computed on its own share of B_t; "
                 f"this run has {shards} ({self.layout.describe()}): resume on the layout that saved it")
         return to_device(parts[self.layout.data_rank if shards > 1 else 0], self.device)
 
@@ -430,8 +433,8 @@ class SAMPa(TwoRoleMethod):
         held = None if self.held is None else [dict(b) for b in self.held]
         counts = None if self.held is None else [_count(b) for b in self.held]
         steps = None if self.held is None else [getattr(b, "accumulation_steps", None) for b in self.held]
-        return {"g": self.g, "a": self.a, "held": held, "held_num_items": counts, "held_accumulation_steps": steps,
-                **self.rule_state()}
+        return {"g": self.g, **self._a_state(), "held": held, "held_num_items": counts,
+                "held_accumulation_steps": steps, **self.rule_state()}
 
     def load_state_dict(self, state):
         device = self.device
