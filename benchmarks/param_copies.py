@@ -139,16 +139,20 @@ class EqualLinears(nn.Module):
 
 
 class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int, dim: int, seed: int = 0):
+    def __init__(self, n: int, dim: int, seed: int = 0, id_column: str | None = None):
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, dim, generator=g)
         self.y = torch.randint(0, dim, (n,), generator=g)
+        self.id_column = id_column  # a method that keeps a record per example (SAF) reads its id from the data
 
     def __len__(self):
         return len(self.y)
 
     def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
+        row = {"x": self.x[i], "labels": self.y[i]}
+        if self.id_column:
+            row[self.id_column] = i
+        return row
 
 
 def _is_dtensor(t) -> bool:
@@ -353,7 +357,10 @@ def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0
             logging_strategy="no", report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
             dataloader_num_workers=0, gradient_accumulation_steps=ga,
             ddp_backend="gloo" if "RANK" in os.environ else None, **extra)
-        trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=_Rows(BATCH * steps * ga, dim),
+        from sam_hf.bench import example_id_column
+
+        rows = _Rows(BATCH * steps * ga, dim, id_column=example_id_column(optim, optim_args))
+        trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=rows,
                                           callbacks=[_callback(meter, warmup)])
         trainer.remove_callback(PrinterCallback)  # no log lines in the table's output
         with meter:

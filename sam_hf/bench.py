@@ -43,6 +43,15 @@ def configurations() -> list[tuple[str, str, str, int]]:
     return [BASELINES[0]] + [r for r in rows if r[3] == 1] + [BASELINES[1]] + [r for r in rows if r[3] == 2]
 
 
+def example_id_column(optim: str, optim_args: str) -> str | None:
+    """The per-example id column the configuration's method reads from the training data (SAF's), if any."""
+    from sam_hf import SharpnessConfig, registry
+
+    if not registry.is_method(optim):
+        return None
+    return registry.get(optim).method.example_id_column(SharpnessConfig.from_optim_args(optim, optim_args or None))
+
+
 def runnable(procs: int, optim_args: str, cuda_devices: int, precision: str = "fp32") -> tuple[bool, str]:
     """Whether this machine can run a configuration, and why not."""
     cpu_ascent = "ascent_device=cpu" in optim_args
@@ -123,6 +132,9 @@ def _worker(opts) -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 1000, (n, opts.seq), generator=g)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+    column = example_id_column(optim, optim_args)
+    if column:  # a method that keeps a record per example (SAF) reads its id from the data
+        data = data.add_column(column, list(range(n)))
     args = TrainingArguments(
         output_dir=os.path.join(opts.out, "runs"), optim=optim, optim_args=optim_args or None, max_steps=steps,
         per_device_train_batch_size=opts.batch, learning_rate=1e-4, report_to=[], save_strategy="no",

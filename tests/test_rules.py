@@ -401,6 +401,10 @@ BAD = [
     ("asyncsam", "ascent_seed=3", ["ascent_seed=3", "ascent_samples=random"]),
     ("asyncsam", "ascent_samples=some", ["ascent_samples='some'", "first or random"]),
     ("sampa", "staleness=2", ["staleness=2", "asyncsam only"]),
+    # the efficient variants shape e from the gradient they hand the rule: VaSSO and BiSAM need more of a schedule
+    ("looksam", "rule=vasso", ["--optim looksam runs rule in", "not rule=vasso", "--optim asyncsam, msam, sam, sampa"]),
+    ("gsam", "rule=bisam", ["not rule=bisam"]),
+    ("esam", "rule=sam_on", ["--optim esam runs rule in ['sam', 'asam']"]),
 ]
 
 
@@ -430,11 +434,30 @@ def test_rules_that_read_names_or_layers_need_the_model():
     sam_hf.SharpnessOptimizer(sgd(model), "sam", "rule=asam,asam_params=davda54")  # reads no names
 
 
+def test_bisam_reads_the_logits_of_the_outputs_loss_fn_returns():
+    """A plain loop's loss_fn may return the model's outputs ({"loss", "logits"}): BiSAM then needs no logits_fn
+    (one forward per ascent pass), and trains exactly as with logits_fn."""
+    def run(with_outputs: bool):
+        model = make()
+        opt = sam_hf.SharpnessOptimizer(sgd(model), "sampa", f"rho={RHO},lam={LAM},rule=bisam", model=model)
+        for b in data():
+            if with_outputs:
+                def loss_fn(b):
+                    logits = logits_of(model, b)
+                    return {"loss": F.cross_entropy(logits, b["labels"]), "logits": logits}
+                opt.step(sam_hf.BatchClosure(loss_fn, b))
+            else:
+                opt.step(sam_hf.BatchClosure(lambda b: per_example(model, b).mean(), b,
+                                             logits_fn=lambda b: logits_of(model, b)))
+        return model
+    assert gap(run(True), run(False)) < TOL
+
+
 def test_bisam_needs_logits_in_a_plain_loop():
     model = make()
     opt = sam_hf.SharpnessOptimizer(sgd(model), "sam", "rule=bisam", model=model)
     b = data(1)[0]
-    with pytest.raises(TypeError, match="logits_fn"):
+    with pytest.raises(TypeError, match="needs the model's logits"):
         opt.step(sam_hf.BatchClosure(lambda b: per_example(model, b).mean(), b))
     with pytest.raises(TypeError, match="BatchClosure"):
         opt.step(lambda: per_example(model, b).mean())

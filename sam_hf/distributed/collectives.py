@@ -107,6 +107,23 @@ def mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str, group, siz
     flush()
 
 
+@torch.no_grad()
+def all_gather_rows(tensor: torch.Tensor, plan: ParallelPlan, what: str) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along the first dimension, in rank order (ranks may hold different
+    numbers of rows: the row counts are gathered first and the tensors padded to the largest)."""
+    device = plan.staging_device
+    local = tensor.detach().to(device)
+    count = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(plan.world_size)]
+    wait(dist.all_gather(counts, count, async_op=True), plan, what)
+    rows = [int(c) for c in counts]
+    padded = local.new_zeros((max(rows), *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in rows]
+    wait(dist.all_gather(parts, padded.contiguous(), async_op=True), plan, what)
+    return torch.cat([p[:n] for p, n in zip(parts, rows)]).to(tensor.device)
+
+
 MIXED_RTOL = 1e-5  # CPU and GPU optimizer steps on the same gradients differ by round-off only
 
 

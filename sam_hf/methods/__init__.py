@@ -8,13 +8,22 @@ layout) and one `register_method` call. The ascent rules (how a perturbation is 
 from . import sam  # noqa: I001
 from . import msam
 from . import sampa
-from . import async_sam  # noqa: F401
+from . import async_sam
+from . import looksam, aesam, esam, gsam, saf, mesa  # noqa: F401  (the SAMPa paper's Table 4 variants, GSAM)
+from .aesam import AESAM, AESAMConfig
 from .async_sam import AsyncSAM, AsyncSAMConfig
-from .base import GradientPasses, SharpnessMethod, StepResult, TwoRoleMethod
+from .base import GradientPasses, Progress, SharpnessMethod, StepResult, TwoRoleMethod
+from .esam import ESAM, ESAMConfig
+from .gsam import GSAM, GSAMConfig
+from .looksam import LookSAM, LookSAMConfig
+from .mesa import MESA, MESAConfig
 from .msam import MSAM, MSAMConfig
 from .rules import AscentOptions, AscentRule
+from .saf import SAF, SAFConfig
 from .sam import SAM, SAMConfig
 from .sampa import SAMPa, SAMPaConfig
 
-__all__ = ["AscentOptions", "AscentRule", "AsyncSAM", "AsyncSAMConfig", "GradientPasses", "MSAM", "MSAMConfig", "SAM",
-           "SAMConfig", "SAMPa", "SAMPaConfig", "SharpnessMethod", "StepResult", "TwoRoleMethod"]
+__all__ = ["AESAM", "AESAMConfig", "AscentOptions", "AscentRule", "AsyncSAM", "AsyncSAMConfig", "ESAM", "ESAMConfig",
+           "GSAM", "GSAMConfig", "GradientPasses", "LookSAM", "LookSAMConfig", "MESA", "MESAConfig", "MSAM", "MSAMConfig",
+           "Progress", "SAF", "SAFConfig", "SAM", "SAMConfig", "SAMPa", "SAMPaConfig", "SharpnessMethod", "StepResult",
+           "TwoRoleMethod"]

@@ -41,7 +41,7 @@ from ..config import RoleOptions, SharpnessConfig, SharpnessConfigError, _bad, o
 from ..registry import Example, register_method
 from ..tensors import as_tensor, restore, set_grads, take_grads, to_device, zero_grads
 from .base import StepResult, TwoRoleMethod, run_batches, run_pieces
-from .rules import AscentOptions
+from .rules import RULES, AscentOptions
 
 logger = logging.getLogger(__name__)
 AUTO_STEPS = 3  # steps measured (after the first) before ascent_batch_ratio=auto fixes r
@@ -93,6 +93,7 @@ class AsyncSAMConfig(RoleOptions, AscentOptions, SharpnessConfig):
 
 
 class AsyncSAM(TwoRoleMethod):
+    rules = RULES  # every ascent rule (rules.py)
     role_names = ("descent", "ascent")
     roles_hint = "2 processes (or parallel=on on an even number)"
     extra_copies = 2  # SAM's backup and a_(t-1), kept from one step to the next

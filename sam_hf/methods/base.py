@@ -11,11 +11,19 @@ tests which layout it runs under.
 A method whose two passes are independent (SAMPa, Asynchronous SAM) derives from `TwoRoleMethod`, the
 protocol the role-parallel layouts drive: each role runs `role_pass`, the layout exchanges the two gradients,
 and every rank calls `finish` with both.
+
+What else a method may need of its host, it declares (class attributes, read by Trainer's glue and by the
+plain-loop optimizer alike, never by testing which method runs): the model's outputs of a pass (`needs_outputs`:
+a pass then hands them to a `LossTerm`, and `forward` runs a pass without backward), the epoch
+(`needs_epoch`), the run's length (`needs_total_steps`), the model itself (`needs_model`: its buffers and
+train/eval mode) and a per-example id column of the training data (`example_id_column`). The host says where the
+run stands in `method.progress` before every step.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,14 +36,33 @@ from ..tensors import trainable_params
 from .rules import AscentRule, ParamInfo
 
 
+# A term a method adds to a pass's loss (SAF's and MESA's trajectory loss): given the model's outputs and the
+# pass's batch, per-item values (one per example, or one per scored token), weights included, or None to add
+# nothing. The host adds them in the units of its own loss: their mean where the loss is a mean over the batch,
+# their sum over the cycle's `num_items_in_batch` where the loss divides by that count (DESIGN.md, "Units").
+LossTerm = Callable[[Any, Batch], "torch.Tensor | None"]
+
+
+@dataclass
+class Progress:
+    """Where the run stands when a step starts, as the host knows it (None: the host does not know)."""
+
+    step: int = 0  # the optimizer step being computed, 0-based (Trainer's global_step)
+    total_steps: int | None = None  # the run's optimizer steps (Trainer's max_steps)
+    epoch: int | None = None  # the epoch this step belongs to, 0-based (Trainer's state.epoch, integer part)
+    num_examples: int | None = None  # examples in the training set, where it has a length
+
+
 class GradientPasses(Protocol):
     def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None,
-                 ascent=None) -> torch.Tensor:
+                 weight: float = 1.0, loss_term: LossTerm | None = None, ascent=None) -> torch.Tensor:
         """Forward + backward on `batch`, adding to `.grad`; returns the detached loss as the host reports it.
 
         For a slice of a micro-batch, `part_of` is that micro-batch and `fraction` the slice's share of its
         samples: the slice then contributes exactly its part of the micro-batch's loss (DESIGN.md, "Units").
-        `clean=False` marks a pass at perturbed weights (BatchNorm statistics are kept).
+        `clean=False` marks a pass at perturbed weights (BatchNorm statistics are kept). `weight` multiplies the
+        pass's loss (ESAM's selected rows stand for their whole batch). `loss_term` adds a term computed from the
+        model's outputs to the loss before the backward (see LossTerm); the returned loss is the model's own.
 
         `ascent`: a rule's ascent loss (BiSAM's lower bound, methods/bisam.py), called as
         `ascent(logits, labels) -> (sum over the scored examples, their count)` on the model's logits and the
@@ -43,6 +70,10 @@ class GradientPasses(Protocol):
         sum over the micro-batch's scored examples, divided by their number (and by the accumulation steps, as a
         mean loss), instead of the training loss; it still returns the training loss, for the logs.
         """
+
+    def forward(self, batch: Batch, clean: bool = True) -> Any:
+        """The model's outputs on `batch` (a mapping with `logits`, or a tuple), without gradients. The per-pass
+        metrics are left alone; `clean=False` keeps BatchNorm statistics as they were."""
 
     def loss_scale(self) -> float:
         """The mixed-precision loss scale `.grad` is multiplied by (1.0 without a GradScaler)."""
@@ -67,6 +98,15 @@ class SharpnessMethod:
     clean_role = 0  # the role whose pass runs at unperturbed weights: BatchNorm statistics come from it
     slices_batches = False  # cuts a step's batch into samples (a plain loop must hand in a BatchClosure)
     extra_copies = 1  # copies of the trainable parameters kept beyond the base optimizer's, one process (memory)
+    perturbs = True  # forms perturbations with the ascent rule (False: a loss transform such as SAF)
+    # the ascent rules (rules.py) this method runs: those that only shape e from the gradient the method hands
+    # `perturb_`; VaSSO (its average must be fed the schedule's ascent gradient once a step) and BiSAM (its ascent
+    # passes compute another loss) need a schedule that does so
+    rules = ("sam", "asam", "sam_on")
+    needs_outputs = False  # reads the model's outputs of a pass (a plain loop's loss_fn must return them)
+    needs_epoch = False  # reads progress.epoch (a plain loop: steps_per_epoch or set_epoch)
+    needs_total_steps = False  # reads progress.total_steps (a plain loop: total_steps)
+    needs_model = False  # reads the model (its buffers, its train/eval mode)
 
     def __init__(self, config: SharpnessConfig, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0,
                  param_names: dict[int, str] | None = None, layout: Layout | None = None,
@@ -77,10 +117,15 @@ class SharpnessMethod:
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.layout = layout or Layout()
+        self.model = model
         self.params = trainable_params(optimizer)
         info = ParamInfo.of(self.params, model, param_names)
-        self.rule = AscentRule(config, self.layout, info.names, info.in_norm_layer)
+        self.rule = AscentRule(config, self.layout, info.names, info.in_norm_layer) if self.perturbs else None
         self.last_step_seconds = 0.0
+        self.progress = Progress()  # set by the host before every step
+        if self.needs_model and model is None:
+            raise SharpnessConfigError(f"--optim {self.name} needs the model (its buffers and train/eval mode): "
+                                       f"SharpnessOptimizer(base, {self.name!r}, ..., model=model)")
 
     @classmethod
     def check(cls, config, layout: Layout, samples_per_rank: int | None = None) -> None:
@@ -92,6 +137,13 @@ class SharpnessMethod:
         """Copies of the trainable parameters this configuration keeps beyond the base optimizer's, in one process
         (the memory meter's target): the method's own, plus the rule's state (VaSSO's average)."""
         return cls.extra_copies + (1 if getattr(config, "rule", "sam") == "vasso" else 0)
+
+    @classmethod
+    def example_id_column(cls, config) -> str | None:
+        """The batch column holding a stable, unique id per training example that the method reads itself (SAF's
+        per-example memory), or None. The host keeps it through Trainer's column removal and takes it out of the
+        batch before the model's forward."""
+        return None
 
     def rebind_params(self) -> None:
         """Point `self.params` at the parameters the base optimizer holds now (accelerate's FSDP2 preparation
@@ -133,11 +185,12 @@ class SharpnessMethod:
 
     def rule_state(self) -> dict[str, Any]:
         """The ascent rule's state (VaSSO's average) under the key "rule", or nothing for a stateless rule."""
-        state = self.rule.state_dict()
+        state = self.rule.state_dict() if self.rule is not None else {}
         return {"rule": state} if state else {}
 
     def load_rule_state(self, state: dict[str, Any]) -> None:
-        self.rule.load_state_dict(state.get("rule") or {}, self.device)
+        if self.rule is not None:
+            self.rule.load_state_dict(state.get("rule") or {}, self.device)
 
 
 class TwoRoleMethod(SharpnessMethod):

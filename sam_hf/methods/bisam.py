@@ -56,7 +56,7 @@ class LowerBound:
         return q.sum(), int(labels.numel())
 
 
-def _logits(outputs):
+def logits_of(outputs):
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
         logits = outputs.get("logits") if hasattr(outputs, "get") else None
     else:
@@ -69,7 +69,7 @@ def _logits(outputs):
 def aligned(outputs, batch, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [..., K], labels [...]) paired position by position, from a model's outputs and its batch; a clear
     error where there is no 0-1 loss to bound."""
-    logits = _logits(outputs)
+    logits = logits_of(outputs)
     if not torch.is_tensor(logits):
         raise SharpnessConfigError(
             "rule=bisam needs the model's logits (BiSAM bounds the 0-1 loss of a classifier), and its outputs have "

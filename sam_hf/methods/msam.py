@@ -34,7 +34,7 @@ from ..config import ScheduleOptions, SharpnessConfig, SharpnessConfigError, _ba
 from ..registry import Example, register_method
 from ..tensors import restore, zero_grads
 from .base import SharpnessMethod, StepResult, run_pieces
-from .rules import AscentOptions
+from .rules import RULES, AscentOptions
 
 
 @dataclass
@@ -55,6 +55,7 @@ def _ranks_sharing(layout) -> int:
 
 
 class MSAM(SharpnessMethod):
+    rules = RULES  # every ascent rule (rules.py)
     schedulable = True
     slices_batches = True
     extra_copies = 2  # the weight backup and the gradient accumulator

@@ -32,7 +32,7 @@ from ..config import ScheduleOptions, SharpnessConfig, SharpnessConfigError, _ba
 from ..registry import Example, register_method
 from ..tensors import restore, zero_grads
 from .base import SharpnessMethod, StepResult, run_batches
-from .rules import AscentOptions
+from .rules import RULES, AscentOptions
 
 
 @dataclass
@@ -64,6 +64,7 @@ class SAMConfig(ScheduleOptions, AscentOptions, SharpnessConfig):
 
 
 class SAM(SharpnessMethod):
+    rules = RULES  # every ascent rule (rules.py)
     schedulable = True
 
     @classmethod

@@ -75,7 +75,7 @@ from ..tensors import as_tensor, backup, restore, set_grads, take_grads, to_devi
 from . import lookahead
 from .base import Randomness, StepResult, TwoRoleMethod, run_batches, run_pieces
 from .msam import _ranks_sharing, refuse_vasso_per_micro_batch
-from .rules import AscentOptions
+from .rules import RULES, AscentOptions
 
 COMBINE_CHUNK = 262144  # elements: G and the cosine's three dot products, chunk by chunk on a CPU
 LOOKAHEAD_BASES = ("adamw_torch", "adamw_torch_fused", "sgd")  # base optimizers lookahead=optimizer is tested with
@@ -109,6 +109,7 @@ def _count(batch):
 
 
 class SAMPa(TwoRoleMethod):
+    rules = RULES  # every ascent rule (rules.py)
     skips_first_update = True
     extra_copies = 2  # SAM's backup and g_t, kept from one step to the next
     role_names = ("perturbed gradient g~_t", "lookahead gradient g_{t+1}")

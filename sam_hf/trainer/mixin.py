@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
 from transformers import Trainer
@@ -23,7 +24,7 @@ from ..config import SharpnessConfig, SharpnessConfigError
 from ..distributed.layouts import Layout, make_layout, trainer_sharding
 from ..distributed.placement import cpu_cores
 from ..methods import bisam
-from ..methods.base import StepResult, run_batches
+from ..methods.base import Progress, StepResult, run_batches
 from ..optim import SharpnessOptimizer
 from ..tensors import batchnorms, zero_grads
 from .callbacks import MetricMeter, SkippedUpdateCallback, follow_transformers_logging
@@ -175,7 +176,10 @@ class SharpnessMixin:
         layout.before_step(self, model, method)
         if cfg.check_every and step % cfg.check_every == 0:
             layout.check_replicas(method.params, step)
-        passes = TrainerPasses(self, model, num_items_in_batch)
+        id_column = method.example_id_column(cfg)
+        passes = TrainerPasses(self, model, num_items_in_batch, hidden=(id_column,) if id_column else ())
+        method.progress = Progress(step, self.state.max_steps, math.floor(self.state.epoch or 0.0),
+                                   self._sharpness_num_examples())
         active = cfg.active(step, self.state.max_steps)  # always, for the methods without a schedule
         result = layout.step(method, batches, passes, step) if active else self._base_step(method, batches, passes)
         if method.schedulable:
@@ -208,7 +212,48 @@ class SharpnessMixin:
             self._sharpness_layout.load_state(method, checkpoint)
 
     # ---- data ------------------------------------------------------------------------
+    def _sharpness_id_column(self) -> str | None:
+        cfg = self.sharpness_config
+        return None if cfg is None else registry.get(cfg.method).method.example_id_column(cfg)
+
+    def _sharpness_num_examples(self) -> int | None:
+        data = self.train_dataset
+        try:
+            return len(data) if data is not None else None
+        except TypeError:  # an IterableDataset
+            return None
+
+    def _set_signature_columns_if_needed(self):
+        """Trainer keeps the columns the model's forward takes; a method's example id column is kept too (the
+        passes take it out of the batch before the forward)."""
+        super()._set_signature_columns_if_needed()
+        column = self._sharpness_id_column()
+        if column is not None and column not in self._signature_columns:
+            self._signature_columns.append(column)
+
+    def _check_example_ids(self, dataset) -> None:
+        """A method that keeps per-example state (SAF) needs a column of unique example ids in the training data."""
+        column = self._sharpness_id_column()
+        names = getattr(dataset, "column_names", None)
+        if column is None or names is None:
+            return
+        method = self.sharpness_config.method
+        if column not in names:
+            raise SharpnessConfigError(
+                f"optim={method} keeps a record per training example and reads its id from the column {column!r}, "
+                f"which the training data lacks (columns: {names}); add it, e.g. "
+                f"train_dataset = train_dataset.map(lambda row, i: {{{column!r}: i}}, with_indices=True), or name "
+                f"an existing id column with optim_args id_column=...")
+        ids = dataset[column]
+        if len(set(ids)) != len(ids) or any(not isinstance(i, int) or i < 0 for i in ids):
+            raise SharpnessConfigError(
+                f"optim={method}: the example ids in column {column!r} must be distinct integers >= 0 (one per "
+                "training example); number the rows, e.g. train_dataset.map(lambda row, i: "
+                f"{{{column!r}: i}}, with_indices=True)")
+
     def get_train_dataloader(self):
+        if self.sharpness_config is not None:
+            self._check_example_ids(self.train_dataset)
         dataloader = super().get_train_dataloader()
         if self.sharpness_config is None:
             return dataloader

@@ -49,15 +49,17 @@ class TrainerPasses:
     Which of the two a loss is, Trainer cannot know: it is measured once (`_loss_uses_count`).
     """
 
-    def __init__(self, trainer: "SharpnessMixin", model: nn.Module, num_items_in_batch):
+    def __init__(self, trainer: "SharpnessMixin", model: nn.Module, num_items_in_batch, hidden: tuple[str, ...] = ()):
         self.trainer = trainer
         # The passes run on the bare module (sam_hf does not wrap it in DDP, see `_wrap_model`; a wrapper from
         # elsewhere would average the two roles' gradients): reductions happen where the method asks for them.
         self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.num_items_in_batch = num_items_in_batch
         self.batchnorms = trainer._sharpness_batchnorms
+        self.hidden = hidden  # batch columns the method reads itself (an example id): the model never sees them
 
-    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, ascent=None) -> torch.Tensor:
+    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, weight: float = 1.0,
+                 loss_term=None, ascent=None) -> torch.Tensor:
         """See methods.base.GradientPasses. With `ascent` (BiSAM's lower bound) the pass backpropagates it, from the
         outputs' `logits` and the batch's `labels` (a causal LM's shifted), in mean-loss units: the sum over the
         piece's scored examples / the micro-batch's scored examples / the accumulation steps."""
@@ -72,23 +74,28 @@ class TrainerPasses:
         # in place before would fail autograd's version check.
         with (frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
               contextlib.nullcontext() if self._counts(batch, part_of) else _kept_pass_metrics(t)):
-            loss, outputs = self._loss(batch, num_items, outputs=ascent is not None)
-            if world_factor != 1.0:
-                loss = loss * world_factor
-            if t.args.n_gpu > 1:
-                loss = loss.mean()
+            if ascent is not None:  # the rule's ascent loss is backpropagated; the model's own loss is reported
+                own, outputs = self._loss(batch, num_items, return_outputs=True)
+                loss = None
+            elif loss_term is None:
+                loss, own = self._loss(batch, num_items), None
+            else:  # the model's own loss is reported; the method's term joins it for the backward
+                own, outputs = self._loss(batch, num_items, return_outputs=True)
+                values = loss_term(outputs, batch)
+                loss = own if values is None else own + self._in_loss_units(values, batch, num_items)
             if t.loss_is_scaled_for_ga is not None:
                 scaled_for_ga = t.loss_is_scaled_for_ga
             else:  # Trainer's rule: the loss was normalised by num_items_in_batch already
                 scaled_for_ga = (t.model_accepts_loss_kwargs and num_items is not None) or t.compute_loss_func is not None
-            if part_of is not None and not self._loss_uses_count(batch, num_items):
-                loss = loss * self._item_share(batch, part_of, fraction)
-            if not scaled_for_ga:
-                loss = loss / steps
-            if ascent is None:
-                t.accelerator.backward(loss)
-            else:  # the rule's ascent loss; the training loss is only reported
+            share = (self._item_share(batch, part_of, fraction)
+                     if part_of is not None and not self._loss_uses_count(batch, num_items) else None)
+            if ascent is not None:
                 t.accelerator.backward(self._ascent_loss(ascent, outputs, batch, part_of, steps))
+            else:
+                loss = self._normalised(loss, world_factor, share, None if scaled_for_ga else steps, weight)
+                t.accelerator.backward(loss)
+            if own is not None:
+                loss = self._normalised(own, world_factor, share, None if scaled_for_ga else steps, weight)
         return loss.detach()
 
     def _ascent_loss(self, ascent, outputs, batch, part_of, steps):
@@ -103,6 +110,46 @@ class TrainerPasses:
             t._sharpness_shifts_labels = bisam.shifts_labels(t.model)
         return t._sharpness_shifts_labels
 
+    def _normalised(self, loss, world_factor, share, steps, weight):
+        """Trainer's normalisation of a micro-batch's loss, in its order: the role-mode world factor, the mean over
+        DataParallel's GPUs, a slice's share of its micro-batch, the accumulation steps; then a method's weight."""
+        if world_factor != 1.0:
+            loss = loss * world_factor
+        if self.trainer.args.n_gpu > 1:
+            loss = loss.mean()
+        if share is not None:
+            loss = loss * share
+        if steps is not None:
+            loss = loss / steps
+        if weight != 1.0:
+            loss = loss * weight
+        return loss
+
+    def forward(self, batch, clean: bool = True):
+        """The model's outputs on `batch` without gradients (compute_loss with return_outputs=True); the per-pass
+        metrics are kept, and so are BatchNorm statistics for a pass at perturbed weights (`clean=False`)."""
+        t = self.trainer
+        num_items, _ = t._sharpness_role_units(getattr(batch, "num_items_in_batch", self.num_items_in_batch))
+        freeze = not clean and t.sharpness_config.bn_stats == "clean" and self.batchnorms
+        with (torch.no_grad(), frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
+              _kept_pass_metrics(t)):
+            return self._loss(batch, num_items, return_outputs=True)[1]
+
+    def _in_loss_units(self, values: torch.Tensor, batch, num_items) -> torch.Tensor:
+        """Per-item values added as compute_loss's own loss counts its items: summed over the cycle's count where
+        the loss divides by it, else averaged over this batch; times the world factor compute_loss applies under
+        transformers' rule (`average_tokens_across_devices` with a count)."""
+        t = self.trainer
+        values = values.reshape(-1)
+        if num_items is not None and self._loss_uses_count(batch, num_items):
+            term = values.sum() / num_items
+        else:
+            term = values.mean()
+        if (t.args.average_tokens_across_devices and (t.model_accepts_loss_kwargs or t.compute_loss_func)
+                and num_items is not None):
+            term = term * t.accelerator.num_processes
+        return term
+
     def _counts(self, batch, part_of) -> bool:
         """Whether this pass's per-pass metrics count: the first pass over a sample in a step does (SAM's clean
         pass, mSAM's clean slices, SAMPa's lookahead pass, Asynchronous SAM's descent), a pass over a batch already
@@ -116,15 +163,13 @@ class TrainerPasses:
             batch.metrics_counted = True
         return True
 
-    def _loss(self, batch, num_items, outputs: bool = False):
-        """The loss as Trainer computes it, and the model's outputs where asked (else None)."""
+    def _loss(self, batch, num_items, return_outputs: bool = False):
         t = self.trainer
         with t.compute_loss_context_manager(), t._sharpness_layout.pass_gathers(t.accelerator):
             # a shallow copy: Trainer's compute_loss pops "labels" (label smoothing, compute_loss_func), and the
             # same batch runs again (SAM's second pass, SAMPa's held batch)
-            if outputs:
-                return t.compute_loss(self.model, dict(batch), return_outputs=True, num_items_in_batch=num_items)
-            return t.compute_loss(self.model, dict(batch), num_items_in_batch=num_items), None
+            inputs = {k: v for k, v in batch.items() if k not in self.hidden}
+            return t.compute_loss(self.model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items)
 
     def _loss_uses_count(self, batch, num_items) -> bool:
         """Whether the loss divides by `num_items_in_batch`: measured once per trainer, from two forward passes
@@ -140,7 +185,7 @@ class TrainerPasses:
         with torch.no_grad(), frozen_running_stats(self.batchnorms), _kept_pass_metrics(t):
             for count in (num_items, num_items * 2):
                 with torch.random.fork_rng(devices=devices):
-                    losses.append(float(self._loss(batch, count)[0].float().mean()))
+                    losses.append(float(self._loss(batch, count).float().mean()))
         one, two = losses
         if not (math.isfinite(one) and one != 0.0):
             return True  # nothing to tell from this slice (no items): its part is 0 either way; ask again later

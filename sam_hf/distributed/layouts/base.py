@@ -77,6 +77,11 @@ class Layout:
         """Whether this rank holds all of `t` (its scalars are then counted once, not summed over shards)."""
         return not dtensor.is_sharded(t)
 
+    def gather_rows(self, tensor):
+        """`tensor` of every data-parallel rank, concatenated along the first dimension in rank order (per-example
+        records, e.g. SAF's logits with their example ids); this rank's own in one process."""
+        return tensor
+
     # ---- one step ------------------------------------------------------------------------------------------
     def all_reduce_grads(self, params) -> None:
         """Average `.grad` over the data-parallel ranks, where the backward pass has not done it."""

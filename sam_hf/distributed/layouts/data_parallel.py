@@ -56,6 +56,11 @@ class DataParallel(Layout):
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_rows(self, tensor):
+        if not self.distributed:
+            return tensor
+        return collectives.all_gather_rows(tensor, self.plan, f"the per-example gather at step {self.step_index}")
+
     def check_replicas(self, params, step: int) -> None:
         if self.distributed and self.replicas:
             collectives.check_replicas(self.plan, params, step)

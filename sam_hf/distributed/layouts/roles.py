@@ -51,6 +51,10 @@ class Roles(DataParallel):
     def all_reduce_grads(self, params) -> None:
         """Nothing: the exchange averages each role's gradient over its k ranks."""
 
+    def gather_rows(self, tensor):
+        raise NotImplementedError("per-example records are gathered by data-parallel layouts only; the two roles "
+                                  "read the same examples")
+
     def step(self, method, batches, passes, step: int):
         """This rank's pass, the exchange, and the method's combination of the two gradients (the same
         `StepResult` on both roles)."""
