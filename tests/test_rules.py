@@ -15,7 +15,6 @@ and the refusals are at the end; the multi-process cases are in test_rules_distr
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -86,9 +85,11 @@ def ours(optim: str, optim_args: str, bn=False, batches=None, model=None, save_a
         opt.load_state_dict(copy.deepcopy(resume["optim"]))
         start = resume["step"]
     for i, b in enumerate((batches or data())[start:], start=start):
-        opt.step(sam_hf.BatchClosure(lambda b: per_example(model, b).mean(), b, logits_fn=lambda b: logits_of(model, b)))
+        opt.step(sam_hf.BatchClosure(lambda b: per_example(model, b).mean(), b,
+                                     logits_fn=lambda b: logits_of(model, b)))
         if save_at is not None and i + 1 == save_at:
-            saved = {"model": copy.deepcopy(model.state_dict()), "optim": copy.deepcopy(opt.state_dict()), "step": i + 1}
+            saved = {"model": copy.deepcopy(model.state_dict()), "optim": copy.deepcopy(opt.state_dict()),
+                     "step": i + 1}
     return (model, saved) if save_at is not None else model
 
 
@@ -136,7 +137,8 @@ def lower_bound_fn(mu=1.0, kind="log", alpha=0.1):
 # ---------------------------------------------------------------------------------------------------------- SAM
 SAM_CASES = {
     # ASAM, the authors' rule (the default): t = |x| + eta on names with "weight" (not `shift`, not biases)
-    "asam-authors": ("rule=asam,eta=0.05", lambda m, o, b, s: asam.asam_step(m, per_example, b, o, RHO, 0.05, "authors")),
+    "asam-authors": ("rule=asam,eta=0.05",
+                     lambda m, o, b, s: asam.asam_step(m, per_example, b, o, RHO, 0.05, "authors")),
     "adaptive=true-is-asam": ("adaptive=true,eta=0.05",
                               lambda m, o, b, s: asam.asam_step(m, per_example, b, o, RHO, 0.05, "authors")),
     # davda54's rule: t = |x| on every parameter, no eta
@@ -250,7 +252,8 @@ SAMPA_CASES = {
     "sampa-msam3": ("micro_batches=3", dict(micro_batches=3)),
     "sampa-msam3-asam": ("micro_batches=3,rule=asam", dict(micro_batches=3, rule=sampa.asam_rule(RHO))),
     "sampa-msam3-bisam": ("micro_batches=3,rule=bisam",
-                          dict(micro_batches=3, ascent_loss_fn=lambda m, b: bisam.lower_bound(logits_of(m, b), b["y"]))),
+                          dict(micro_batches=3,
+                               ascent_loss_fn=lambda m, b: bisam.lower_bound(logits_of(m, b), b["y"]))),
     # lam = 0: the lambda-term is not computed; micro-batches of 12 samples in 5: 3, 3, 2, 2, 2
     "sampa0-msam5": ("micro_batches=5,lam=0", dict(micro_batches=5, lam=0.0)),
 }

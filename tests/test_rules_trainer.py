@@ -102,10 +102,10 @@ def test_bisam_units_under_gradient_accumulation(tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
     # the logged loss is the training loss at x (not the lower bound), as for SAM
     sam = sam_hf.SharpnessTrainer(model=MeanLossModel(), train_dataset=data,
-                                  args=args(tmp_path / "c", "sam", "rho=0.5", max_steps=1, per_device_train_batch_size=8,
-                                            train_sampling_strategy="sequential"))
+                                  args=args(tmp_path / "c", "sam", "rho=0.5", max_steps=1,
+                                            per_device_train_batch_size=8, train_sampling_strategy="sequential"))
     sam.train()
-    first = lambda t: next(h["loss"] for h in t.state.log_history if "loss" in h)  # noqa: E731
+    first = lambda t: next(h["loss"] for h in t.state.log_history if "loss" in h)
     assert first(a) == pytest.approx(first(sam), rel=1e-6)
 
 

@@ -82,7 +82,8 @@ class AsyncSAMConfig(RoleOptions, AscentOptions, SharpnessConfig):
                        "it sets the CPU ascent rank's threads: use a number >= 0 (0: every core but one) together "
                        "with ascent_device=cpu")
         if self.staleness < 1:
-            raise _bad("staleness", self.staleness, "use a whole number of steps >= 1 (the paper's tau; 1: Algorithm 1)")
+            raise _bad("staleness", self.staleness,
+                       "use a whole number of steps >= 1 (the paper's tau; 1: Algorithm 1)")
         if self.was_given("ascent_seed") and self.ascent_samples != "random":
             raise SharpnessConfigError(f"optim_args: ascent_seed={self.ascent_seed} seeds ascent_samples=random; this "
                                        "run takes the first samples (ascent_samples=first): drop ascent_seed")

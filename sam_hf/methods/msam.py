@@ -133,7 +133,7 @@ def refuse_vasso_per_micro_batch(config, where: str) -> None:
 
 
 register_method("msam", MSAM, MSAMConfig, "mSAM: one perturbation per micro-batch of the step",
-                paper="Behdin et al. 2023", examples=(Example("mSAM (m=4)", "rho=0.05,micro_batches=4"),
-                                                     Example("mSAM (m=4) + ASAM", "rho=0.5,micro_batches=4,rule=asam"),
-                                                     Example("mSAM (m=4) + BiSAM", "rho=0.05,micro_batches=4,rule=bisam",
-                                                             bench=False)))
+                paper="Behdin et al. 2023",
+                examples=(Example("mSAM (m=4)", "rho=0.05,micro_batches=4"),
+                          Example("mSAM (m=4) + ASAM", "rho=0.5,micro_batches=4,rule=asam"),
+                          Example("mSAM (m=4) + BiSAM", "rho=0.05,micro_batches=4,rule=bisam", bench=False)))

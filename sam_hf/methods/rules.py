@@ -75,8 +75,8 @@ class AscentOptions:
     theta: float = option(0.4, "VaSSO's theta in m_t = (1 - theta) m_(t-1) + theta g_t, in (0, 1] (0.4: SAMPa "
                           "paper, Appendix B.4)", example=0.4, rules=("vasso",))
     bisam_bound: str = option("log", "BiSAM's lower bound of the 0-1 loss: log (phi(z) = 1 - log(1 + e^(gamma - z)),"
-                              " the SAMPa paper's choice) or tanh (phi(z) = tanh(tanh_alpha z))", choices=("log", "tanh"),
-                              rules=("bisam",))
+                              " the SAMPa paper's choice) or tanh (phi(z) = tanh(tanh_alpha z))",
+                              choices=("log", "tanh"), rules=("bisam",))
     mu: float = option(1.0, "BiSAM's mu in Q = (1/mu) log sum_j exp(mu phi(z_j)) (1: SAMPa paper, Appendix B.4)",
                        example=1.0, rules=("bisam",))
     tanh_alpha: float = option(0.1, "BiSAM's alpha in phi(z) = tanh(alpha z) (bisam_bound=tanh; 0.1: the authors' "
