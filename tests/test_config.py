@@ -37,7 +37,7 @@ BAD = [
     ("sampa", "ascent_device=cpu", ["ascent_device=cpu", "asyncsam only"]),
     # a key another method takes would be silently ignored: refused, naming the method it belongs to
     ("sam", "rho=0.05,lam=0.2", ["lam=0.2", "applies to sampa only", "--optim sam", "drop lam"]),
-    ("sampa", "micro_batches=4", ["micro_batches=4", "msam only"]),
+    ("sampa", "micro_batches=0", ["micro_batches=0", ">= 1"]),  # mSAM + SAMPa takes micro_batches (issue 19)
     ("msam", "parallel=on", ["parallel=on", "sampa and asyncsam only"]),
     ("sam", "rho=0.05 lam=0.2", ["'rho=0.05 lam=0.2'", "separate them with commas"]),
     ("asyncsam", "ascent_device=cpu,parallel=off", ["ascent_device='cpu'", "parallel=off"]),

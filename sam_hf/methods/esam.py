@@ -76,6 +76,7 @@ class ESAMConfig(AscentOptions, SharpnessConfig):
 
 
 class ESAM(SharpnessMethod):
+    rules = ("sam", "asam")  # its random tensor mask and SAM-ON's normalization layers: no paper combines them
     extra_copies = 1  # the weight backup
 
     @classmethod

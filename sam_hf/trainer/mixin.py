@@ -24,6 +24,7 @@ from ..config import SharpnessConfig, SharpnessConfigError
 from ..distributed.layouts import Layout, make_layout, trainer_sharding
 from ..distributed.placement import cpu_cores
 from ..distributed.plan import meant_several_processes
+from ..methods import bisam
 from ..methods.base import Progress, StepResult, run_batches
 from ..optim import SharpnessOptimizer
 from ..tensors import batchnorms, zero_grads
@@ -62,6 +63,8 @@ class SharpnessMixin:
         method_cls = registry.get(cfg.method).method
         self.sharpness_config = cfg
         self._check_trainer(cfg)
+        if getattr(cfg, "rule", None) == "bisam":  # outputs with no 0-1 loss, refused before training
+            bisam.check_model(self.model)
         self._sharpness_held: list[TrainerBatch] = []
         self._sharpness_meter = MetricMeter()
         self._sharpness_optimizer: SharpnessOptimizer | None = None
@@ -135,10 +138,9 @@ class SharpnessMixin:
                 super().create_optimizer(model)
             finally:
                 self.optimizer_cls_and_kwargs = user_choice
-        names = {id(p): n for n, p in (model or self.model).named_parameters()}
+        # the model tells the ascent rule its parameters' names (ASAM's T) and layers (SAM-ON's normalization layers)
         method = registry.get(cfg.method).method(cfg, self.optimizer, max_grad_norm=self.args.max_grad_norm,
-                                                 param_names=names, layout=self._sharpness_layout,
-                                                 model=model or self.model)
+                                                 layout=self._sharpness_layout, model=model or self.model)
         self.optimizer = self._sharpness_optimizer = SharpnessOptimizer(self.optimizer, method)
         return self.optimizer
 

@@ -86,6 +86,14 @@ class Layout:
     def all_reduce_grads(self, params) -> None:
         """Average `.grad` over the data-parallel ranks, where the backward pass has not done it."""
 
+    def rank_groups(self, size: int) -> None:
+        """Create the process groups of `size` consecutive ranks (every rank calls it, in the same order)."""
+
+    def average_within(self, params, size: int) -> None:
+        """Average `.grad` within groups of `size` consecutive data-parallel ranks (all of them: `all_reduce_grads`)."""
+        if size >= self.data_parallel_size:
+            self.all_reduce_grads(params)
+
     def step(self, method, batches, passes, step: int):
         """One step of `method` on this rank's batches."""
         self.step_index = step
