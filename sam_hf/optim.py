@@ -96,7 +96,7 @@ class ClosurePasses:
         return fn(batch)
 
     def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, weight: float = 1.0,
-                 loss_term=None) -> torch.Tensor:
+                 loss_term=None, last: bool = True) -> torch.Tensor:
         freeze = not clean and self.freeze_stats and self.batchnorms
         with frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(), torch.enable_grad():
             if not isinstance(batch, Mapping):  # a plain closure: forward + backward, returns the loss

@@ -54,7 +54,8 @@ class Progress:
 
 class GradientPasses(Protocol):
     def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None,
-                 weight: float = 1.0, loss_term: LossTerm | None = None) -> torch.Tensor:
+                 weight: float = 1.0, loss_term: LossTerm | None = None, last: bool = True
+                 ) -> torch.Tensor:
         """Forward + backward on `batch`, adding to `.grad`; returns the detached loss as the host reports it.
 
         For a slice of a micro-batch, `part_of` is that micro-batch and `fraction` the slice's share of its
@@ -62,6 +63,8 @@ class GradientPasses(Protocol):
         `clean=False` marks a pass at perturbed weights (BatchNorm statistics are kept). `weight` multiplies the
         pass's loss (ESAM's selected rows stand for their whole batch). `loss_term` adds a term computed from the
         model's outputs to the loss before the backward (see LossTerm); the returned loss is the model's own.
+        `last` marks the last backward of a pass (the gradient is read after it): a layout whose engine reduces
+        gradients at an accumulation boundary (DeepSpeed) closes the pass there.
         """
 
     def forward(self, batch: Batch, clean: bool = True) -> Any:
@@ -136,6 +139,13 @@ class SharpnessMethod:
                                f"built with {len(self.params)}")
         if any(a is not b for a, b in zip(current, self.params)):
             self.params = current
+
+    def bind(self, params, names=None) -> None:
+        """Run on `params` instead of the base optimizer's parameters: a layout's own tensors (DeepSpeed ZeRO's flat
+        fp32 partitions), each named by a parameter name or a list of (name, start, numel) pieces (the ascent rule's
+        T per element). State indexed like `self.params` must be empty or follow the same order."""
+        self.params = list(params)
+        self.rule.names = names
 
     def perturb_(self, directions, scale: float = 1.0, keep_x: bool = False):
         """The rule's `perturb_` over this method's parameters: (backup or None, applied, norm)."""
@@ -218,9 +228,14 @@ class TwoRoleMethod(SharpnessMethod):
 
 
 def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True) -> torch.Tensor:
-    return sum(passes.backward(p.batch, clean=clean) if p.parent is None else
-               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent) for p in pieces)
+    """One pass over `pieces` (the gradient is read after it)."""
+    last = len(pieces) - 1
+    return sum(passes.backward(p.batch, clean=clean, last=i == last) if p.parent is None else
+               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent, last=i == last)
+               for i, p in enumerate(pieces))
 
 
 def run_batches(passes: GradientPasses, batches: list[Batch], clean: bool = True) -> torch.Tensor:
-    return sum(passes.backward(batch, clean=clean) for batch in batches)
+    """One pass over `batches` (the gradient is read after it)."""
+    last = len(batches) - 1
+    return sum(passes.backward(batch, clean=clean, last=i == last) for i, batch in enumerate(batches))
