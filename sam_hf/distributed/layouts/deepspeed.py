@@ -422,6 +422,7 @@ class DeepSpeed(Layout):
     def end_step(self, method, result) -> None:
         if result.skip_update:  # no update: no engine step; Trainer's scheduler waits as for a skipped step
             self.opt.overflow = True  # what accelerate reports as `optimizer_step_was_skipped`
+            self.engine._global_grad_norm = 0.0  # Trainer logs the norm of the (zero) gradient, as in one process
             self._finish(applied=False)
             return
         exposed = {id(t): v for t, v in self._exposed}
