@@ -39,7 +39,8 @@ def take_grads(params, scale: float) -> list[torch.Tensor | None]:
     for p in params:
         g, p.grad = p.grad, None
         if g is not None:
-            g = g.detach()
+            if g.requires_grad:  # else `.grad` itself is handed over (a layout may track it: DeepSpeed's views)
+                g = g.detach()
             if g.dtype != torch.float32 or not g.is_contiguous():
                 g = g.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
             if scale != 1.0:

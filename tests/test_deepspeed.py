@@ -35,6 +35,7 @@ from sam_hf.distributed.plan import ParallelPlan
 from sam_hf.methods.rules import AscentRule
 
 SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))  # the worker's LayerNormMLP, for the one-process reference
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
 HAVE_DEEPSPEED = True
 try:
@@ -49,7 +50,9 @@ METHODS = {  # name: (optim, optim_args, rows reordered for the one-process run)
     "msam": ("msam", "rho=0.1,micro_batches=2", True),
     "sampa": ("sampa", "rho=0.1,lam=0.3", False),
     "asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", True),
+    "sam_interval": ("sam", "rho=0.1,interval=2", False),  # every other step the base optimizer's own
 }
+MATRIX = ("sam", "asam", "msam", "sampa", "asyncsam")  # every stage x every method
 RHO0 = 1e-12  # moves no fp32 weight: every perturbed pass is the clean one (as tests/test_exactness.py)
 RESUME = {("sampa", 1), ("sampa", 2), ("sampa", 3), ("asyncsam", 3)}
 
@@ -58,9 +61,9 @@ def _cases() -> dict:
     """name: (stage, optim, optim_args, flags, one-process reference: (method, flags) or None)."""
     cases = {}
     for stage in (1, 2, 3):
-        for m, (optim, args, _) in METHODS.items():
+        for m in MATRIX:
             flags = "resume" if (m, stage) in RESUME else ""
-            cases[f"z{stage}_{m}"] = (stage, optim, args, flags, m)
+            cases[f"z{stage}_{m}"] = (stage, *METHODS[m][:2], flags, m)
         cases[f"z{stage}_sam_ga2"] = (stage, "sam", "rho=0.1", "ga2", "sam")
         cases[f"z{stage}_sam_rho0"] = (stage, "sam", f"rho={RHO0}", "", None)
         cases[f"z{stage}_adamw"] = (stage, "adamw_torch", "", "", None)
@@ -78,9 +81,15 @@ def _cases() -> dict:
         "z2_bf16_adamw": (2, "adamw_torch", "", "bf16", None),
         "z1_offload_sam": (1, "sam", "rho=0.1", "offload", "sam"),
         "z3_sam_nopersist": (3, "sam", "rho=0.1", "nopersist", "sam"),
+        "z2_sam_interval": (2, "sam", "rho=0.1,interval=2", "", "sam_interval"),
+        "z2_sampa_ga2": (2, "sampa", "rho=0.1,lam=0.3", "ga2", "sampa"),
+        "z1_sam_buckets": (1, "sam", "rho=0.1", "buckets", "sam"),
+        "z2_sam_overlap": (2, "sam", "rho=0.1", "overlap", "sam"),
+        "z3_sampa_eval": (3, "sampa", "rho=0.1,lam=0.3", "eval", "sampa_eval"),
+        "z1_sampa_eval": (1, "sampa", "rho=0.1,lam=0.3", "eval", "sampa_eval"),
         "z2_sam_plugin": (2, "sam", "rho=0.1", "plugin", "sam"),
-        "z1_asam_rr": (1, "sam", "rho=0.5,adaptive=true", "rr", "asam"),
-        "z2_asam_rr": (2, "sam", "rho=0.5,adaptive=true", "rr", "asam"),
+        "z1_asam_rr": (1, "sam", "rho=0.5,adaptive=true", "rr", "asam_ln"),
+        "z2_asam_rr": (2, "sam", "rho=0.5,adaptive=true", "rr", "asam_ln"),
     })
     for m in ("sam", "msam", "sampa", "asyncsam"):
         cases[f"z2_offload_{m}"] = (2, *METHODS[m][:2], "offload", m)
@@ -119,21 +128,28 @@ def info(out: Path, name: str) -> dict:
 _ONE: dict = {}
 
 
-def one_process(method: str, ga: int = 1):
-    """The method in this process without DeepSpeed, per-device batch 8 (= 2 ranks x 4): (weights, log)."""
+def one_process(method: str):
+    """The method in this process without DeepSpeed, per-device batch 8 (= 2 ranks x 4): (weights, log).
+    `NAME_eval`: evaluated at the start and every 2 steps, as the `eval` cases; `NAME_ln`: LayerNormMLP."""
     if method in _ONE:
         return _ONE[method]
     import sam_hf
+    from deepspeed_trainer import LayerNormMLP
     from tiny import MeanLossModel, args as make_args, vector_data
 
-    optim, optim_args, reorder = METHODS[method]
+    evaluate = method.endswith("_eval")
+    model = LayerNormMLP() if method.endswith("_ln") else MeanLossModel()
+    optim, optim_args, reorder = METHODS[method.removesuffix("_eval").removesuffix("_ln")]
+    extra = dict(eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=8) \
+        if evaluate else {}
     rows = vector_data(n=64)
     if reorder:  # consecutive halves of each global batch = the ranks' first halves, then their second halves
         rows = rows.select([b + i for b in range(0, 64, 8) for i in (0, 1, 4, 5, 2, 3, 6, 7)])
     with tempfile.TemporaryDirectory() as d:
         args = make_args(d, optim, optim_args, max_steps=4, per_device_train_batch_size=8, max_grad_norm=0.3,
-                         train_sampling_strategy="sequential")
-        trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args, train_dataset=rows)
+                         train_sampling_strategy="sequential", **extra)
+        trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=rows,
+                                          eval_dataset=vector_data(n=16, seed=1) if evaluate else None)
         trainer.train()
     _ONE[method] = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history)
     return _ONE[method]
@@ -156,16 +172,19 @@ EQUAL = [n for n, c in CASES.items() if c[4] is not None]
 @needs_deepspeed
 @pytest.mark.parametrize("name", EQUAL)
 def test_zero_two_processes_equal_one_unsharded_process(zero_runs, name):
-    stage, optim, _, flags, method = CASES[name]
+    stage, _, _, flags, method = CASES[name]
     run = info(zero_runs, name)
     assert run["engine"] == "DeepSpeedEngine" and run["stage"] == stage, run
     assert run["distributed_type"] == "DistributedType.DEEPSPEED" and run["world"] == 2
     assert run["offloaded"] == ("offload" in flags)
     weights, log = one_process(method)
     assert_close(result(zero_runs, name), weights, atol=1e-5)
-    # Trainer's own logs: the clean loss and the engine's norm of the final gradient (before clipping)
-    for kind in ("loss", "grad_norm"):
+    # Trainer's own logs: the clean loss and the engine's norm of the final gradient (before clipping); an
+    # evaluation (at the start and every 2 steps) reads the module's weights: x, never a perturbed or stale copy
+    for kind in ("loss", "grad_norm", "eval_loss", "sam/grad_cosine"):
         torch.testing.assert_close(logged(run["log"], kind), logged(log, kind), atol=1e-6, rtol=0)
+    if "eval" in flags:
+        assert len(logged(run["log"], "eval_loss")) == 3
 
 
 # ---- rho -> 0: the base optimizer under DeepSpeed --------------------------------------------------------------------
@@ -362,7 +381,7 @@ def test_asam_on_a_flat_partition_of_pieces_equals_asam_per_parameter():
     flat = torch.cat([weight.view(-1)[14:], bias]).clone()
     d = torch.cat([gw.view(-1)[14:], gb])
     rule = AscentRule(cfg, layout, [[("layer.weight", 0, 10), ("layer.bias", 10, 4)]])
-    _, applied, norm = rule.perturb_([flat], [d])
+    _, applied, _ = rule.perturb_([flat], [d])
     # the same perturbation on the same elements, with the norm over the partition's elements only
     part = [weight.view(-1)[14:].clone(), bias.clone()]
     AscentRule(cfg, layout, ["layer.weight", "layer.bias"]).perturb_(part, [gw.view(-1)[14:], gb])

@@ -16,10 +16,14 @@ method state, the engine's class and stage, checks). Flags:
   fp16/bf16  DeepSpeed's fp16 (dynamic loss scale from 2^8) / bf16 mixed precision
   poison     row 8 (rank 0's first sample of step 1) is inf: an fp16 overflow at step 1
   offload    zero_optimization.offload_optimizer device cpu (a torch optimizer: zero_force_ds_cpu_optimizer false)
-  rr         zero_optimization.round_robin_gradients (ZeRO-1/2); also checks which partition slice is which
+  rr         zero_optimization.round_robin_gradients (ZeRO-1/2) on LayerNormMLP (groups of 3 and 5 parameters, which
+             round robin reorders); also checks which partition slice is which
   nopersist  ZeRO-3 with stage3_param_persistence_threshold 0 (every parameter gathered per forward)
+  buckets    reduce and all-gather buckets of 100 elements (several per step, a weight larger than one)
+  overlap    overlap_comm, contiguous_gradients off, buckets of 100 (what GPU configs set)
+  eval       evaluated at the start and every 2 steps (vector_data(16, seed=1), per-device batch 4)
   plugin     accelerate's DeepSpeed plugin from the environment (what `accelerate launch --use_deepspeed
-             --zero_stage N` sets) instead of --deepspeed
+             --zero_stage N` sets) instead of --deepspeed, and transformers.Trainer itself (sam_hf imported)
 
 DeepSpeed's CPU accelerator builds its shared-memory communication op (a C++ extension, minutes to compile on a
 fresh machine) when it creates its communication backend, for `inference_all_reduce` only, which training never
@@ -61,12 +65,34 @@ def fp16_as_on_gpus() -> None:
     get_accelerator().is_fp16_supported = lambda: True
 
 
+class LayerNormMLP(torch.nn.Module):
+    """Linear-LayerNorm-Tanh-Linear-Tanh-Linear: Trainer's AdamW groups hold 3 weights (decay) and 5 biases and
+    LayerNorm parameters (no decay), so round_robin_gradients reorders both groups over 2 ranks."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(),
+                                       torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
 def ds_config(stage: int, flags: set) -> dict:
     zero = {"stage": stage}
     if "offload" in flags:
         zero["offload_optimizer"] = {"device": "cpu"}
     if "rr" in flags:
         zero["round_robin_gradients"] = True
+    if "buckets" in flags:
+        zero.update(reduce_bucket_size=100, allgather_bucket_size=100)
+    if "overlap" in flags:
+        zero.update(overlap_comm=True, contiguous_gradients=False, reduce_bucket_size=100)
     if "nopersist" in flags:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=50,
                     stage3_max_live_parameters=100, stage3_max_reuse_distance=0)
@@ -106,6 +132,8 @@ def train(out_dir, stage, optim, optim_args, flags, save_steps=0, resume=None):
                   gradient_accumulation_steps=ga, fp16="fp16" in flags, bf16="bf16" in flags)
     if save_steps:
         kwargs.update(save_strategy="steps", save_steps=save_steps)
+    if "eval" in flags:
+        kwargs.update(eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=4)
     env = {}
     if "plugin" in flags:  # what `accelerate launch --use_deepspeed --zero_stage N` puts in the environment
         env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(stage),
@@ -113,7 +141,7 @@ def train(out_dir, stage, optim, optim_args, flags, save_steps=0, resume=None):
         os.environ.update(env)
     else:
         os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"ds_config.rank{os.environ.get('RANK', 0)}.json")  # no rank reads a half file
+        path = os.path.join(out_dir, f"ds_config.rank{os.environ.get('RANK', '0')}.json")  # no rank reads a half file
         with open(path, "w") as f:
             json.dump(ds_config(stage, flags), f)
         kwargs["deepspeed"] = path
@@ -121,9 +149,12 @@ def train(out_dir, stage, optim, optim_args, flags, save_steps=0, resume=None):
         targs = make_args(out_dir, optim, optim_args or None, max_steps=steps, per_device_train_batch_size=BATCH // ga,
                           **kwargs)
         callback = StepStats()
-        trainer_cls = sam_hf.SharpnessTrainer if sam_hf.registry.is_method(optim) else __import__(
-            "transformers").Trainer
-        trainer = trainer_cls(model=MeanLossModel(), args=targs, train_dataset=data("poison" in flags),
+        # plugin: transformers.Trainer itself, which `import sam_hf` turns into a sharpness-aware one (as for an
+        # unmodified script under `sam-hf launch`)
+        plain = "plugin" in flags or not sam_hf.registry.is_method(optim)
+        trainer_cls = __import__("transformers").Trainer if plain else sam_hf.SharpnessTrainer
+        trainer = trainer_cls(model=LayerNormMLP() if "rr" in flags else MeanLossModel(), args=targs, train_dataset=data("poison" in flags),
+                              eval_dataset=vector_data(n=16, seed=1) if "eval" in flags else None,
                               callbacks=[callback])
         callback.trainer = trainer
         trainer.train(resume_from_checkpoint=resume)

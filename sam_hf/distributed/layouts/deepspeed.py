@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,6 @@ import torch.distributed as dist
 from ...config import SharpnessConfigError
 from ..checkpoint import RANK_FILE
 from .base import Layout
-
-DEEPSPEED_HOW = ("a ds_config with zero_optimization.stage 1, 2 or 3, without the features listed in "
-                 "docs/deepspeed.md")
 
 
 @dataclass
@@ -140,6 +138,11 @@ def check_config(config: dict, method: str) -> None:
                    "not been checked with", "drop it (fp32 master weights, DeepSpeed's default)")
 
 
+# how many tensors share a storage (a private torch API: without it every gradient is exposed as a copy)
+_use_count = (lambda storage: torch._C._storage_Use_Count(storage._cdata)) \
+    if hasattr(torch._C, "_storage_Use_Count") else None
+
+
 def _process_group_rank(group) -> int:
     return dist.get_rank(group=group) if dist.is_initialized() else 0
 
@@ -156,6 +159,7 @@ class DeepSpeed(Layout):
         self.config: dict = {}
         self.engine = None
         self.opt = None  # DeepSpeed's ZeRO optimizer
+        self.group = None  # its data-parallel process group
         self.stage = None
         self._masters: list[torch.Tensor] = []  # DeepSpeed's fp32 partitions (the base optimizer's parameters)
         self._params: list[torch.Tensor] = []  # the same storage, detached: the method's parameters
@@ -163,7 +167,8 @@ class DeepSpeed(Layout):
         self._published: list[int] | None = None  # the masters' versions when the module weights were cast from them
         self._open = False  # a pass has started (its first forward ran) and not ended
         self._dirty = False  # an ended pass's gradient still sits in DeepSpeed's buffers
-        self._exposed: list = []  # (tensor, version) of each `.grad` the last pass left
+        self._exposed: list = []  # (weak reference, version) of each `.grad` the last pass left
+        self._shared: dict = {}  # DeepSpeed buffers those `.grad`s are views of: (storage, use count, views)
 
     def describe(self) -> str:
         stage = self.stage if self.stage is not None else _get(self.config, "zero_optimization.stage", "?")
@@ -267,7 +272,7 @@ class DeepSpeed(Layout):
     # ---- arithmetic over the partitions: one all-reduce over DeepSpeed's data-parallel group ---------------------
     def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self.distributed:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=getattr(self, "group", None))
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group)
         return t
 
     def norm(self, tensors):
@@ -315,28 +320,61 @@ class DeepSpeed(Layout):
 
     @torch.no_grad()
     def _expose(self) -> None:
-        """The pass's averaged gradient partitions (loss-scaled, fp32 copies) into the method's `.grad`, added."""
-        self._exposed = []
-        for i, p in enumerate(self._params):
-            flat = self._read(i)
-            p.grad = flat if p.grad is None else p.grad.add_(flat)
-            self._exposed.append((p.grad, p.grad._version))
+        """The pass's averaged gradient partitions (loss-scaled, fp32) into the method's `.grad`, added.
 
-    def _read(self, i: int) -> torch.Tensor:
+        Where DeepSpeed holds a partition as consecutive fp32 slices of one buffer (ZeRO-1 and ZeRO-3 with
+        contiguous gradients) `.grad` is a view of that buffer, no copy; otherwise (ZeRO-2 fills its buffer in
+        backward order, the last rank's padding, offload) a copy. A view the method still holds when DeepSpeed
+        next uses the buffer (the next pass, the step) becomes a copy then (`_detach_exposed`)."""
+        self._exposed, views = [], {}
+        for i, p in enumerate(self._params):
+            flat, shared = self._read(i)
+            p.grad = flat if p.grad is None else p.grad.add_(flat)
+            self._exposed.append((weakref.ref(p.grad), p.grad._version))
+            if shared and p.grad is flat:
+                views.setdefault(flat.untyped_storage().data_ptr(), (flat.untyped_storage(), []))[1].append(i)
+        # how many tensors share each buffer now: afterwards only DeepSpeed's own (and none of the method's) may
+        self._shared = {ptr: (storage, _use_count(storage), len(ids)) for ptr, (storage, ids) in views.items()}
+        del views
+
+    def _read(self, i: int) -> tuple[torch.Tensor, bool]:
+        """(partition i's gradient, whether it is a view of DeepSpeed's buffer)."""
         master = self._masters[i]
         if self._offload:  # the boundary copied it into the master's own .grad, on the offload device
             self.opt._wait_for_offload_copies()
-            return master.grad.detach().float().clone().view_as(master)
+            return master.grad.detach().float().clone().view_as(master), False
         views = self.opt.averaged_gradients.get(i)
         if views is None:
             raise RuntimeError("sam_hf: DeepSpeed holds no reduced gradient for the step: a pass ended without an "
                                "accumulation boundary")
-        flat = torch.cat([v.reshape(-1).float() for v in views])
-        if flat.numel() != master.numel():
-            raise RuntimeError(f"sam_hf: DeepSpeed's gradient partition {i} has {flat.numel()} elements, its fp32 "
+        views = [v.reshape(-1) for v in views]
+        total = sum(v.numel() for v in views)
+        if total != master.numel():
+            raise RuntimeError(f"sam_hf: DeepSpeed's gradient partition {i} has {total} elements, its fp32 "
                                f"partition {master.numel()}")
-        return flat.view_as(master)
+        first = views[0]
+        consecutive = _use_count is not None and all(
+            v.dtype == torch.float32 and v.is_contiguous() and v.device == first.device
+            and v.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for v in views) \
+            and all(b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(views, views[1:]))
+        if consecutive:
+            return torch.as_strided(first, (total,), (1,), first.storage_offset()).view_as(master), True
+        return torch.cat([v.float() for v in views]).view_as(master), False
 
+    def _detach_exposed(self) -> None:
+        """Before DeepSpeed reuses its gradient buffers: exposed views the method still holds become copies."""
+        for ref, _ in self._exposed:
+            t = ref()
+            if t is not None and t.untyped_storage().data_ptr() in self._shared:
+                t.data = t.detach().clone()
+            del t
+        for storage, count, ours in self._shared.values():
+            if _use_count(storage) > count - ours:
+                raise RuntimeError(
+                    "sam_hf: a method kept another tensor on DeepSpeed's gradient buffer (an alias of `.grad` made "
+                    "with .detach(), .view() or similar) past the pass that produced it; keep `.grad` itself, or a "
+                    "copy, as method state")
+        self._exposed, self._shared = [], {}
     @torch.no_grad()
     def _write(self, i: int, flat: torch.Tensor) -> None:
         """The gradient the step uses for partition i <- flat (loss-scaled), in DeepSpeed's own buffers."""
@@ -366,6 +404,7 @@ class DeepSpeed(Layout):
         ZeRO-1/2: what the step's overflow branch clears, without stepping (stage_1_and_2.py `step`). ZeRO-3: the
         persistent gradient partitions are zeroed and `zero_grad` resets `micro_step_id`, so the next reduction
         copies into them instead of adding (without this, ZeRO-3 SAM would step with the sum of both passes)."""
+        self._detach_exposed()
         opt = self.opt
         if self.stage == 3:
             for views in opt.averaged_gradients.values():
@@ -425,17 +464,21 @@ class DeepSpeed(Layout):
             self.engine._global_grad_norm = 0.0  # Trainer logs the norm of the (zero) gradient, as in one process
             self._finish(applied=False)
             return
-        exposed = {id(t): v for t, v in self._exposed}
-        wrote = False
-        for i, p in enumerate(self._params):
-            g = p.grad
-            if g is not None and exposed.get(id(g)) == g._version:
-                continue  # the last pass's gradient, as it is in DeepSpeed's buffers
-            self._write(i, torch.zeros_like(self._masters[i]) if g is None else g)
-            wrote = True
-        if wrote and self._offload:  # the overflow flag the step reads, for what was written
-            self.opt.local_overflow = not all(bool(torch.isfinite(p.grad).all()) for p in self._params
-                                              if p.grad is not None)
+        finals = []
+        for p in self._params:  # the final gradients, not held through the step
+            g, p.grad = p.grad, None
+            unchanged = g is not None and any(ref() is g and g._version == version for ref, version in self._exposed)
+            finals.append(None if unchanged else torch.zeros_like(p) if g is None else g)
+            del g
+        # views of DeepSpeed's buffers the method keeps (state such as a_t, or a final gradient) become copies
+        # before those buffers are written
+        self._detach_exposed()
+        for i in range(len(finals)):
+            if finals[i] is not None:  # else the last pass's gradient, as it is in DeepSpeed's buffers
+                self._write(i, finals[i])
+        if self._offload and any(g is not None for g in finals):  # the overflow flag the step reads
+            self.opt.local_overflow = not all(bool(torch.isfinite(g).all()) for g in finals if g is not None)
+        del finals
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self._dirty = False
@@ -444,7 +487,6 @@ class DeepSpeed(Layout):
     def _finish(self, applied: bool) -> None:
         for p in self._params:
             p.grad = None
-        self._exposed = []
         self._open = False
         if applied:  # the step cast the module's weights from the updated masters
             self._published = self._versions()
