@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from ...config import SharpnessConfigError
-from ..checkpoint import RANK_FILE
+from ..checkpoint import RANK_FILE, _load
 from .base import Layout
 
 
@@ -169,6 +169,17 @@ class DeepSpeed(Layout):
         self._dirty = False  # an ended pass's gradient still sits in DeepSpeed's buffers
         self._exposed: list = []  # (weak reference, version) of each `.grad` the last pass left
         self._shared: dict = {}  # DeepSpeed buffers those `.grad`s are views of: (storage, use count, views)
+
+    @property
+    def data_rank(self) -> int:
+        return self.plan.rank
+
+    def gather_data_shards(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def describe(self) -> str:
         stage = self.stage if self.stage is not None else _get(self.config, "zero_optimization.stage", "?")
@@ -513,8 +524,9 @@ class DeepSpeed(Layout):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_state(self, method, checkpoint_dir: str) -> None:
-        """This rank's method state (partitions, held batches) beside DeepSpeed's checkpoint: DeepSpeed's
-        `client_state` is written by one rank only, so it cannot hold partitions."""
+        """This rank's method state beside DeepSpeed's checkpoint, one file per rank: its partitions (SAMPa's g_t,
+        Asynchronous SAM's a_(t-1)) and what `prepare_checkpoint` gathered (SAMPa's held batch, all of it).
+        DeepSpeed's `client_state` is written by one rank only, so it cannot hold partitions."""
         os.makedirs(checkpoint_dir, exist_ok=True)
         torch.save({"state": method.state_dict(), "world_size": self.world_size, "stage": self.stage,
                     "numels": [m.numel() for m in self._masters]},
@@ -524,7 +536,7 @@ class DeepSpeed(Layout):
         path = os.path.join(checkpoint_dir, RANK_FILE.format(rank=self.plan.rank))
         if not os.path.exists(path):
             return False
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = _load(path)  # tensors and plain containers only
         now = {"world_size": self.world_size, "stage": self.stage, "numels": [m.numel() for m in self._masters]}
         if any(saved.get(k) != v for k, v in now.items()):
             raise SharpnessConfigError(
