@@ -141,9 +141,9 @@ class SharpnessMethod:
             self.params = current
 
     def bind(self, params, names=None) -> None:
-        """Run on `params` instead of the base optimizer's parameters: a layout's own tensors (DeepSpeed ZeRO's flat
-        fp32 partitions), each named by a parameter name or a list of (name, start, numel) pieces (the ascent rule's
-        T per element). State indexed like `self.params` must be empty or follow the same order."""
+        """Run on `params` instead of the base optimizer's parameters: a layout's own tensors (DeepSpeed ZeRO's
+        slices of its fp32 partitions), with their parameters' names (the ascent rule's T). State indexed like
+        `self.params` must be empty or follow the same order."""
         self.params = list(params)
         self.rule.names = names
 

@@ -9,9 +9,6 @@ stale ascent) decides which gradient d is and when the perturbed pass runs; the 
                                name does not end in "bias"; every parameter when names are unknown)
 
 ||.|| is the global L2 norm over all trainable parameters, reduced by the layout (over the shards under FSDP2).
-A method's parameter may be a flat partition holding slices of several model parameters (DeepSpeed ZeRO's
-fp32 partitions): its name is then a list of (name, start, numel) pieces, and ASAM's T applies element by
-element to the slices of weights.
 A zero or non-finite norm applies no perturbation for the step (counted in the logs), never NaN weights. The
 rule applies e in place and can write x's backup into each direction's own buffer once its part of e is
 computed (`keep_x`): a direction the method no longer needs then holds the backup at no extra memory.
@@ -46,38 +43,14 @@ def is_bias(name: str) -> bool:
     return name.rsplit(".", 1)[-1].endswith("bias")
 
 
-class PieceEta:
-    """ASAM's eta on a flat tensor holding slices of several parameters: T = |x| + eta on the elements listed in
-    `ranges` ((start, numel) of each weight's slice), T = 1 on the others (biases)."""
-
-    def __init__(self, eta: float, ranges: list[tuple[int, int]]):
-        self.eta, self.ranges = eta, ranges
-        self._mask = None
-
-    def mask(self, p: torch.Tensor) -> torch.Tensor:
-        if self._mask is None or self._mask.numel() != p.numel() or self._mask.device != p.device:
-            self._mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-            for start, numel in self.ranges:
-                self._mask[start:start + numel] = True
-            self._mask = self._mask.view_as(p)
-        return self._mask
-
-
-def _times_t(v32: torch.Tensor, p: torch.Tensor, eta) -> torch.Tensor:
-    """v32 * T: T = |x| + eta (a float eta), 1 (None), or T = |x| + eta on some elements and 1 elsewhere."""
-    if eta is None:
-        return v32
-    if isinstance(eta, PieceEta):
-        return v32 * torch.where(eta.mask(p), p.detach().float().abs() + eta.eta, 1.0)
-    return v32 * (p.detach().float().abs() + eta)
-
-
-def _direction(p: torch.Tensor, d: torch.Tensor, scale: float, eta) -> torch.Tensor:
+def _direction(p: torch.Tensor, d: torch.Tensor, scale: float, eta: float | None) -> torch.Tensor:
     """fp32 T*d with T = |x| + eta (ASAM), or d where eta is None (T = 1), unscaled."""
     d32 = d.detach().float()
     if scale != 1.0:
         d32 = d32 / scale
-    return _times_t(d32, p, eta)
+    if eta is not None:
+        d32 = d32 * (p.detach().float().abs() + eta)
+    return d32
 
 
 class AscentRule:
@@ -88,24 +61,14 @@ class AscentRule:
         self.layout = layout
         self.adaptive, self.eta = config.adaptive, config.eta
         self.names = names
-        self._etas = None  # (names, etas) for the names last seen
 
-    def etas(self, n: int) -> list:
-        """ASAM's eta per parameter, None where T = 1 (every parameter under SAM, biases under ASAM); a PieceEta
-        for a flat tensor named by its pieces (name, start, numel)."""
+    def etas(self, n: int) -> list[float | None]:
+        """ASAM's eta per parameter, None where T = 1 (every parameter under SAM, biases under ASAM)."""
         if not self.adaptive:
             return [None] * n
         if self.names is None:
             return [self.eta] * n
-        if self._etas is None or self._etas[0] is not self.names:  # kept: a PieceEta keeps its mask
-            self._etas = (self.names, [self._eta(name) for name in self.names])
-        return self._etas[1]
-
-    def _eta(self, name):
-        if isinstance(name, str):
-            return None if is_bias(name) else self.eta
-        weights = [(start, numel) for piece, start, numel in name if not is_bias(piece)]
-        return PieceEta(self.eta, weights) if weights else None
+        return [None if is_bias(name) else self.eta for name in self.names]
 
     @torch.no_grad()
     def norm(self, params, directions, scale: float = 1.0) -> torch.Tensor:
@@ -132,7 +95,9 @@ class AscentRule:
             x = p.detach()
             step = None
             if applied and d is not None:
-                e = _times_t(_direction(p, d, scale, eta), p, eta)  # T^2 d = T (T d)
+                e = _direction(p, d, scale, eta)
+                if eta is not None:
+                    e = e * (x.float().abs() + eta)  # T^2 d = T (T d)
                 step = (e * coeff.to(e.device)).to(p.dtype)
                 del e
             if keep_x:

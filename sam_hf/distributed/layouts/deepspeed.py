@@ -10,15 +10,15 @@ The window a sharpness-aware method needs between its passes exists in every sta
   after the pass's last one, the averaged gradient partition (still loss-scaled) is copied out of the
   optimizer's buffers into the method's parameters' `.grad`. The next pass starts from a fresh window (what
   the optimizer's overflow branch clears, without stepping; ZeRO-3 also zeroes its persistent partitions).
-* **The method's parameters are the fp32 master partitions**: one flat tensor per ZeRO group (ZeRO-3: per
-  sub-group), laid out as the base optimizer's own parameter, detached (same storage, own `.grad`, so
-  DeepSpeed's offload buffer in the master's `.grad` is never touched). Everything elementwise (the
-  perturbation, its backup, ASAM's T, SAMPa's lookahead and combination, method state) works on the partition:
-  extra memory per rank is the one-process extra divided by the number of ranks. Norms, dot products and
-  finiteness are one all-reduce over DeepSpeed's data-parallel group (each element lives on one rank; padding
-  is zero). ASAM's T per element follows the partitions' pieces (`fragments`: which slice of which parameter
-  each partition holds, from the flat buffers' own layout, not DeepSpeed's `_hp_mapping`, which is wrong
-  under ZeRO-1/2 `round_robin_gradients`: see tests).
+* **The method's parameters are slices of the fp32 master partitions** (the base optimizer's own parameters,
+  one flat tensor per ZeRO group, per sub-group under ZeRO-3): one 1-D view per parameter slice the rank holds,
+  named by its parameter, with its own `.grad` (DeepSpeed's offload buffer in the master's `.grad` is never
+  touched). Everything elementwise (the perturbation, its backup, ASAM's T, SAMPa's lookahead and combination,
+  method state) works on this rank's slices, parameter by parameter as in one process: extra memory per rank is
+  about the one-process extra divided by the number of ranks. Norms, dot products and finiteness are one
+  all-reduce over DeepSpeed's data-parallel group (each element lives on one rank). Which slice of which
+  parameter a partition holds (`fragments`) comes from the flat buffers' own layout, not DeepSpeed's
+  `_hp_mapping`, which is wrong under ZeRO-1/2 `round_robin_gradients` (see tests).
 * **The forward sees the masters.** A method changes the weights in place (x + e, SAMPa's lookahead y, the
   restore by copy); before a pass's first forward, masters changed since the module's weights were last cast
   from them (tensor version counters) are published the way the optimizer step publishes them (ZeRO-1/2: the
@@ -162,8 +162,9 @@ class DeepSpeed(Layout):
         self.group = None  # its data-parallel process group
         self.stage = None
         self._masters: list[torch.Tensor] = []  # DeepSpeed's fp32 partitions (the base optimizer's parameters)
-        self._params: list[torch.Tensor] = []  # the same storage, detached: the method's parameters
-        self._names: list = []
+        self._chunks: list[tuple[int, int, int]] = []  # (partition, start, numel) of each parameter slice
+        self._params: list[torch.Tensor] = []  # those slices of the masters (1-D views): the method's parameters
+        self._names: list[str] = []  # their parameters' names
         self._published: list[int] | None = None  # the masters' versions when the module weights were cast from them
         self._open = False  # a pass has started (its first forward ran) and not ended
         self._dirty = False  # an ended pass's gradient still sits in DeepSpeed's buffers
@@ -215,12 +216,13 @@ class DeepSpeed(Layout):
         masters = self._current_masters()
         if len(masters) != len(self._masters) or any(a is not b for a, b in zip(masters, self._masters)):
             self._masters = masters
-            self._params = [m.detach() for m in masters]
+            # one chunk per parameter slice this rank's partitions hold, in flat order: a 1-D view of the master
+            # (its storage and version counter; its own .grad), named by its parameter
             names = {id(p): n for n, p in engine.module.named_parameters()}
-            pieces = [[] for _ in masters]
-            for f in self.fragments():
-                pieces[f.group].append((names.get(id(f.param), ""), f.flat_start, f.numel))
-            self._names = pieces
+            frags = sorted(self.fragments(), key=lambda f: (f.group, f.flat_start))
+            self._chunks = [(f.group, f.flat_start, f.numel) for f in frags]
+            self._params = [masters[i].detach().view(-1)[a:a + n] for i, a, n in self._chunks]
+            self._names = [names.get(id(f.param), "") for f in frags]
             self._published = self._versions()  # DeepSpeed cast the module's weights from them
             self._dirty = False
         if len(method.params) != len(self._params) or any(a is not b for a, b in zip(method.params, self._params)):
@@ -331,46 +333,57 @@ class DeepSpeed(Layout):
 
     @torch.no_grad()
     def _expose(self) -> None:
-        """The pass's averaged gradient partitions (loss-scaled, fp32) into the method's `.grad`, added.
+        """The pass's averaged gradient (loss-scaled, fp32) into the method's `.grad`, chunk by chunk, added.
 
         Where DeepSpeed holds a partition as consecutive fp32 slices of one buffer (ZeRO-1 and ZeRO-3 with
-        contiguous gradients) `.grad` is a view of that buffer, no copy; otherwise (ZeRO-2 fills its buffer in
-        backward order, the last rank's padding, offload) a copy. A view the method still holds when DeepSpeed
-        next uses the buffer (the next pass, the step) becomes a copy then (`_detach_exposed`)."""
+        contiguous gradients) each chunk's `.grad` is a view of that buffer, no copy; otherwise (ZeRO-2 fills its
+        buffer in backward order, the last rank's padding, offload) a view of one copy of the partition. A view
+        of DeepSpeed's buffer the method still holds when DeepSpeed next uses it (the next pass, the step)
+        becomes a copy then (`_detach_exposed`)."""
         self._exposed, views = [], {}
-        for i, p in enumerate(self._params):
-            flat, shared = self._read(i)
-            p.grad = flat if p.grad is None else p.grad.add_(flat)
+        flats = [self._read(i) for i in range(len(self._masters))]
+        flat = None
+        for p, (i, a, n) in zip(self._params, self._chunks):
+            flat, shared = flats[i]
+            g = flat[a:a + n]
+            p.grad = g if p.grad is None else p.grad.add_(g)
             self._exposed.append((weakref.ref(p.grad), p.grad._version))
-            if shared and p.grad is flat:
-                views.setdefault(flat.untyped_storage().data_ptr(), (flat.untyped_storage(), []))[1].append(i)
+            if shared and p.grad is g:
+                views.setdefault(g.untyped_storage().data_ptr(), [g.untyped_storage(), 0])[1] += 1
+            del g
+        del flats, flat
         # how many tensors share each buffer now: afterwards only DeepSpeed's own (and none of the method's) may
-        self._shared = {ptr: (storage, _use_count(storage), len(ids)) for ptr, (storage, ids) in views.items()}
+        self._shared = {ptr: (storage, _use_count(storage), ours) for ptr, (storage, ours) in views.items()}
         del views
 
     def _read(self, i: int) -> tuple[torch.Tensor, bool]:
-        """(partition i's gradient, whether it is a view of DeepSpeed's buffer)."""
+        """(partition i's gradient, flat, and whether it is a view of DeepSpeed's buffer)."""
         master = self._masters[i]
         if self._offload:  # the boundary copied it into the master's own .grad, on the offload device
             self.opt._wait_for_offload_copies()
-            return master.grad.detach().float().clone().view_as(master), False
-        views = self.opt.averaged_gradients.get(i)
-        if views is None:
-            raise RuntimeError("sam_hf: DeepSpeed holds no reduced gradient for the step: a pass ended without an "
-                               "accumulation boundary")
-        views = [v.reshape(-1) for v in views]
-        total = sum(v.numel() for v in views)
-        if total != master.numel():
-            raise RuntimeError(f"sam_hf: DeepSpeed's gradient partition {i} has {total} elements, its fp32 "
-                               f"partition {master.numel()}")
+            return master.grad.detach().float().reshape(-1).clone(), False
+        views = self._grad_views(i)
         first = views[0]
         consecutive = _use_count is not None and all(
             v.dtype == torch.float32 and v.is_contiguous() and v.device == first.device
             and v.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for v in views) \
             and all(b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(views, views[1:]))
         if consecutive:
-            return torch.as_strided(first, (total,), (1,), first.storage_offset()).view_as(master), True
-        return torch.cat([v.float() for v in views]).view_as(master), False
+            return torch.as_strided(first, (master.numel(),), (1,), first.storage_offset()), True
+        return torch.cat([v.float() for v in views]), False
+
+    def _grad_views(self, i: int) -> list[torch.Tensor]:
+        """DeepSpeed's reduced gradient for partition i: 1-D views covering it in order (the step reads them)."""
+        views = self.opt.averaged_gradients.get(i)
+        if views is None:
+            raise RuntimeError("sam_hf: DeepSpeed holds no reduced gradient for the step: a pass ended without an "
+                               "accumulation boundary")
+        views = [v.view(-1) for v in views]
+        total = sum(v.numel() for v in views)
+        if total != self._masters[i].numel():
+            raise RuntimeError(f"sam_hf: DeepSpeed's gradient partition {i} has {total} elements, its fp32 "
+                               f"partition {self._masters[i].numel()}")
+        return views
 
     def _detach_exposed(self) -> None:
         """Before DeepSpeed reuses its gradient buffers: exposed views the method still holds become copies."""
@@ -386,28 +399,48 @@ class DeepSpeed(Layout):
                     "with .detach(), .view() or similar) past the pass that produced it; keep `.grad` itself, or a "
                     "copy, as method state")
         self._exposed, self._shared = [], {}
-    @torch.no_grad()
-    def _write(self, i: int, flat: torch.Tensor) -> None:
-        """The gradient the step uses for partition i <- flat (loss-scaled), in DeepSpeed's own buffers."""
-        flat = flat.reshape(-1)
-        if self._offload:
-            opt = self.opt
-            master = self._masters[i]
-            master.grad.view(-1).copy_(flat)
-            # the step clips with per-parameter norms recorded at the boundary and checks a recorded overflow flag
-            # (stage_1_and_2.py: set_norm_for_param_grad_in_gpu, update_offload_overflow_tracker): recompute both
-            from deepspeed.runtime.zero.utils import get_norm_dtype
 
-            for param in opt.params_in_partition[i]:
-                pid = opt.get_param_id(param)
-                if pid in opt.norm_for_param_grads:
-                    _, _, dest, n = opt.grad_position[pid]
-                    opt.norm_for_param_grads[pid] = flat[dest:dest + n].to(get_norm_dtype()).norm(2)
-            return
-        offset = 0
-        for v in self.opt.averaged_gradients[i]:
-            v.copy_(flat[offset:offset + v.numel()].view_as(v))
-            offset += v.numel()
+    @torch.no_grad()
+    def _write(self, grads: list) -> None:
+        """The gradient the step uses <- `grads` (per chunk, loss-scaled; None: leave that chunk as it is), in
+        DeepSpeed's own buffers."""
+        for i, master in enumerate(self._masters):
+            mine = [(a, n, g) for (j, a, n), g in zip(self._chunks, grads) if j == i and g is not None]
+            if not mine:
+                continue
+            if self._offload:
+                flat = master.grad.view(-1)
+                for a, n, g in mine:
+                    flat[a:a + n].copy_(g.reshape(-1))
+                self._refresh_offload_norms(i, flat)
+                continue
+            views = self._grad_views(i)
+            starts = [0]
+            for v in views:
+                starts.append(starts[-1] + v.numel())
+            k = 0
+            for a, n, g in mine:  # chunks in flat order: walk the views once
+                g = g.reshape(-1)
+                while starts[k + 1] <= a:
+                    k += 1
+                j = k
+                while j < len(views) and starts[j] < a + n:
+                    lo, hi = max(a, starts[j]), min(a + n, starts[j + 1])
+                    views[j][lo - starts[j]:hi - starts[j]].copy_(g[lo - a:hi - a])
+                    j += 1
+
+    def _refresh_offload_norms(self, i: int, flat: torch.Tensor) -> None:
+        """With offload the step clips with per-parameter norms recorded at the boundary and checks a recorded
+        overflow flag (stage_1_and_2.py: set_norm_for_param_grad_in_gpu, update_offload_overflow_tracker): the
+        norms recomputed from the written gradient (the flag in `end_step`)."""
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+
+        opt = self.opt
+        for param in opt.params_in_partition[i]:
+            pid = opt.get_param_id(param)
+            if pid in opt.norm_for_param_grads:
+                _, _, dest, n = opt.grad_position[pid]
+                opt.norm_for_param_grads[pid] = flat[dest:dest + n].to(get_norm_dtype()).norm(2)
 
     def _reset(self) -> None:
         """A fresh accumulation window: the next pass's gradient is not added to the last one.
@@ -482,13 +515,11 @@ class DeepSpeed(Layout):
             finals.append(None if unchanged else torch.zeros_like(p) if g is None else g)
             del g
         # views of DeepSpeed's buffers the method keeps (state such as a_t, or a final gradient) become copies
-        # before those buffers are written
+        # before those buffers are written; unchanged chunks hold the last pass's gradient already
         self._detach_exposed()
-        for i in range(len(finals)):
-            if finals[i] is not None:  # else the last pass's gradient, as it is in DeepSpeed's buffers
-                self._write(i, finals[i])
-        if self._offload and any(g is not None for g in finals):  # the overflow flag the step reads
-            self.opt.local_overflow = not all(bool(torch.isfinite(g).all()) for g in finals if g is not None)
+        self._write(finals)
+        if self._offload and any(g is not None for g in finals):  # the overflow flag the step reads, recomputed
+            self.opt.local_overflow = not all(bool(torch.isfinite(m.grad).all()) for m in self._masters)
         del finals
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
@@ -506,20 +537,25 @@ class DeepSpeed(Layout):
 
     @contextlib.contextmanager
     def base_optimizer(self, optimizer):
-        """The base torch optimizer DeepSpeed steps, seen from the method's parameters: each partition in its
-        group (ZeRO-3 empties the groups outside its step), its state (exp_avg, ... for the partition)."""
+        """The base torch optimizer DeepSpeed steps, seen from the method's parameters: each chunk in its
+        partition's group (ZeRO-3 empties the groups outside its step), with its slice of the partition's state
+        (exp_avg, exp_avg_sq: views; the step count shared)."""
         inner = self.opt.optimizer
         view = object.__new__(type(inner))
         view.__dict__.update(inner.__dict__)
         groups = [dict(g, params=[]) for g in inner.param_groups]
-        for i, (master, p) in enumerate(zip(self._masters, self._params)):
+        state = {}
+        for p, (i, a, n) in zip(self._params, self._chunks):
+            master = self._masters[i]
             if self.stage == 3:
                 index = self.opt.sub_group_to_group_id[i]
             else:
                 index = next((k for k, g in enumerate(inner.param_groups) if any(q is master for q in g["params"])), i)
             groups[index]["params"].append(p)
-        view.param_groups = groups
-        view.state = {p: inner.state[m] for m, p in zip(self._masters, self._params) if m in inner.state}
+            if master in inner.state:
+                state[p] = {k: v.view(-1)[a:a + n] if torch.is_tensor(v) and v.numel() == master.numel() else v
+                            for k, v in inner.state[master].items()}
+        view.param_groups, view.state = groups, state
         yield view
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -529,7 +565,7 @@ class DeepSpeed(Layout):
         DeepSpeed's `client_state` is written by one rank only, so it cannot hold partitions."""
         os.makedirs(checkpoint_dir, exist_ok=True)
         torch.save({"state": method.state_dict(), "world_size": self.world_size, "stage": self.stage,
-                    "numels": [m.numel() for m in self._masters]},
+                    "numels": [m.numel() for m in self._masters], "chunks": [list(c) for c in self._chunks]},
                    os.path.join(checkpoint_dir, RANK_FILE.format(rank=self.plan.rank)))
 
     def load_state(self, method, checkpoint_dir: str) -> bool:
@@ -537,7 +573,8 @@ class DeepSpeed(Layout):
         if not os.path.exists(path):
             return False
         saved = _load(path)  # tensors and plain containers only
-        now = {"world_size": self.world_size, "stage": self.stage, "numels": [m.numel() for m in self._masters]}
+        now = {"world_size": self.world_size, "stage": self.stage, "numels": [m.numel() for m in self._masters],
+               "chunks": [list(c) for c in self._chunks]}
         if any(saved.get(k) != v for k, v in now.items()):
             raise SharpnessConfigError(
                 f"sam_hf: the method state in {checkpoint_dir} was saved on {saved.get('world_size')} processes under "
