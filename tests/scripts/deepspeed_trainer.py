@@ -212,7 +212,7 @@ def run_case(out, case):
     if sam_hf.registry.is_method(optim):
         method = trainer._sharpness_optimizer.method
         info["layout"] = trainer._sharpness_layout.describe()
-        info["partitions"] = [p.numel() for p in method.params]
+        info["elements"] = sum(p.numel() for p in method.params)  # this rank's slices of the fp32 partitions
         info["state_bytes"] = state_bytes(method)
         info["offloaded"] = bool(getattr(engine.optimizer, "cpu_offload", False))
         if "rr" in flags:
@@ -225,6 +225,7 @@ def run_case(out, case):
     if dist.get_rank() == 0:
         torch.save(weights, run + ".pt")
         result = {**infos[0], "state_bytes": [i.get("state_bytes") for i in infos],
+                  "elements": [i.get("elements") for i in infos],
                   "checks": [i.get("checks") for i in infos]}
         if "resume" in flags:
             torch.save(resumed, run + ".resumed.pt")

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from ...config import SharpnessConfigError
+from .. import collectives
 from ..checkpoint import RANK_FILE, _load
 from .base import Layout
 
@@ -306,16 +307,22 @@ class DeepSpeed(Layout):
     def local(self, t):
         return t
 
+    def gather_rows(self, tensor):
+        if not self.distributed:
+            return tensor
+        return collectives.all_gather_rows(tensor, self.plan, f"the per-example gather at step {self.step_index}")
+
     def is_whole(self, t) -> bool:
         return False  # every element of a partition lives on this rank only
 
     # ---- one pass --------------------------------------------------------------------------------------------
-    def before_forward(self) -> None:
+    def before_forward(self, backward: bool = True) -> None:
         if self._open or self.engine is None:
             return
-        self._open = True
-        if self._dirty:
-            self._reset()
+        if backward:  # a new pass: a fresh accumulation window
+            self._open = True
+            if self._dirty:
+                self._reset()
         if self._versions() != self._published:
             self._publish()
 
