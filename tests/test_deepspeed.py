@@ -50,7 +50,14 @@ METHODS = {  # name: (optim, optim_args, rows reordered for the one-process run)
     "sampa": ("sampa", "rho=0.1,lam=0.3", False),
     "asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", True),
     "sam_interval": ("sam", "rho=0.1,interval=2", False),  # every other step the base optimizer's own
+    # the efficient variants (their 2-process test's settings), on 16 rows with example ids for 6 steps: 3 epochs
+    "looksam": ("looksam", "rho=0.1,k=3,alpha=0.7", False),
+    "aesam": ("aesam", "rho=0.2,delta=0.5", False),
+    "gsam": ("gsam", "rho=0.1,rho_min=0.02,alpha=0.4", False),
+    "saf": ("saf", "kl_weight=0.5,epochs_back=1,start_epoch=0,temperature=2", False),
+    "mesa": ("mesa", "kl_weight=0.8,decay=0.9,start_epoch=0,temperature=2", False),
 }
+VARIANTS = ("looksam", "aesam", "gsam", "saf", "mesa")
 MATRIX = ("sam", "asam", "msam", "sampa", "asyncsam")  # every stage x every method
 RHO0 = 1e-12  # moves no fp32 weight: every perturbed pass is the clean one (as tests/test_exactness.py)
 RESUME = {("sampa", 1), ("sampa", 2), ("sampa", 3), ("asyncsam", 3)}
@@ -92,6 +99,9 @@ def _cases() -> dict:
     })
     for m in ("sam", "msam", "sampa", "asyncsam"):
         cases[f"z2_offload_{m}"] = (2, *METHODS[m][:2], "offload", m)
+    for stage in (2, 3):
+        for m in VARIANTS:
+            cases[f"z{stage}_{m}"] = (stage, *METHODS[m][:2], "ids16", f"{m}_ids16")
     return cases
 
 
@@ -129,23 +139,24 @@ _ONE: dict = {}
 
 def one_process(method: str):
     """The method in this process without DeepSpeed, per-device batch 8 (= 2 ranks x 4): (weights, log).
-    `NAME_eval`: evaluated at the start and every 2 steps, as the `eval` cases; `NAME_ln`: LayerNormMLP."""
+    `NAME_eval`: evaluated at the start and every 2 steps, as the `eval` cases; `NAME_ln`: LayerNormMLP;
+    `NAME_ids16`: 16 rows with an `idx` column, 6 steps."""
     if method in _ONE:
         return _ONE[method]
     import sam_hf
     from deepspeed_trainer import LayerNormMLP
     from tiny import MeanLossModel, args as make_args, vector_data
 
-    evaluate = method.endswith("_eval")
+    evaluate, ids16 = method.endswith("_eval"), method.endswith("_ids16")
     model = LayerNormMLP() if method.endswith("_ln") else MeanLossModel()
-    optim, optim_args, reorder = METHODS[method.removesuffix("_eval").removesuffix("_ln")]
+    optim, optim_args, reorder = METHODS[method.removesuffix("_eval").removesuffix("_ln").removesuffix("_ids16")]
     extra = dict(eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=8) \
         if evaluate else {}
-    rows = vector_data(n=64)
+    rows = vector_data(n=16).add_column("idx", list(range(16))) if ids16 else vector_data(n=64)
     if reorder:  # consecutive halves of each global batch = the ranks' first halves, then their second halves
         rows = rows.select([b + i for b in range(0, 64, 8) for i in (0, 1, 4, 5, 2, 3, 6, 7)])
     with tempfile.TemporaryDirectory() as d:
-        args = make_args(d, optim, optim_args, max_steps=4, per_device_train_batch_size=8, max_grad_norm=0.3,
+        args = make_args(d, optim, optim_args, max_steps=6 if ids16 else 4, per_device_train_batch_size=8, max_grad_norm=0.3,
                          train_sampling_strategy="sequential", **extra)
         trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=rows,
                                           eval_dataset=vector_data(n=16, seed=1) if evaluate else None)
@@ -179,9 +190,10 @@ def test_zero_two_processes_equal_one_unsharded_process(zero_runs, name):
     weights, log = one_process(method)
     assert_close(result(zero_runs, name), weights, atol=1e-5)
     # Trainer's own logs: the clean loss and the engine's norm of the final gradient (before clipping); an
-    # evaluation (at the start and every 2 steps) reads the module's weights: x, never a perturbed or stale copy
+    # evaluation (at the start and every 2 steps) reads the module's weights: x, never a perturbed or stale copy.
+    # They are functions of weights equal to ~1e-7 (6 steps at most), with slopes of order 1-10: 1e-5 relative
     for kind in ("loss", "grad_norm", "eval_loss", "sam/grad_cosine"):
-        torch.testing.assert_close(logged(run["log"], kind), logged(log, kind), atol=1e-6, rtol=0)
+        torch.testing.assert_close(logged(run["log"], kind), logged(log, kind), atol=1e-6, rtol=1e-5)
     if "eval" in flags:
         assert len(logged(run["log"], "eval_loss")) == 3
 
@@ -339,10 +351,11 @@ def fake_deepspeed_trainer(config=ZERO2):
     ("asyncsam", "parallel=on", ["parallel=on", "ZeRO group spans all ranks"]),
     ("sam", "sync_ascent=false", ["sync_ascent=false", "optim=msam with micro_batches=2"]),
     ("asyncsam", "ascent_device=cpu", ["ascent_device=cpu", "DeepSpeed ZeRO-2"]),
+    ("esam", "", ["optim=esam", "tensor by tensor", "slices", "FSDP2"]),
 ])
 def test_what_zero_cannot_do_is_refused_with_what_to_use_instead(method, optim_args, words):
     """Role mode: one engine's ZeRO group spans every rank; per-rank SAM: a rank holds only its partition of the
-    averaged gradient; a CPU ascent rank would hold a whole unsharded replica."""
+    averaged gradient; a CPU ascent rank would hold a whole unsharded replica; ESAM draws whole tensors."""
     cfg = SharpnessConfig.from_optim_args(method, optim_args)
     method_cls = registry.get(method).method
     trainer = fake_deepspeed_trainer()

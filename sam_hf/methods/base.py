@@ -145,7 +145,8 @@ class SharpnessMethod:
         slices of its fp32 partitions), with their parameters' names (the ascent rule's T). State indexed like
         `self.params` must be empty or follow the same order."""
         self.params = list(params)
-        self.rule.names = names
+        if self.rule is not None:
+            self.rule.names = names
 
     def perturb_(self, directions, scale: float = 1.0, keep_x: bool = False):
         """The rule's `perturb_` over this method's parameters: (backup or None, applied, norm)."""

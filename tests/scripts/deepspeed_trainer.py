@@ -13,6 +13,7 @@ method state, the engine's class and stage, checks). Flags:
   resume     the run checkpoints every 2 steps; then a new trainer resumes it from checkpoint-2 and trains to the
              end: OUT/NAME.resumed.pt
   steps3     3 steps instead of 4
+  ids16      16 rows with an `idx` column (the efficient variants' example ids), 6 steps: 3 epochs
   fp16/bf16  DeepSpeed's fp16 (dynamic loss scale from 2^8) / bf16 mixed precision
   poison     row 8 (rank 0's first sample of step 1) is inf: an fp16 overflow at step 1
   offload    zero_optimization.offload_optimizer device cpu (a torch optimizer: zero_force_ds_cpu_optimizer false)
@@ -105,7 +106,9 @@ def ds_config(stage: int, flags: set) -> dict:
     return config
 
 
-def data(poison: bool):
+def data(poison: bool, ids16: bool = False):
+    if ids16:
+        return vector_data(n=16).add_column("idx", list(range(16)))
     rows = vector_data(n=64)
     if not poison:
         return rows
@@ -127,7 +130,7 @@ class StepStats(TrainerCallback):
 
 def train(out_dir, stage, optim, optim_args, flags, save_steps=0, resume=None):
     ga = 2 if "ga2" in flags else 1
-    steps = 3 if "steps3" in flags else STEPS
+    steps = 3 if "steps3" in flags else 6 if "ids16" in flags else STEPS
     kwargs = dict(ddp_backend="gloo", max_grad_norm=MAX_GRAD_NORM, train_sampling_strategy="sequential",
                   gradient_accumulation_steps=ga, fp16="fp16" in flags, bf16="bf16" in flags)
     if save_steps:
@@ -153,7 +156,8 @@ def train(out_dir, stage, optim, optim_args, flags, save_steps=0, resume=None):
         # unmodified script under `sam-hf launch`)
         plain = "plugin" in flags or not sam_hf.registry.is_method(optim)
         trainer_cls = __import__("transformers").Trainer if plain else sam_hf.SharpnessTrainer
-        trainer = trainer_cls(model=LayerNormMLP() if "rr" in flags else MeanLossModel(), args=targs, train_dataset=data("poison" in flags),
+        trainer = trainer_cls(model=LayerNormMLP() if "rr" in flags else MeanLossModel(), args=targs,
+                              train_dataset=data("poison" in flags, "ids16" in flags),
                               eval_dataset=vector_data(n=16, seed=1) if "eval" in flags else None,
                               callbacks=[callback])
         callback.trainer = trainer

@@ -28,6 +28,7 @@ class Layout:
     replicas = False  # ranks hold the same weights (checked every check_every steps)
     replica_fraction = 1.0  # the share of all ranks that are data-parallel replicas of each other (loss units)
     owns_step = False  # an engine steps the base optimizer (end_step): the host is handed the plain base optimizer
+    whole_params = True  # the method's parameters are whole parameter tensors (False: slices of them, DeepSpeed's)
 
     def __init__(self, plan: ParallelPlan | None = None):
         self.plan = plan or ParallelPlan()

@@ -154,6 +154,7 @@ class DeepSpeed(Layout):
     sharded = True  # method state lives on this rank's partition
     reduces_every_pass = True  # the engine averages every pass's gradient over the ranks
     owns_step = True  # the engine steps the base optimizer (end_step); Trainer gets the plain base optimizer
+    whole_params = False  # the method's parameters are the slices of parameters this rank's partitions hold
 
     def __init__(self, plan=None):
         super().__init__(plan)
