@@ -544,9 +544,10 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
         import deepspeed  # noqa: F401
     except ImportError:
         zero = []
+    zero_rows = [(label, o, a) for label, o, a in rows if _runs_under_zero(o, a)] if zero else []
     zero_cases = [(b, ba, 0.0, 1, False, z) for z in zero for b, ba in bases]
     zero_cases += [(o, with_parallel(a, "off") if o in ROLE_METHODS else a, 0.0, 1, False, z)
-                   for z in zero for _, o, a in rows]
+                   for z in zero for _, o, a in zero_rows]
     peaks.update(zip(zero_cases, run_ranks(zero_cases, procs=2, steps=steps, where=where)) if zero_cases else {})
 
     def busiest(case):
@@ -563,7 +564,7 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
             result["baselines"][(f"zero{z}", b, ba)] = busiest((b, ba, 0.0, 1, False, z))[0] / full
     for label, optim, optim_args in rows:
         b, ba = baseline_of(optim, optim_args)
-        for z in zero:
+        for z in zero if (label, optim, optim_args) in zero_rows else ():
             peak, rank, alive = busiest((optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS
                                          else optim_args, 0.0, 1, False, z))
             base = busiest((b, ba, 0.0, 1, False, z))
@@ -588,6 +589,22 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
                 result["where"][("baseline " + b + " " + (ba or ""), layout)] = \
                     f"busiest rank {base[1]}: peak {base[0] / full:.2f} copies\n{base[2]}"
     return result
+
+
+def _runs_under_zero(optim: str, optim_args: str | None) -> bool:
+    """Whether the method runs under DeepSpeed ZeRO (ESAM, drawing whole parameter tensors, does not)."""
+    from sam_hf import registry
+    from sam_hf.config import SharpnessConfig, SharpnessConfigError
+    from sam_hf.distributed.layouts import DeepSpeed
+    from sam_hf.distributed.plan import ParallelPlan
+
+    cfg = SharpnessConfig.from_optim_args(optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS
+                                          else optim_args)
+    try:
+        registry.get(optim).method.check(cfg, DeepSpeed(ParallelPlan(mode="data", world_size=2)), BATCH)
+    except SharpnessConfigError:
+        return False
+    return True
 
 
 LAYOUT_NAMES = {"one": "1 process", "ddp": "DDP, 2 processes", "fsdp": "FSDP2, 2 processes",
@@ -625,7 +642,8 @@ def _layouts_table(where: bool = False) -> None:
     bases = "; ".join(f"{LAYOUT_NAMES[k]}: `{b}{' ' + ba if ba else ''}` {v:.2f}"
                       for (k, b, ba), v in res["baselines"].items())
     print(f"\nBaselines, absolute peak on the busiest rank in full copies: {bases}.")
-    print("n/a: role mode (parallel=on) applies to SAMPa and Asynchronous SAM only; the ZeRO columns need deepspeed.")
+    print("n/a: role mode (parallel=on) applies to SAMPa and Asynchronous SAM only; the ZeRO columns need deepspeed "
+          "and a method that runs under ZeRO (not ESAM).")
     if where:
         print("\nAlive at the peak (count x creating op [local shape] where):\n")
         print("\n\n".join(f"{label}, {LAYOUT_NAMES[layout]}: {text}" for (label, layout), text in res["where"].items()))
