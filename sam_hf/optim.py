@@ -103,7 +103,7 @@ class ClosurePasses:
         return fn(batch)
 
     def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, weight: float = 1.0,
-                 loss_term=None, ascent=None) -> torch.Tensor:
+                 loss_term=None, ascent=None, last: bool = True) -> torch.Tensor:
         if ascent is not None:
             return self._ascent_backward(batch, fraction, clean, part_of, ascent)
         freeze = not clean and self.freeze_stats and self.batchnorms

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 
 def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -46,7 +47,8 @@ def take_grads(params, scale: float) -> list[torch.Tensor | None]:
     for p in params:
         g, p.grad = p.grad, None
         if g is not None:
-            g = g.detach()
+            if g.requires_grad:  # else `.grad` itself is handed over (a layout may track it: DeepSpeed's views)
+                g = g.detach()
             dtype = work_dtype(p)
             if g.dtype != dtype or not g.is_contiguous():
                 g = g.to(dtype, memory_format=torch.contiguous_format, copy=True)
@@ -114,3 +116,19 @@ def batchnorms(model) -> list[torch.nn.Module]:
     if model is None:
         return []
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+# ---- which parameters belong to normalization layers (SAM-ON) -----------------------------------------------
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_NORM_NAMES = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normalization layer by type: torch's norms, or a class named *Norm / *LayerNorm* / *RMSNorm* ..."""
+    name = type(module).__name__
+    return isinstance(module, _NORM_TYPES) or name.endswith("Norm") or any(n in name for n in _NORM_NAMES)
+
+
+def norm_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that belong to a normalization layer (its own, not its children's)."""
+    return {id(p) for m in model.modules() if is_norm_layer(m) for p in m.parameters(recurse=False)}

@@ -55,7 +55,8 @@ class Progress:
 
 class GradientPasses(Protocol):
     def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None,
-                 weight: float = 1.0, loss_term: LossTerm | None = None, ascent=None) -> torch.Tensor:
+                 weight: float = 1.0, loss_term: LossTerm | None = None, ascent=None, last: bool = True
+                 ) -> torch.Tensor:
         """Forward + backward on `batch`, adding to `.grad`; returns the detached loss as the host reports it.
 
         For a slice of a micro-batch, `part_of` is that micro-batch and `fraction` the slice's share of its
@@ -69,6 +70,9 @@ class GradientPasses(Protocol):
         batch's labels, aligned position by position (a causal LM's shifted). The pass then backpropagates that
         sum over the micro-batch's scored examples, divided by their number (and by the accumulation steps, as a
         mean loss), instead of the training loss; it still returns the training loss, for the logs.
+
+        `last` marks the last backward of a pass (the gradient is read after it): a layout whose engine reduces
+        gradients at an accumulation boundary (DeepSpeed) closes the pass there.
         """
 
     def forward(self, batch: Batch, clean: bool = True) -> Any:
@@ -155,6 +159,15 @@ class SharpnessMethod:
                                f"built with {len(self.params)}")
         if any(a is not b for a, b in zip(current, self.params)):
             self.params = current
+
+    def bind(self, params, names=None, in_norm_layer=None) -> None:
+        """Run on `params` instead of the base optimizer's parameters: a layout's own tensors (DeepSpeed ZeRO's
+        slices of its fp32 partitions), with their parameters' names (ASAM's T) and whether each belongs to a
+        normalization layer (SAM-ON). State indexed like `self.params` must be empty or follow the same order."""
+        self.params = list(params)
+        if self.rule is not None:
+            old, self.rule = self.rule, AscentRule(self.config, self.layout, names, in_norm_layer)
+            self.rule.d, self.rule._skip = old.d, old._skip  # VaSSO's state follows the same order
 
     def perturb_(self, directions, scale: float = 1.0, keep_x: bool = False):
         """The rule's `perturb_` over this method's parameters: (backup or None, applied, norm)."""
@@ -260,16 +273,21 @@ class TwoRoleMethod(SharpnessMethod):
 
 
 def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True, ascent=None) -> torch.Tensor:
-    """Forward + backward over sample ranges; `ascent`: the rule's ascent loss instead of the training loss."""
+    """One pass over sample ranges (the gradient is read after it); `ascent`: the rule's ascent loss instead of
+    the training loss."""
     kw = {} if ascent is None else {"ascent": ascent}
-    return sum(passes.backward(p.batch, clean=clean, **kw) if p.parent is None else
-               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent, **kw) for p in pieces)
+    last = len(pieces) - 1
+    return sum(passes.backward(p.batch, clean=clean, last=i == last, **kw) if p.parent is None else
+               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent, last=i == last, **kw)
+               for i, p in enumerate(pieces))
 
 
 def run_batches(passes: GradientPasses, batches: list[Batch], clean: bool = True, ascent=None) -> torch.Tensor:
-    """Forward + backward over whole micro-batches; `ascent`: the rule's ascent loss instead of the training loss."""
+    """One pass over whole micro-batches (the gradient is read after it); `ascent`: the rule's ascent loss instead
+    of the training loss."""
     kw = {} if ascent is None else {"ascent": ascent}
-    return sum(passes.backward(batch, clean=clean, **kw) for batch in batches)
+    last = len(batches) - 1
+    return sum(passes.backward(batch, clean=clean, last=i == last, **kw) for i, batch in enumerate(batches))
 
 
 class Randomness:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..config import SharpnessConfigError, _bad, option
-from ..tensors import to_device, work_dtype
+from ..tensors import norm_parameters, to_device, work_dtype
 from . import bisam as bisam_math
 
 RULES = ("sam", "asam", "sam_on", "vasso", "bisam")
@@ -136,21 +136,6 @@ _RULE_OPTIONS = {
 
 
 # ---- which parameters the rule treats how ------------------------------------------------------------------------
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-_NORM_NAMES = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm")
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """A normalization layer by type: torch's norms, or a class named *Norm / *LayerNorm* / *RMSNorm* ..."""
-    name = type(module).__name__
-    return isinstance(module, _NORM_TYPES) or name.endswith("Norm") or any(n in name for n in _NORM_NAMES)
-
-
-def norm_parameters(model: nn.Module) -> set[int]:
-    """ids of the parameters that belong to a normalization layer (its own, not its children's)."""
-    return {id(p) for m in model.modules() if is_norm_layer(m) for p in m.parameters(recurse=False)}
-
-
 @dataclass
 class ParamInfo:
     """What the host tells a method about its trainable parameters, aligned with them: their names, and whether

@@ -195,16 +195,17 @@ class SAMPa(TwoRoleMethod):
         saved = None
         if finite_g:
             grads = {p: t for p, t in zip(self.params, self.g) if t is not None}
-            if self.layout.roles:  # the perturbation is the other role's: g_t's buffers take x's backup
-                kept = lookahead.apply_lookahead_(self.optimizer, grads, self.config.lookahead,
-                                                  grad_scale=self._clip_coef(), keep_x=True)
-                saved = [kept[p] if p in kept else p.detach().clone() for p in params]
-                self.g = None
-            else:  # one process: g_t is still to perturb with; this backup serves the perturbed pass too
-                saved = backup(params)
-                lookahead.apply_lookahead_(self.optimizer, grads, self.config.lookahead, grad_scale=self._clip_coef())
-                if self.separate:  # the perturbation uses the held ascent directions, not g_t
+            with self.layout.base_optimizer(self.optimizer) as optimizer:  # its groups hold self.params
+                if self.layout.roles:  # the perturbation is the other role's: g_t's buffers take x's backup
+                    kept = lookahead.apply_lookahead_(optimizer, grads, self.config.lookahead,
+                                                      grad_scale=self._clip_coef(), keep_x=True)
+                    saved = [kept[p] if p in kept else p.detach().clone() for p in params]
                     self.g = None
+                else:  # one process: g_t is still to perturb with; this backup serves the perturbed pass too
+                    saved = backup(params)
+                    lookahead.apply_lookahead_(optimizer, grads, self.config.lookahead, grad_scale=self._clip_coef())
+                    if self.separate:  # the perturbation uses the held ascent directions, not g_t
+                        self.g = None
             del grads
         self._spend_g()
         if self.layout.roles:  # this rank never perturbs: the held ascent directions are not needed

@@ -122,9 +122,9 @@ class SharpnessMixin:
     def create_optimizer(self, model=None):
         if self.sharpness_config is None:
             return super().create_optimizer(model)
-        if self._sharpness_optimizer is not None and self._sharpness_optimizer in (
+        if self._sharpness_optimizer is not None and self._sharpness_host_optimizer() in (
                 self.optimizer, getattr(self.optimizer, "optimizer", None)):  # again, e.g. a second train()
-            self.optimizer = self._sharpness_optimizer
+            self.optimizer = self._sharpness_host_optimizer()
             return self.optimizer
         cfg = self.sharpness_config
         if self.optimizer is None:  # build the base optimizer the way Trainer builds `--optim {base}`
@@ -141,8 +141,15 @@ class SharpnessMixin:
         # the model tells the ascent rule its parameters' names (ASAM's T) and layers (SAM-ON's normalization layers)
         method = registry.get(cfg.method).method(cfg, self.optimizer, max_grad_norm=self.args.max_grad_norm,
                                                  layout=self._sharpness_layout, model=model or self.model)
-        self.optimizer = self._sharpness_optimizer = SharpnessOptimizer(self.optimizer, method)
+        self._sharpness_optimizer = SharpnessOptimizer(self.optimizer, method)
+        self.optimizer = self._sharpness_host_optimizer()
         return self.optimizer
+
+    def _sharpness_host_optimizer(self):
+        """What Trainer steps: the SharpnessOptimizer, or the plain base optimizer where the layout's engine steps it
+        (DeepSpeed wraps the optimizer it is given and steps it once per step, after the method's passes)."""
+        opt = self._sharpness_optimizer
+        return opt.base if self._sharpness_layout.owns_step else opt
 
     def _wrap_model(self, model, training=True, dataloader=None):
         if self.sharpness_config is None:
@@ -190,6 +197,7 @@ class SharpnessMixin:
                                    self._sharpness_num_examples())
         active = cfg.active(step, self.state.max_steps)  # always, for the methods without a schedule
         result = layout.step(method, batches, passes, step) if active else self._base_step(method, batches, passes)
+        layout.end_step(method, result)
         if method.schedulable:
             result.metrics["sam/active"] = float(active)
         layout.sync_buffers(self._sharpness_batchnorms, method.clean_role, step)

@@ -126,7 +126,7 @@ class Passes:
     def __init__(self, model):
         self.model = model
 
-    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None) -> torch.Tensor:
+    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, last=True) -> torch.Tensor:
         loss = self.model(batch["x"], batch["labels"])
         if part_of is not None or fraction != 1.0:  # a slice contributes its share of the micro-batch's mean loss
             loss = loss * fraction
