@@ -84,9 +84,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out_dir, nproc, *args, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_port()), str(SCRIPT), "--out_dir", str(out_dir), *args]
+def launch(out_dir, nproc, *args, timeout=240, restarts=0):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
+           str(restarts), "--master_port", str(_port()), str(SCRIPT), "--out_dir", str(out_dir), *args]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -273,6 +273,61 @@ def test_parallel_resume_equals_uninterrupted(two_process_runs, tmp_path):
                      "--cases", "sampa_roles:sampa:rho=0.1,lam=0.3:8")
     assert resumed.returncode == 0, resumed.stderr[-6000:]
     assert_close(torch.load(two_process_runs / "sampa_roles.pt"), torch.load(tmp_path / "sampa_roles.pt"), atol=0)
+
+
+# ---- resume on another number of processes, and an elastic restart ---------------------------------------------------
+# The method state is saved independent of the world size (SAMPa's g_t and held batch B_t gathered, Asynchronous
+# SAM's a_(t-1) whole): a run resumed on 1 process from a 2-process checkpoint, or on 2 from a 1-process one, ends
+# where the never-stopped run ends. The 2-process and 1-process runs of one configuration differ in summation order
+# only (the parity tests above): the same 1e-6.
+WORLD_RESUME = {  # name: (optim, optim_args on 2 processes, per-device batch there, the 1-process batch)
+    "sampa_roles": ("sampa", "rho=0.1,lam=0.3", 8, 8),
+    "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, 8),  # B_t: two shards of 4 saved as one batch of 8
+    "asyncsam_roles": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8, 8),
+}
+
+
+def _one_process_args(optim_args):
+    return optim_args.replace(",parallel=off", "")
+
+
+@pytest.mark.parametrize("name", list(WORLD_RESUME))
+def test_a_two_process_checkpoint_resumes_on_one_process(tmp_path, name):
+    optim, optim_args, batch2, batch1 = WORLD_RESUME[name]
+    _, never_stopped = train(str(tmp_path / "one"), optim, _one_process_args(optim_args), batch=batch1, steps=5)
+    first = launch(tmp_path / "two", 2, "--steps", "5", "--save_steps", "2", "--kill_at", "3",
+                   "--cases", f"{name}:{optim}:{optim_args}:{batch2}")
+    assert first.returncode != 0  # killed after the checkpoint at step 2
+    checkpoint = tmp_path / "two" / name / "run" / "checkpoint-2"
+    _, resumed = train(str(tmp_path / "resumed"), optim, _one_process_args(optim_args), batch=batch1, steps=5,
+                       resume=str(checkpoint))
+    assert_close(resumed, never_stopped)
+
+
+@pytest.mark.parametrize("name", ["sampa_roles", "sampa_ddp"])
+def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, name):
+    optim, optim_args, batch2, batch1 = WORLD_RESUME[name]
+    _, never_stopped = train(str(tmp_path / "one"), optim, _one_process_args(optim_args), batch=batch1, steps=5)
+    train(str(tmp_path / "first"), optim, _one_process_args(optim_args), batch=batch1, steps=2, save_steps=2)
+    checkpoint = tmp_path / "first" / "run" / "checkpoint-2"
+    resumed = launch(tmp_path / "two", 2, "--steps", "5", "--resume", str(checkpoint),
+                     "--cases", f"{name}:{optim}:{optim_args}:{batch2}")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert_close(torch.load(tmp_path / "two" / f"{name}.pt"), never_stopped)
+
+
+def test_four_processes_resume_on_two(tmp_path):
+    """SAMPa on a 2 x 2 mesh (each role data parallel over 2 ranks, per-device 4) resumes in role mode on 2
+    processes (per-device 8): B_t's two shards are gathered into one batch of 8."""
+    _, never_stopped = train(str(tmp_path / "one"), "sampa", "rho=0.1,lam=0.3", batch=8, steps=5)
+    first = launch(tmp_path / "four", 4, "--steps", "5", "--save_steps", "2", "--kill_at", "3",
+                   "--cases", "sampa_mesh:sampa:rho=0.1,lam=0.3:4", timeout=400)
+    assert first.returncode != 0
+    resumed = launch(tmp_path / "two", 2, "--steps", "5", "--resume",
+                     str(tmp_path / "four" / "sampa_mesh" / "run" / "checkpoint-2"),
+                     "--cases", "sampa_mesh:sampa:rho=0.1,lam=0.3:8")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert_close(torch.load(tmp_path / "two" / "sampa_mesh.pt"), never_stopped)
 
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
