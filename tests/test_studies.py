@@ -124,6 +124,7 @@ def test_rho_follows_section_5_4():
     # SAMPa-0.2 gets SAM's rho under label noise (not twice it, as in §5.1)
     assert method_optim("sampa", 0.4)[2] == "rho=0.1,lam=0.2,base=sgd,momentum=0.9"
     assert method_optim("sam", 0.8)[2] == "rho=0.01,base=sgd,momentum=0.9"
+    assert method_optim("sampa2rho", 0.8)[2] == "rho=0.02,lam=0.2,base=sgd,momentum=0.9"  # the §5.1 ablation
     assert method_optim("sgd", 0.4)[1:] == ("sgd", "momentum=0.9")
 
 
