@@ -100,23 +100,27 @@ def test_text_study_corrupts_training_labels_only(tmp_path):
 
     from studies.text_noise import noisy_sst2
 
-    rows = [{"sentence": f"sentence number {i}", "label": i % 2, "idx": i} for i in range(60)]
+    # sentences of 2 to 5 words, so sorting dev by length reorders it
+    rows = [{"sentence": "sentence" + " number" * (i % 4) + f" {i}", "label": i % 2, "idx": i} for i in range(60)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps({**r, "label": 1 - r["label"]}) for r in rows[:20]))
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "sentence", "number"]
-                               + [str(i) for i in range(60)]))
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "sentence", "number"] + [str(i) for i in range(60)]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert tokenizer.unk_token_id not in tokenizer(rows[7]["sentence"])["input_ids"]  # every word is known
     config = BertConfig(vocab_size=70, max_position_embeddings=32)
     train0, dev0, _, changed0 = noisy_sst2(str(tmp_path), 40, 16, 0.0, 1, tokenizer, config)
     train, dev, _, changed = noisy_sst2(str(tmp_path), 40, 16, 0.4, 1, tokenizer, config)
     assert len(train) == 40 and changed.sum() == 16 and changed0.sum() == 0
-    assert dev["labels"] == dev0["labels"] == [1 - r["label"] for r in rows[:20]]
+    # dev: the same sentences with their own labels (sorted by length for cheap evaluation, never relabelled)
+    assert sorted(zip(map(tuple, dev["input_ids"]), dev["labels"])) == sorted(
+        zip(map(tuple, dev0["input_ids"]), dev0["labels"]))
+    texts = {tokenizer.decode(ids, skip_special_tokens=True): y for ids, y in zip(dev["input_ids"], dev["labels"])}
+    assert texts == {r["sentence"]: 1 - r["label"] for r in rows[:20]}
     assert train["input_ids"] == train0["input_ids"]  # the same subset, in the same order
     flipped = [a != b for a, b in zip(train["labels"], train0["labels"])]
     assert flipped == changed.tolist()
-    _, _, _, other = noisy_sst2(str(tmp_path), 40, 16, 0.4, 2, tokenizer, config)
-    assert not np.array_equal(other, changed)
+    train2, _, _, other = noisy_sst2(str(tmp_path), 40, 16, 0.4, 2, tokenizer, config)
+    assert not np.array_equal(other, changed) and train2["input_ids"] == train0["input_ids"]
 
 
 def test_rho_follows_section_5_4():
