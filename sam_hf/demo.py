@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .label_noise import METHODS as TASK_METHODS
 from .label_noise import DigitsRun, method_optim, train_digits
-from .placement import cpu_cores
+from .distributed.placement import cpu_cores
 
 # name -> (task method, extra optim_args, processes)
 METHODS = {name: (name, "", 1) for name in TASK_METHODS}
@@ -130,6 +130,35 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def curve_styles(results: list[dict]) -> list[dict]:
+    """matplotlib keywords per result, so that no curve hides another: multi-process runs are dashed with hollow
+    markers, drawn over the 1-process ones, and a run whose curves equal an earlier run's says so in the legend
+    (2-process SAMPa equals 1-process SAMPa up to round-off, by design)."""
+    styles = []
+    for i, r in enumerate(results):
+        label = r["label"]
+        same = [o["label"] for o in results[:i] if _same_curves(o, r)]
+        if same:
+            label += f" (same curves as {same[0]})"
+        many = r.get("processes", 1) > 1
+        styles.append({"label": label, "linestyle": "--" if many else "-", "marker": "o" if many else ".",
+                       "markerfacecolor": "none" if many else None, "zorder": 3 if many else 2})
+    return styles
+
+
+def _same_curves(a: dict, b: dict, rtol: float = 1e-3) -> bool:
+    """The same training losses and per-epoch figures (test accuracy, memorized) within `rtol`, at the same
+    steps and epochs."""
+    def close(x, y):
+        return len(x) == len(y) and all(
+            len(p) == len(q) and p[0] == q[0]
+            and all(abs(u - v) <= rtol * max(abs(u), abs(v)) for u, v in zip(p[1:], q[1:]))
+            for p, q in zip(x, y))
+
+    return bool(a.get("loss_curve")) and close(a["loss_curve"], b.get("loss_curve", [])) and close(
+        a.get("curve", []), b.get("curve", []))
+
+
 def plot(results: list[dict], path: Path, run: DigitsRun) -> None:
     import matplotlib
 
@@ -137,12 +166,13 @@ def plot(results: list[dict], path: Path, run: DigitsRun) -> None:
     import matplotlib.pyplot as plt
 
     fig, (acc, mem, sharp) = plt.subplots(1, 3, figsize=(15.0, 4.2))
-    for r in results:
+    for r, style in zip(results, curve_styles(results)):
         epochs = [c[0] for c in r["curve"]]
-        style = {"linestyle": "--"} if r["processes"] == 2 else {}
-        line, = acc.plot(epochs, [100 * c[1] for c in r["curve"]], label=r["label"], **style)
-        mem.plot(epochs, [100 * c[2] for c in r["curve"]], color=line.get_color(), label=r["label"], **style)
-        sharp.bar(r["label"], r["lambda_max"], color=line.get_color())
+        line, = acc.plot(epochs, [100 * c[1] for c in r["curve"]], **style)
+        mem.plot(epochs, [100 * c[2] for c in r["curve"]], color=line.get_color(), **style)
+        many = r.get("processes", 1) > 1
+        sharp.bar(r["label"], r["lambda_max"], color="none" if many else line.get_color(),
+                  edgecolor=line.get_color(), hatch="//" if many else None)
     acc.set_xlabel("epoch")
     acc.set_ylabel("test accuracy (%), clean labels")
     acc.set_title(f"small CNN on digits, {run.noise:.0%} of training labels wrong", fontsize="medium")

@@ -94,3 +94,25 @@ def test_two_process_sampa_row_matches_one_process(tmp_path):
     assert [c[0] for c in one["curve"]] == [c[0] for c in two["curve"]] == [1.0, 2.0]
     # the lambda_max sample is sharded over the 2 processes and the products all-reduced: the same figure
     assert one["lambda_max"] == pytest.approx(two["lambda_max"], rel=1e-3)
+
+
+def test_the_plot_shows_every_run(tmp_path):
+    """2-process SAMPa equals 1-process SAMPa up to round-off: its curves are dashed with hollow markers on top,
+    and the legend says they are the same, so neither hides the other."""
+    curve = {"loss_curve": [(1, 2.0), (2, 1.5), (3, 1.2)], "curve": [(1.0, 0.60, 0.30), (2.0, 0.70, 0.20)]}
+    results = [{"label": "SAM", "processes": 1, "loss_curve": [(1, 2.0), (2, 1.4), (3, 1.0)],
+                "curve": [(1.0, 0.62, 0.28), (2.0, 0.72, 0.18)], "lambda_max": 30.0},
+               {"label": "SAMPa-0.2", "processes": 1, **curve, "lambda_max": 40.0},
+               {"label": "SAMPa-0.2, 2 processes", "processes": 2,
+                "loss_curve": [(s, v * (1 + 1e-6)) for s, v in curve["loss_curve"]], "curve": curve["curve"],
+                "lambda_max": 40.0}]
+    sam, one, two = demo.curve_styles(results)
+    assert sam["label"] == "SAM" and one["label"] == "SAMPa-0.2"
+    assert two["label"] == "SAMPa-0.2, 2 processes (same curves as SAMPa-0.2)"
+    assert (two["linestyle"], two["markerfacecolor"]) != (one["linestyle"], one["markerfacecolor"])
+    assert two["zorder"] > one["zorder"]  # drawn over the solid line, which stays visible through it
+    # a different per-epoch figure (memorized) is a different run, even with the same losses
+    other = {**results[2], "curve": [(1.0, 0.60, 0.30), (2.0, 0.70, 0.25)]}
+    assert demo.curve_styles(results[:2] + [other])[2]["label"] == "SAMPa-0.2, 2 processes"
+    demo.plot(results, tmp_path / "curves.png", demo.TINY)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
