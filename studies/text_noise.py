@@ -217,6 +217,9 @@ def tables(results: list[dict], methods: list[str]) -> str:
     gains = {m: paired_differences(results, "dev_accuracy", m, "adamw") for m in methods if m != "adamw"}
     gain_rows = [[f"{noise:.0%}"] + [("" if m == "adamw" else cell(gains[m][noise], 100)) for m in methods]
                  for noise in noises]
+    others = [m for m in methods if m not in ("adamw", "sam")]
+    vs_sam = {m: paired_differences(results, "dev_accuracy", m, "sam") for m in others}
+    sam_rows = [[f"{noise:.0%}"] + [cell(vs_sam[m][noise], 100) for m in others] for noise in noises]
     step = group(results, lambda r: (r["method"], r["noise"]), "sec_per_step")
 
     def vs_adamw(m, noise):
@@ -232,6 +235,8 @@ def tables(results: list[dict], methods: list[str]) -> str:
         grid_table(results, methods, labels, "dev_accuracy", 100),
         "**Gain over AdamW (points)**, paired by seed (same corrupted labels, head initialisation and batches).",
         markdown(["noise", *labels.values()], gain_rows),
+        "**Difference from SAM (points)**, paired by seed as above.",
+        markdown(["noise", *(labels[m] for m in others)], sam_rows),
         "**Best dev accuracy (%) during training** (the highest of the evaluations every half epoch: selected on "
         "the dev set itself, so optimistic; it shows what early stopping on clean data could reach).",
         grid_table(results, methods, labels, "best_dev_accuracy", 100),
@@ -310,8 +315,8 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
     text = [
         "# Label noise in fine-tuning: all-MiniLM-L6-v2 on SST-2", "",
         "Command: `python -m studies.text_noise " + " ".join(args.argv) + "`", "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other jobs, one thread per run, "
-        f"{args.jobs} runs at once; torch {torch.__version__}, transformers {transformers.__version__}."
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other jobs, one thread per run"
+        + ("" if args.report_only else f", {args.jobs} runs at once") + f"; torch {torch.__version__}, transformers {transformers.__version__}."
         + (f" This invocation took {seconds / 60:.0f} min." if seconds else ""), "",
         f"{len(results)} runs; training and measuring took {runs_seconds / 60:.0f} min of run time in all.", "",
         f"Settings: {s['train_samples']} SST-2 training sentences (a fixed subset), {s['epochs']:g} epochs, batch "

@@ -130,6 +130,16 @@ def tables(results: list[dict], methods: list[str]) -> str:
     gains = {m: paired_differences(results, "test_accuracy", m, "sgd") for m in methods if m != "sgd"}
     gain_rows = [[f"{noise:.0%}"] + [("" if m == "sgd" else cell(gains[m][noise], 100) + paper_gain(m, noise))
                                      for m in methods] for noise in noises]
+    # each method against SAM, the method SAMPa and the others claim to improve on
+    others = [m for m in methods if m not in ("sgd", "sam")]
+    vs_sam = {m: paired_differences(results, "test_accuracy", m, "sam") for m in others}
+
+    def paper_vs_sam(m, noise):
+        ref = TABLE7.get(round(noise, 2), {})
+        return f" [{ref[m][0] - ref['sam'][0]:+.2f}]" if m in ref and "sam" in ref else ""
+
+    sam_rows = [[f"{noise:.0%}"] + [cell(vs_sam[m][noise], 100) + paper_vs_sam(m, noise) for m in others]
+                for noise in noises]
     step = group(results, lambda r: (r["method"], r["noise"]), "sec_per_step")
 
     def vs_sgd(m, noise):
@@ -144,6 +154,9 @@ def tables(results: list[dict], methods: list[str]) -> str:
         "**Gain over SGD (points)**, paired by seed (same corrupted labels, initial weights and batches), "
         "mean ± std over seeds; in brackets the paper's gain (from Table 7's means).",
         markdown(["noise"] + [LABELS[m] for m in methods], gain_rows),
+        "**Difference from SAM (points)**, paired by seed as above, mean ± std over seeds; in brackets the "
+        "paper's (from Table 7's means).",
+        markdown(["noise"] + [LABELS[m] for m in others], sam_rows),
         "**λ_max** of the final model: the largest Hessian eigenvalue of the training loss (label-smoothed "
         "cross-entropy on the noisy labels) on a fixed sample of 256 training examples, the same examples for "
         "every run (`sam_hf.sharpness.measure_sharpness`, eval mode).",
@@ -224,8 +237,8 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
     text = [
         "# Label noise from scratch: a small CNN on scikit-learn's digits (SAMPa Table 7's protocol)", "",
         "Command: `python -m studies.vision_noise " + " ".join(args.argv) + "`", "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other jobs, one thread per run, "
-        f"{args.jobs} runs at once; torch {torch.__version__}, transformers {transformers.__version__}."
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other jobs, one thread per run"
+        + ("" if args.report_only else f", {args.jobs} runs at once") + f"; torch {torch.__version__}, transformers {transformers.__version__}."
         + (f" This invocation took {seconds / 60:.0f} min." if seconds else ""), "",
         f"{len(results)} runs; training and measuring took {runs_seconds / 60:.0f} min of run time in all.", "",
         f"Settings: {s['epochs']:g} epochs of the 1,437 training images (batch {s['batch']}), SGD momentum 0.9, "

@@ -243,3 +243,18 @@ def test_a_run_finished_with_other_settings_is_an_error(tmp_path):
                                                             "settings": {**SETTINGS, "epochs": 40}})
     with pytest.raises(runner.SettingsMismatch, match="epochs: 40 there, 20 now"):
         runner.pending([run], tmp_path, SETTINGS)
+
+
+def test_vision_tables_give_each_method_paired_against_sam():
+    """The 'Difference from SAM' table holds, per noise rate, the mean ± std over seeds of the per-seed
+    differences (not the difference of the means' cells), with the paper's difference of Table 7's means."""
+    from studies import vision_noise
+
+    acc = {("sgd", 1): 0.80, ("sgd", 2): 0.82, ("sam", 1): 0.90, ("sam", 2): 0.95,
+           ("sampa", 1): 0.91, ("sampa", 2): 0.93}
+    results = [{"method": m, "noise": 0.4, "seed": s, "test_accuracy": a, "lambda_max": 1.0, "memorized": 0.1,
+                "sec_per_step": 0.1} for (m, s), a in acc.items()]
+    text = vision_noise.tables(results, ["sgd", "sam", "sampa"])
+    section = text.split("**Difference from SAM (points)**")[1].split("**")[0]
+    # per seed: +1 and -2 points; mean -0.5, sample std sqrt(((1.5)^2 + (1.5)^2) / 1) = 2.12; paper 90.01 - 89.78
+    assert "| 40% | -0.50 ± 2.12 [+0.23] |" in section
