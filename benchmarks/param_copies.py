@@ -110,7 +110,7 @@ def _scheduled(optim: str, optim_args: str) -> bool:
 
 
 LAYOUT_ROWS = [(e.label, s.name, e.optim_args) for s in _registered() for e in s.examples
-               if e.processes == 1 and e.bench and not _scheduled(s.name, e.optim_args)]
+               if e.processes == 1 and e.bench and e.meter and not _scheduled(s.name, e.optim_args)]
 # accelerate's FSDP2 plugin as tests/scripts/fsdp_trainer.py configures it: every Linear its own FSDP unit
 FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"], "state_dict_type": "SHARDED_STATE_DICT"}
 ROLE_VARIANTS = [(0.0, 1), (1.0, 1), (0.0, 2), (1.0, 2)]  # (max_grad_norm, gradient_accumulation_steps)
