@@ -85,9 +85,16 @@ def _port() -> int:
 
 
 def launch(out_dir, nproc, *args, timeout=240, restarts=0):
+    """torchrun on SCRIPT. With `restarts`, an elastic launch as docs/distributed.md recommends: the c10d rendezvous
+    (--standalone) with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, so that each attempt's workers get a fresh store.
+    torchrun's default (static rendezvous, or c10d sharing the agent's store) keeps one store for every attempt, and
+    a restarted rank that reaches init_process_group before its peer reads the peer's address of the previous
+    attempt: gloo's connectFullMesh is refused, or hangs."""
+    rdzv = ["--standalone"] if restarts else ["--master_port", str(_port())]
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if restarts else ENV
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
-           str(restarts), "--master_port", str(_port()), str(SCRIPT), "--out_dir", str(out_dir), *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+           str(restarts), *rdzv, str(SCRIPT), "--out_dir", str(out_dir), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_close(a, b, atol=1e-6):
@@ -346,6 +353,23 @@ def test_four_processes_resume_on_two(world_resume_runs, tmp_path):
     """SAMPa on a 2 x 2 mesh (each role data parallel over 2 ranks, per-device 4) resumes in role mode on 2
     processes (per-device 8): B_t's two shards are gathered into one batch of 8."""
     assert_close(torch.load(world_resume_runs / "resumed" / "sampa_mesh.pt"), _never_stopped(tmp_path, "sampa_roles"))
+
+
+def test_an_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
+    """torchrun --max-restarts 1: rank 1 dies at step 3, torchrun restarts both ranks, and the script resumes from
+    its newest checkpoint (get_last_checkpoint, as the HF example scripts do) and ends at the weights of a run
+    that never stopped (SAMPa in role mode)."""
+    _, never_stopped = train(str(tmp_path / "one"), "sampa", "rho=0.1,lam=0.3", batch=8, steps=5)
+    marker = tmp_path / "killed_once"
+    run = launch(tmp_path / "elastic", 2, "--steps", "5", "--save_steps", "2", "--kill_at", "3", "--kill_once",
+                 str(marker), "--resume", "last", "--cases", "sampa_roles:sampa:rho=0.1,lam=0.3:8", restarts=1,
+                 timeout=240)
+    assert run.returncode == 0, run.stderr[-6000:]
+    assert marker.exists()  # rank 1 was killed at step 3 ...
+    # ... and the restart resumed from checkpoint-2: a fresh start would have written it again after the kill
+    checkpoint = tmp_path / "elastic" / "sampa_roles" / "run" / "checkpoint-2" / "trainer_state.json"
+    assert checkpoint.stat().st_mtime_ns <= marker.stat().st_mtime_ns
+    assert_close(torch.load(tmp_path / "elastic" / "sampa_roles.pt"), never_stopped)
 
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
