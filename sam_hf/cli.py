@@ -14,7 +14,7 @@ COMMANDS = {
     "train": ("sam_hf.recipes", "run a YAML recipe: sam-hf train RECIPE [--key value ...]"),
     "demo": ("sam_hf.demo", "offline demo: a small ViT on scikit-learn's digits with AdamW, SAM and SAMPa"),
     "bench": ("sam_hf.bench", "step-time and memory benchmark of every method, 1 and 2 processes"),
-    "sharpness": ("sam_hf.sharpness", "Hessian lambda_max and trace of a saved text classifier on its training data"),
+    "sharpness": ("sam_hf.sharpness.cli", "Hessian lambda_max and trace of a saved text classifier on its training data"),
 }
 
 

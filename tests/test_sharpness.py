@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 import sam_hf
 from sam_hf import integration, launch, measure_sharpness
-from sam_hf import sharpness as sharpness_module
+from sam_hf.sharpness import cli as sharpness_cli
 from tiny import MeanLossModel, args, text_data, tiny_bert, vector_data
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -340,6 +340,50 @@ def test_launcher_rejects_bad_sharpness_options(capsys):
         assert message in capsys.readouterr().err
 
 
+# ---- the package's layout ---------------------------------------------------------------------------------------
+def test_public_names_and_one_way_imports(capsys):
+    """`sam_hf.sharpness` keeps its public names, `sam-hf sharpness` reaches its CLI, and the package imports
+    nothing of sam_hf but the recipes' data reader (integration imports it, never the reverse)."""
+    import ast
+
+    import sam_hf.cli
+    from sam_hf.sharpness import SharpnessCallback, measure_sharpness as measure
+
+    assert sam_hf.SharpnessCallback is SharpnessCallback and sam_hf.measure_sharpness is measure
+    assert integration.SharpnessCallback is SharpnessCallback
+    with pytest.raises(SystemExit) as exit_:
+        sam_hf.cli.main(["sharpness", "--help"])
+    assert exit_.value.code == 0 and "MODEL_DIR" in capsys.readouterr().out
+    source = Path(sam_hf.sharpness.__file__)
+    package = sam_hf.sharpness.__name__ if source.name == "__init__.py" else "sam_hf"
+    for module in source.parent.glob("*.py") if source.name == "__init__.py" else [source]:
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level:  # relative: resolved from the file's package
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                names = [".".join(base + ([node.module] if node.module else []))]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module]
+            else:
+                continue
+            inside = [n for n in names if n.split(".")[0] == "sam_hf"]
+            assert all(n.startswith(("sam_hf.sharpness", "sam_hf.recipes")) for n in inside), \
+                f"{module.name} imports {inside}"
+
+
+def test_the_trainer_is_found_through_its_model(tmp_path):
+    from sam_hf.sharpness import remember_trainer, trainer_of
+
+    model = MeanLossModel()
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=vector_data(n=8))
+    assert trainer_of(model) is trainer  # `import sam_hf` remembers every Trainer built
+    later = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=vector_data(n=8))
+    assert trainer_of(model) is later  # the last one built wins
+    remember_trainer(trainer)
+    assert trainer_of(model) is trainer and trainer_of(MeanLossModel()) is None and trainer_of(None) is None
+
+
 # ---- sam-hf sharpness ------------------------------------------------------------------------------------------
 WORDS = ["good", "bad", "film", "plot", "actors", "great", "boring", "fun", "the", "a", "was", "is"]
 
@@ -376,7 +420,7 @@ def test_cli_on_a_saved_classifier(tmp_path, capsys):
     rows = glue_rows()
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = sharpness_module.main([str(model_dir), "--train_file", str(train), "--samples", "50", "--batch_size", "3",
+    rc = sharpness_cli.main([str(model_dir), "--train_file", str(train), "--samples", "50", "--batch_size", "3",
                                 "--top_k", "2", "--trace_samples", "4", "--output", str(tmp_path / "s.json")])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -400,13 +444,13 @@ def test_cli_reads_csv_with_label_names(tmp_path, capsys):
     names = ["negative", "positive"]
     train = tmp_path / "train.csv"
     train.write_text("sentence,label\n" + "".join(f"{r['sentence']},{names[r['label']]}\n" for r in rows))
-    assert sharpness_module.main([str(model_dir), "--train_file", str(train)]) == 0
+    assert sharpness_cli.main([str(model_dir), "--train_file", str(train)]) == 0
     got = json.loads((model_dir / "sharpness.json").read_text())  # the default output
     assert got["num_samples"] == 6 and got["text_columns"] == ["sentence", None]
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,label\ngood film,neutral\n")
-    assert sharpness_module.main([str(model_dir), "--train_file", str(bad)]) == 2
+    assert sharpness_cli.main([str(model_dir), "--train_file", str(bad)]) == 2
     assert "label 'neutral'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        sharpness_module.main(["--help"])
+        sharpness_cli.main(["--help"])
     assert exit_.value.code == 0 and "sentence1" in capsys.readouterr().out
