@@ -44,10 +44,10 @@ class SharpnessCallback(TrainerCallback):
     `samples`), collated once by the Trainer's own data collator (unused columns removed as Trainer removes
     them) in batches of `batch_size` (default: `per_device_train_batch_size`), text sorted by length first so
     the batches pad little, and kept: every measurement of the run uses the same examples. On several processes
-    each rank holds every world_size-th of them. The measurement changes nothing in training (see `measure_sharpness`): a run ends with the same weights,
-    bitwise, with or without this callback. Cost per measurement: a forward and a backward over the sample to
-    build the gradient graphs, then about one double backward over it per Lanczos iteration (lambda_max
-    alone: 8 to about 16) and per trace probe.
+    each rank holds every world_size-th of them. The measurement changes nothing in training (see
+    `measure_sharpness`): a run ends with the same weights, bitwise, with or without this callback. Cost per
+    measurement: a forward and a backward over the sample to build the gradient graphs, then one backward
+    through them per Lanczos iteration (lambda_max alone: 8 to about 16) and per trace probe.
 
     The callback finds its Trainer through the model (`remember_trainer`: `import sam_hf` registers every
     Trainer built after it), so it works passed in `Trainer(callbacks=[...])` or added with `trainer.add_callback`.

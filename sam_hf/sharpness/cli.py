@@ -30,8 +30,8 @@ question1/question2, question/sentence, or `text`), and a `label` column: class 
 model's config (label2id), or floats for a regression model (num_labels=1). Other models and tasks: call
 sam_hf.measure_sharpness(model, batches) from Python.
 
-Cost: a forward and a backward over the sample to build the gradient graphs, then about one double backward
-over it per Lanczos iteration (lambda_max alone: 8 to about 16) and per trace probe."""
+Cost: a forward and a backward over the sample to build the gradient graphs, then one backward through them
+per Lanczos iteration (lambda_max alone: 8 to about 16) and per trace probe."""
 
 
 def label_ids(values: list, config) -> list:
