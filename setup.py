@@ -58,7 +58,7 @@ setup(
         "scipy>=1.10",  # measure_sharpness: Lanczos through scipy.sparse.linalg.eigsh
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.7", "scipy"],
+        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "scipy"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         "trl": ["trl>=0.20"],
     },

@@ -77,28 +77,30 @@ BATCH = 4  # mSAM needs micro_batches=4 <= batch; activations: BATCH x DIM fp32 
 STEPS = 5
 WARMUP = 2  # steps 1-2 build the optimizer state (SAMPa's first step only computes g_0); 3-5 are measured
 
-# (label, optim, optim_args): the README table, and the targets of issue 2.
-ROWS = [
-    ("SAM", "sam", "rho=0.05"),
-    ("ASAM (SAM adaptive=true)", "sam", "rho=0.5,adaptive=true"),
-    ("mSAM (micro_batches=4)", "msam", "rho=0.05,micro_batches=4"),
-    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2"),
-    ("SAMPa-0.2, base=sgd momentum=0.9", "sampa", "rho=0.1,lam=0.2,base=sgd,momentum=0.9"),
-    ("Asynchronous SAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1"),
-    ("Asynchronous SAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5"),
-]
-TARGETS = {"sam": 1, "msam": 2, "asyncsam": 2, "sampa": 2}  # SAMPa: issue 10 (SAM + 1; it was 3)
 
-# Role mode (issue 10): every rank within SAM's extra copies (1 process, same base, clipping, accumulation) + 1.
-ROLE_ROWS = [
-    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2"),
-    ("SAMPa-0.2, base=sgd momentum=0.9", "sampa", "rho=0.1,lam=0.2,base=sgd,momentum=0.9"),
-    ("Asynchronous SAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1"),
-    ("Asynchronous SAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5"),
-]
-# Layouts (--layouts): one row per method; SAMPa and Asynchronous SAM also run role mode under FSDP2 (parallel=on).
-LAYOUT_ROWS = [ROWS[i] for i in (0, 1, 2, 3, 5, 6)]
-ROLE_METHODS = ("sampa", "asyncsam")
+def _registered():
+    import sam_hf  # noqa: F401  (registers the methods)
+    from sam_hf import registry
+
+    return registry.specs()
+
+
+# (label, optim, optim_args): every registered method's 1-process examples (registry.py); its target is the
+# method's declared `extra_copies`.
+ROWS = [(e.label, s.name, e.optim_args) for s in _registered() for e in s.examples if e.processes == 1]
+TARGETS = {s.name: s.method.extra_copies for s in _registered()}
+ROLE_METHODS = tuple(s.name for s in _registered() if s.method.two_roles)
+# Role mode: every rank within SAM's extra copies (1 process, same base, clipping, accumulation) + 1.
+ROLE_ROWS = [row for row in ROWS if row[1] in ROLE_METHODS]
+# Layouts (--layouts): the bench's rows; SAMPa and Asynchronous SAM also run role mode under FSDP2 (parallel=on).
+def _scheduled(optim: str, optim_args: str) -> bool:
+    from sam_hf import SharpnessConfig
+
+    return SharpnessConfig.from_optim_args(optim, optim_args).scheduled
+
+
+LAYOUT_ROWS = [(e.label, s.name, e.optim_args) for s in _registered() for e in s.examples
+               if e.processes == 1 and e.bench and not _scheduled(s.name, e.optim_args)]
 # accelerate's FSDP2 plugin as tests/scripts/fsdp_trainer.py configures it: every Linear its own FSDP unit
 FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"], "state_dict_type": "SHARDED_STATE_DICT"}
 ROLE_VARIANTS = [(0.0, 1), (1.0, 1), (0.0, 2), (1.0, 2)]  # (max_grad_norm, gradient_accumulation_steps)
@@ -128,16 +130,20 @@ class EqualLinears(nn.Module):
 
 
 class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int, dim: int, seed: int = 0):
+    def __init__(self, n: int, dim: int, seed: int = 0, id_column: str | None = None):
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, dim, generator=g)
         self.y = torch.randint(0, dim, (n,), generator=g)
+        self.id_column = id_column  # a method that keeps a record per example (SAF) reads its id from the data
 
     def __len__(self):
         return len(self.y)
 
     def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
+        row = {"x": self.x[i], "labels": self.y[i]}
+        if self.id_column:
+            row[self.id_column] = i
+        return row
 
 
 def _is_dtensor(t) -> bool:
@@ -342,7 +348,10 @@ def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0
             logging_strategy="no", report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
             dataloader_num_workers=0, gradient_accumulation_steps=ga,
             ddp_backend="gloo" if "RANK" in os.environ else None, **extra)
-        trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=_Rows(BATCH * steps * ga, dim),
+        from sam_hf.bench import example_id_column
+
+        rows = _Rows(BATCH * steps * ga, dim, id_column=example_id_column(optim, optim_args))
+        trainer = sam_hf.SharpnessTrainer(model=model, args=args, train_dataset=rows,
                                           callbacks=[_callback(meter, warmup)])
         trainer.remove_callback(PrinterCallback)  # no log lines in the table's output
         with meter:
@@ -354,9 +363,10 @@ def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0
 
 def baseline_of(optim: str, optim_args: str | None) -> tuple[str, str | None]:
     """The plain base optimizer a method runs on (itself for a plain optimizer)."""
-    from sam_hf.config import METHODS, SharpnessConfig
+    from sam_hf import registry
+    from sam_hf.config import SharpnessConfig
 
-    if optim not in METHODS:
+    if not registry.is_method(optim):
         return optim, optim_args
     cfg = SharpnessConfig.from_optim_args(optim, optim_args)
     return cfg.base, cfg.base_optim_args_string()

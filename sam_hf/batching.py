@@ -60,6 +60,21 @@ def slice_batch(batch: Batch, start: int, stop: int) -> dict[str, Any]:
     return out
 
 
+def take_rows(batch: Batch, rows: torch.Tensor) -> "TrainerBatch":
+    """The samples at indices `rows` (a 1-D index tensor) of a batch (ESAM's selected rows); per-sample lists are cut
+    too, other values kept as they are."""
+    n = batch_size(batch)
+    out = TrainerBatch()
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value[rows.to(value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == n:
+            out[key] = [value[i] for i in rows.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
 class Piece(NamedTuple):
     batch: Batch  # the samples of this piece
     fraction: float  # their share of the parent micro-batch's samples
@@ -78,6 +93,7 @@ def sample_range(batches: list[Batch], start: int, stop: int) -> list[Piece]:
                 pieces.append(Piece(batch, 1.0, None))
             else:
                 pieces.append(Piece(TrainerBatch(slice_batch(batch, lo - offset, hi - offset)), (hi - lo) / n, batch))
+
         offset += n
     return pieces
 

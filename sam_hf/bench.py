@@ -29,24 +29,27 @@ import sys
 import time
 from pathlib import Path
 
-# (label, optim, optim_args, processes)
-CONFIGS = [
-    ("AdamW", "adamw_torch", "", 1),
-    ("SAM", "sam", "rho=0.05", 1),
-    ("SAM (interval=4)", "sam", "rho=0.05,interval=4", 1),  # sharpness-aware every 4th step: ~1.25x AdamW
-    ("mSAM (m=4)", "msam", "rho=0.05,micro_batches=4", 1),
-    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 1),
-    ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 1),
-    ("AdamW (DDP)", "adamw_torch", "", 2),  # what running two processes at once costs by itself
-    ("SAM (DDP)", "sam", "rho=0.05", 2),
-    ("SAMPa-0.2", "sampa", "rho=0.1,lam=0.2", 2),
-    ("SAMPa-0.2 (bf16 exchange)", "sampa", "rho=0.1,lam=0.2,exchange_dtype=bf16", 2),
-    ("AsyncSAM (r=1)", "asyncsam", "rho=0.05,ascent_batch_ratio=1", 2),
-    ("AsyncSAM (r=0.5)", "asyncsam", "rho=0.05,ascent_batch_ratio=0.5", 2),
-    # the paper's heterogeneous case: rank 0 on the GPU, rank 1's ascent on the CPU (run where CUDA is present)
-    ("AsyncSAM (CPU ascent, r=auto)", "asyncsam",
-     "rho=0.05,ascent_batch_ratio=auto,ascent_device=cpu", 2),
-]
+# The references every row is compared with: AdamW on 1 process, and AdamW under DDP on 2, which pays the same cost
+# of two processes at once. (label, optim, optim_args, processes)
+BASELINES = [("AdamW", "adamw_torch", "", 1), ("AdamW (DDP)", "adamw_torch", "", 2)]
+
+
+def configurations() -> list[tuple[str, str, str, int]]:
+    """The references, then every registered method's examples (registry.py): 1-process rows, then 2-process."""
+    import sam_hf  # noqa: F401  (registers the methods)
+    from sam_hf import registry
+
+    rows = [(e.label, s.name, e.optim_args, e.processes) for s in registry.specs() for e in s.examples if e.bench]
+    return [BASELINES[0]] + [r for r in rows if r[3] == 1] + [BASELINES[1]] + [r for r in rows if r[3] == 2]
+
+
+def example_id_column(optim: str, optim_args: str) -> str | None:
+    """The per-example id column the configuration's method reads from the training data (SAF's), if any."""
+    from sam_hf import SharpnessConfig, registry
+
+    if not registry.is_method(optim):
+        return None
+    return registry.get(optim).method.example_id_column(SharpnessConfig.from_optim_args(optim, optim_args or None))
 
 
 def runnable(procs: int, optim_args: str, cuda_devices: int, precision: str = "fp32") -> tuple[bool, str]:
@@ -61,23 +64,48 @@ def runnable(procs: int, optim_args: str, cuda_devices: int, precision: str = "f
     return True, ""
 
 
+def labels() -> list[str]:
+    """Every configuration's label once (a label may run on 1 and on 2 processes)."""
+    return list(dict.fromkeys(label for label, *_ in configurations()))
+
+
+def parse_only(text: str) -> list[str]:
+    """`--only`: comma-separated labels; a label holding a comma ("AsyncSAM (CPU ascent, r=auto)") is matched
+    whole. An unknown label is an error that lists the known ones."""
+    known, pieces, out = labels(), text.split(","), []
+    while pieces:
+        item = pieces.pop(0)
+        while item.strip() not in known and pieces and any(k.startswith(f"{item.strip()},") for k in known):
+            item += "," + pieces.pop(0)
+        if item.strip() not in known:
+            raise ValueError(f"--only: no configuration is labelled {item.strip()!r}; labels: "
+                             + "; ".join(known))
+        out.append(item.strip())
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sam-hf bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.md")
     p.add_argument("--steps", type=int, default=12, help="measured steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     p.add_argument("--batch", type=int, default=16, help="per-device batch")
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seq", type=int, default=128, help="tokens per example of the benchmark's BERT classifier")
+    p.add_argument("--hidden", type=int, default=256, help="the BERT classifier's hidden size")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="mixed precision of every configuration (Trainer's --bf16 / --fp16)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
+    p.add_argument("--layers", type=int, default=4, help="the BERT classifier's encoder layers")
+    p.add_argument("--only", default=None,
+                   help="comma-separated labels to run, each on every process count it has (default: all): "
+                        + "; ".join(labels()))
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds over all configurations, interleaved so slow drifts of a shared machine hit every "
                         "configuration alike; each configuration reports its median round")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    for action in p._actions:  # every option's help shows its default
+        if action.help not in (None, argparse.SUPPRESS) and action.dest not in ("help", "only"):
+            action.help += " (default: %(default)s)"
     return p
 
 
@@ -129,6 +157,9 @@ def _worker(opts) -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 1000, (n, opts.seq), generator=g)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+    column = example_id_column(optim, optim_args)
+    if column:  # a method that keeps a record per example (SAF) reads its id from the data
+        data = data.add_column(column, list(range(n)))
     args = TrainingArguments(
         output_dir=os.path.join(opts.out, "runs"), optim=optim, optim_args=optim_args or None, max_steps=steps,
         per_device_train_batch_size=opts.batch, learning_rate=1e-4, report_to=[], save_strategy="no",
@@ -304,13 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     if opts.worker:
         _worker(opts)
         return 0
-    only = set(opts.only.split(",")) if opts.only else None
+    try:
+        only = set(parse_only(opts.only)) if opts.only else None
+    except ValueError as err:
+        _parser().error(str(err))
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     results = []
     for round_ in range(opts.repeats):
-        for label, optim, optim_args, procs in CONFIGS:
+        for label, optim, optim_args, procs in configurations():
             if only and label not in only:
                 continue
             ok, why = runnable(procs, optim_args, gpus, opts.precision)

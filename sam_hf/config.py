@@ -1,21 +1,26 @@
-"""SharpnessConfig: every option of every method, parsed from `--optim_args`.
+"""Options: what every method shares, how a method declares its own, and `--optim_args` parsing.
 
-`optim_args` is the comma-separated `key=value` string that transformers
-already carries (`--optim sampa --optim_args "rho=0.05,lam=0.2"`). Keys that
-are not ours are passed to the base optimizer (e.g. `momentum=0.9` for
-`base=sgd`), but only keys that base optimizer's Trainer handler reads: a typo
-fails here, before training, with the list of keys that would work.
+`optim_args` is the comma-separated `key=value` string transformers already carries
+(`--optim sampa --optim_args "rho=0.05,lam=0.2"`). Each method's options are a dataclass (registered with
+the method, registry.py) built from option groups: `SharpnessConfig` (every method), the ascent rule's
+options (methods/rules.py), `ScheduleOptions` (methods that may skip steps), `RoleOptions` (methods whose two
+passes may run on two process groups), and the method's own fields. Each field is an `option(...)` with a
+help text, which the options reference (docs/options.md) is generated from.
+
+Everything is checked before training: a bad value, a key another method takes (naming that method), and a
+key that is not the base optimizer's either (keys that are not ours pass to the base optimizer, e.g.
+`momentum=0.9` for `base=sgd`, but only keys that its Trainer handler reads) fail with what would work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("sam", "msam", "sampa", "asyncsam")
-SCHEDULED_METHODS = ("sam", "msam")  # interval/start/stop: the others carry a gradient from step to step
+from . import registry
 
 # Base-optimizer keys that transformers' own handlers read from optim_args, less those Trainer then overrides:
 # its two parameter groups set `weight_decay` (args.weight_decay, and 0 for biases and LayerNorm weights), so
@@ -28,28 +33,44 @@ BASE_OPTIM_KEYS = {
 OVERRIDDEN_BASE_KEYS = {"weight_decay": "--weight_decay (TrainingArguments.weight_decay)",
                         "lr": "--learning_rate (TrainingArguments.learning_rate)"}
 
-# Base optimizers the methods are tested with; others run with lookahead=sgd only.
-LOOKAHEAD_BASES = ("adamw_torch", "adamw_torch_fused", "sgd")
-
 # Optimizers whose step is not "take .grad and update": they cannot sit under SAM.
 UNSUPPORTED_BASES = ("lomo", "adalomo", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
                      "galore_adafactor_layerwise", "apollo_adamw_layerwise")
 
-
-DEFAULTS_FOR_MESSAGES = {"rho": 0.05, "eta": 0.01, "lam": 0.2, "micro_batches": 8, "check_every": 50, "interval": 4,
-                         "start": 0.5, "stop": 0.5,
-                         "ascent_batch_ratio": 0.5, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.01}
-
-# How the base optimizer's own keys are read (as transformers' handlers read them).
-BASE_KEY_TYPES = {"momentum": "float", "dampening": "float", "weight_decay": "float", "lr_decay": "float",
-                  "eps": "float", "alpha": "float", "nesterov": "bool", "centered": "bool"}
+# How the base optimizer's own keys are read (as transformers' handlers read them), with an example for messages.
+BASE_KEY_TYPES = {"momentum": ("float", 0.9), "dampening": ("float", 0.0), "weight_decay": ("float", 0.01),
+                  "lr_decay": ("float", 0.0), "eps": ("float", 1e-8), "alpha": ("float", 0.99),
+                  "nesterov": ("bool", True), "centered": ("bool", False)}
 
 
 class SharpnessConfigError(ValueError):
     """A bad `optim_args` value or an impossible combination, found before training starts."""
 
 
-def _bool(key: str, value: str) -> bool:
+def option(default, help: str, *, choices: tuple[str, ...] | None = None, example=None, parse=None,
+           why_not: str | None = None):
+    """A method option: its default, its help text (the options reference), the values a string option may take,
+    an example value for messages, a parser for values that are not plain bool/int/float/str, and the reason it
+    does not apply to methods that lack it (said when one of those is given it)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "example": example, "parse": parse,
+                                            "why_not": why_not})
+
+
+def option_fields(cls) -> list[dataclasses.Field]:
+    """The options of a config class, in declaration order (the internal `method` and base keys left out)."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+# ---- reading one value ----------------------------------------------------------------------------------------
+def _example(key: str, fallback) -> Any:
+    for spec in registry.specs():
+        for f in option_fields(spec.config):
+            if f.name == key:
+                return f.metadata.get("example") or f.default
+    return BASE_KEY_TYPES.get(key, (None, fallback))[1]
+
+
+def parse_bool(key: str, value: str) -> bool:
     low = value.strip().lower()
     if low in ("true", "1", "yes", "on"):
         return True
@@ -58,137 +79,138 @@ def _bool(key: str, value: str) -> bool:
     raise SharpnessConfigError(f"optim_args: {key}={value!r} is not a boolean; use {key}=true or {key}=false")
 
 
-def _float(key: str, value: str) -> float:
+def parse_float(key: str, value: str) -> float:
     try:
         out = float(value)
     except ValueError:
         raise SharpnessConfigError(f"optim_args: {key}={value!r} is not a number; give a decimal, "
-                                   f"e.g. {key}={DEFAULTS_FOR_MESSAGES.get(key, 0.1)}") from None
+                                   f"e.g. {key}={_example(key, 0.1)}") from None
     if not math.isfinite(out):
         raise SharpnessConfigError(f"optim_args: {key}={value!r} must be finite")
     return out
 
 
-def _int(key: str, value: str) -> int:
+def parse_int(key: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
         raise SharpnessConfigError(f"optim_args: {key}={value!r} is not an integer; give a whole number, "
-                                   f"e.g. {key}={DEFAULTS_FOR_MESSAGES.get(key, 1)}") from None
+                                   f"e.g. {key}={_example(key, 1)}") from None
 
 
+def _convert(f: dataclasses.Field, key: str, value):
+    """A value for option `f`: a string from optim_args is parsed; a Python value (the plain-PyTorch API) is
+    checked against the option's type."""
+    parse = f.metadata.get("parse")
+    kind = type(f.default)
+    if isinstance(value, str):
+        if parse is not None:
+            return parse(key, value)
+        if kind is bool:
+            return parse_bool(key, value)
+        if kind is int:
+            return parse_int(key, value)
+        if kind is float:
+            return parse_float(key, value)
+        return value.strip().lower() if f.metadata.get("choices") else value.strip()
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if parse is None and not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise SharpnessConfigError(f"{key}={value!r} is not a {kind.__name__}; e.g. {key}={_example(key, f.default)}")
+    return value
+
+
+def parse_optim_args(optim_args: str | None) -> dict[str, str]:
+    """`"rho=0.05, lam=0.2"` -> `{"rho": "0.05", "lam": "0.2"}`, with errors that show the bad piece.
+
+    Spaces around keys and values are dropped, as transformers drops them; a space inside one (`"rho=0.05 lam=0.2"`,
+    which transformers would read as rho = "0.05lam=0.2") is refused: pairs are separated by commas."""
+    out: dict[str, str] = {}
+    if not optim_args:
+        return out
+    for piece in optim_args.split(","):
+        piece = piece.strip()
+        if not piece:
+            continue
+        key, sep, value = (part.strip() for part in piece.partition("="))
+        if not sep or not key or not value:
+            raise SharpnessConfigError(f"optim_args: {piece!r} is not key=value (e.g. --optim_args \"rho=0.05,lam=0.2\")")
+        spaced = any(ch.isspace() for ch in key + value)
+        if "=" in value and spaced:  # "rho=0.05 lam=0.2"
+            pairs = ",".join("=".join(w.strip() for w in p.split("=")) for p in re.split(r"\s+(?=[^=\s]+\s*=)", piece))
+            raise SharpnessConfigError(f"optim_args: {piece!r} holds several key=value pairs: separate them with "
+                                       f"commas, not spaces: --optim_args \"{pairs}\"")
+        if "=" in value or spaced:
+            raise SharpnessConfigError(f"optim_args: {piece!r} is not one key=value: a key or value holds "
+                                       f"{'a space' if spaced else 'an ='}; give comma-separated key=value pairs "
+                                       "(e.g. --optim_args \"rho=0.05,lam=0.2\")")
+        if key in out:
+            raise SharpnessConfigError(f"optim_args: key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
+def _bad(key: str, value: Any, allowed: str) -> SharpnessConfigError:
+    return SharpnessConfigError(f"optim_args: {key}={value!r} is not allowed; {allowed}")
+
+
+# ---- the options every method takes ---------------------------------------------------------------------------
 @dataclass
 class SharpnessConfig:
-    """Options of the sharpness-aware methods (see README "Methods and options")."""
+    """Options every method takes (see docs/options.md); `from_optim_args` builds the method's own config."""
 
     method: str = "sam"
-    rho: float = 0.05
-    adaptive: bool = False  # ASAM: e = rho T^2 g / ||T g||, T = |x| + eta
-    eta: float = 0.01
-    lam: float = 0.2  # SAMPa's lambda
-    micro_batches: int = 8  # mSAM's m
-    ascent_batch_ratio: float | str = 1.0  # Asynchronous SAM's r, or "auto"
-    base: str = "adamw_torch"
-    lookahead: str = "optimizer"  # SAMPa's ModelUpdate: the base optimizer's own step, or plain SGD
-    parallel: str = "auto"  # auto | on | off
-    sync_ascent: bool = True  # SAM with DDP: average the ascent gradient over ranks
-    ascent_device: str = "auto"  # Asynchronous SAM's ascent rank: auto (Trainer's device) or cpu
-    ascent_threads: int = 0  # with ascent_device=cpu: the CPU rank's threads (0: every core but one)
-    bn_stats: str = "clean"  # which pass updates BatchNorm running statistics: clean | all
-    check_every: int = 50  # steps between replica checksums in role-parallel mode
-    exchange_dtype: str = "fp32"  # role mode: what the gradients cross the link as (bf16: half the bytes, rounded)
-    # SAM on a schedule (sam, msam): sharpness-aware every `interval`-th optimizer step within [start, stop) of the
-    # run's optimizer steps (fractions); every other step is the base optimizer's own one-pass step
-    interval: int = 1
-    start: float = 0.0
-    stop: float = 1.0
+    rho: float = option(0.05, "radius of the perturbation (rho > 0)")
+    base: str = option("adamw_torch", "the base optimizer, by its Trainer name (adamw_torch, sgd, adafactor, ...); "
+                       "its own keys (momentum=0.9 for sgd) go in the same optim_args")
+    bn_stats: str = option("clean", "which passes update BatchNorm running statistics: clean (the unperturbed pass "
+                           "only) or all", choices=("clean", "all"))
+    check_every: int = option(50, "steps between replica checksums on several processes (0: never)")
     base_optim_args: dict[str, str] = field(default_factory=dict)
 
-    # ---- parsing -------------------------------------------------------
+    # ---- building ----------------------------------------------------------
     @classmethod
-    def from_optim_args(cls, method: str, optim_args: str | None) -> "SharpnessConfig":
-        method = str(getattr(method, "value", method))
-        if method not in METHODS:
-            raise SharpnessConfigError(f"optim={method!r} is not a sharpness-aware method; use one of {METHODS}")
-        raw = parse_optim_args(optim_args)
-        cfg = cls(method=method)
-        converters = {
-            "rho": _float, "adaptive": _bool, "eta": _float, "lam": _float, "micro_batches": _int,
-            "base": lambda k, v: v, "lookahead": lambda k, v: v.lower(), "parallel": lambda k, v: v.lower(),
-            "sync_ascent": _bool, "ascent_device": lambda k, v: v.lower(), "bn_stats": lambda k, v: v.lower(),
-            "check_every": _int, "ascent_threads": _int, "interval": _int, "start": _float, "stop": _float,
-            "exchange_dtype": lambda k, v: v.lower(),
-            "ascent_batch_ratio": lambda k, v: "auto" if v.lower() == "auto" else _float(k, v),
-        }
-        base_args: dict[str, str] = {}
-        for key, value in raw.items():
-            if key in converters:
-                setattr(cfg, key, converters[key](key, value))
+    def from_optim_args(cls, method, optim_args: str | None) -> "SharpnessConfig":
+        """The config of `method` (an --optim name) from an optim_args string, validated."""
+        return cls.create(method, **parse_optim_args(optim_args))
+
+    @classmethod
+    def create(cls, method, **options) -> "SharpnessConfig":
+        """The config of `method` from keyword options (strings are parsed as in optim_args), validated."""
+        try:
+            spec = registry.get(method)
+        except KeyError as err:
+            raise SharpnessConfigError(err.args[0]) from None
+        own = {f.name: f for f in option_fields(spec.config)}
+        values, base_args = {}, {}
+        for key, value in options.items():
+            if key in own:
+                values[key] = _convert(own[key], key, value)
             else:
-                base_args[key] = value
-        cfg.base_optim_args = base_args
+                _refuse_other_methods_key(spec.name, own, key, value)
+                base_args[key] = value if isinstance(value, str) else str(value).lower()
+        cfg = spec.config(method=spec.name, base_optim_args=base_args, **values)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        def bad(key: str, value: Any, allowed: str) -> SharpnessConfigError:
-            return SharpnessConfigError(f"optim_args: {key}={value!r} is not allowed; {allowed}")
-
+        for f in option_fields(type(self)):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                listed = ", ".join(choices[:-1]) + " or " + choices[-1]
+                raise _bad(f.name, value, f"use {listed} ({f.metadata['help']})")
         if not self.rho > 0:
-            raise bad("rho", self.rho, "rho must be > 0 (e.g. rho=0.05)")
-        if not self.eta >= 0:
-            raise bad("eta", self.eta, "eta (ASAM's T = |x| + eta) must be >= 0 (e.g. eta=0.01)")
-        if not 0.0 <= self.lam <= 1.0:
-            raise bad("lam", self.lam, "lam must be in [0, 1] (e.g. lam=0.2)")
-        if self.micro_batches < 1:
-            raise bad("micro_batches", self.micro_batches, "micro_batches must be >= 1 (e.g. micro_batches=8)")
-        r = self.ascent_batch_ratio
-        if r != "auto" and not (isinstance(r, float) and 0.0 < r <= 1.0):
-            raise bad("ascent_batch_ratio", r, "use a number in (0, 1] or auto")
-        if self.lookahead not in ("optimizer", "sgd"):
-            raise bad("lookahead", self.lookahead, "use lookahead=optimizer (the base optimizer's own step) or sgd")
-        if self.parallel not in ("auto", "on", "off"):
-            raise bad("parallel", self.parallel, "use auto, on or off")
-        if self.ascent_device not in ("auto", "cpu"):
-            raise bad("ascent_device", self.ascent_device,
-                      "use auto (the ascent rank uses Trainer's device) or cpu (rank 1 computes the ascent on the CPU)")
-        if self.ascent_device == "cpu" and self.method != "asyncsam":
-            raise bad("ascent_device", self.ascent_device, f"it applies to asyncsam only, not {self.method}; drop it")
-        if self.ascent_device == "cpu" and self.parallel == "off":
-            raise bad("ascent_device", self.ascent_device,
-                      "a CPU ascent rank needs the role-parallel layout; drop parallel=off")
-        if self.ascent_threads < 0 or (self.ascent_threads and self.ascent_device != "cpu"):
-            raise bad("ascent_threads", self.ascent_threads,
-                      "it sets the CPU ascent rank's threads: use a number >= 0 (0: every core but one) together "
-                      "with ascent_device=cpu")
-        if self.interval < 1:
-            raise bad("interval", self.interval, "use a whole number >= 1 (interval=4: sharpness-aware every 4th step)")
-        for key in ("start", "stop"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise bad(key, getattr(self, key), f"{key} is a fraction of the run's optimizer steps in [0, 1] "
-                                                   f"(e.g. {key}={DEFAULTS_FOR_MESSAGES[key]})")
-        if self.start > self.stop:
-            raise bad("start", self.start, f"start must be <= stop={self.stop} (the method is active within "
-                                           "[start, stop) of the run)")
-        if self.scheduled and self.method not in SCHEDULED_METHODS:
-            key = next(k for k, d in (("interval", 1), ("start", 0.0), ("stop", 1.0)) if getattr(self, k) != d)
-            raise bad(key, getattr(self, key),
-                      f"a schedule applies to sam and msam; {self.method} carries a gradient from one step to the next "
-                      "(SAMPa's g_t, Asynchronous SAM's a_(t-1)), so a base-optimizer step in between has no clean "
-                      f"definition: drop {key}, or use --optim sam/msam with it")
-        if self.bn_stats not in ("clean", "all"):
-            raise bad("bn_stats", self.bn_stats, "use clean (running stats from the unperturbed pass only) or all")
+            raise _bad("rho", self.rho, "rho must be > 0 (e.g. rho=0.05)")
         if self.check_every < 0:
-            raise bad("check_every", self.check_every, "use a number of steps >= 0 (0 disables the check)")
-        if self.exchange_dtype not in ("fp32", "bf16"):
-            raise bad("exchange_dtype", self.exchange_dtype, "use fp32 (exact, the default) or bf16 (half the bytes)")
+            raise _bad("check_every", self.check_every, "use a number of steps >= 0 (0 disables the check)")
         self._validate_base()
 
     def _validate_base(self) -> None:
         from transformers.training_args import OptimizerNames
 
-        known = {m.value for m in OptimizerNames} - set(METHODS)
-        if self.base in METHODS:
+        known = {m.value for m in OptimizerNames} - set(registry.names())
+        if registry.is_method(self.base):
             raise SharpnessConfigError(f"optim_args: base={self.base!r} is a sharpness method itself; "
                                        "use a plain optimizer such as adamw_torch or sgd")
         if self.base not in known:
@@ -198,7 +220,7 @@ class SharpnessConfig:
             raise SharpnessConfigError(f"optim_args: base={self.base!r} fuses the backward pass with the update, "
                                        "so there is no gradient to perturb; use adamw_torch or sgd")
         allowed = BASE_OPTIM_KEYS.get(self.base, ())
-        ours = sorted(f.name for f in dataclasses.fields(self) if f.name not in ("method", "base_optim_args"))
+        ours = sorted(f.name for f in option_fields(type(self)))
         for key, value in self.base_optim_args.items():
             if key in OVERRIDDEN_BASE_KEYS:
                 raise SharpnessConfigError(
@@ -206,20 +228,78 @@ class SharpnessConfig:
                     f"optimizer's {key} themselves; use {OVERRIDDEN_BASE_KEYS[key]} instead")
             if key not in allowed:
                 base_keys = f"; {self.base} takes {list(allowed)}" if allowed else ""
-                raise SharpnessConfigError(f"optim_args: unknown key {key}={value!r}; sam_hf takes {ours}{base_keys}")
+                raise SharpnessConfigError(f"optim_args: unknown key {key}={value!r}; --optim {self.method} takes "
+                                           f"{ours}{base_keys}")
             # checked here, before training: transformers would fail later (or read a typo as false)
-            if BASE_KEY_TYPES.get(key) == "bool":
-                _bool(key, value)
-            elif BASE_KEY_TYPES.get(key) == "float" and _float(key, value) < 0:
+            kind = BASE_KEY_TYPES.get(key, ("str",))[0]
+            if kind == "bool":
+                parse_bool(key, value)
+            elif kind == "float" and parse_float(key, value) < 0:
                 raise SharpnessConfigError(f"optim_args: {key}={value!r} must be >= 0 for base={self.base}")
-        if self.method == "sampa" and self.lookahead == "optimizer" and self.base not in LOOKAHEAD_BASES:
-            raise SharpnessConfigError(
-                f"optim_args: lookahead=optimizer has a closed form for base in {list(LOOKAHEAD_BASES)}, "
-                f"not base={self.base!r}; use lookahead=sgd (y = x - lr * g) or one of those bases")
+
+    # ---- what the run asks of the layout ----------------------------------------
+    @property
+    def scheduled(self) -> bool:
+        """Whether some optimizer steps are the base optimizer's own (ScheduleOptions)."""
+        return False
+
+    def active(self, step: int, total: int) -> bool:
+        """Whether optimizer step `step` (0-based) of `total` is sharpness-aware (always, without a schedule)."""
+        return True
+
+    @property
+    def cpu_rank(self) -> bool:
+        """Whether rank 1 computes on the CPU beside a GPU rank 0 (Asynchronous SAM's ascent_device=cpu)."""
+        return False
+
+    def base_optim_args_string(self) -> str | None:
+        """The part of optim_args meant for the base optimizer, in transformers' own format."""
+        return ",".join(f"{k}={v}" for k, v in self.base_optim_args.items()) or None
+
+
+def _refuse_other_methods_key(method: str, own: dict, key: str, value) -> None:
+    """A key another method takes would be silently ignored here: refuse it, naming the methods it belongs to."""
+    owners = [s.name for s in registry.specs() if key in {f.name for f in option_fields(s.config)}]
+    if not owners:
+        return
+    why = next((f.metadata.get("why_not") for s in registry.specs() for f in option_fields(s.config)
+                if f.name == key and f.metadata.get("why_not")), None)
+    raise SharpnessConfigError(
+        f"optim_args: {key}={value} applies to {' and '.join(owners)} only, not to --optim {method}"
+        f"{f' ({why})' if why else ''}: drop {key}, or use --optim {owners[0]}")
+
+
+# ---- option groups some methods take ------------------------------------------------------------------------
+_SCHEDULE_WHY = ("a schedule makes some steps the base optimizer's own; a method that carries a gradient from one "
+                 "step to the next (SAMPa's g_t, Asynchronous SAM's a_(t-1)) has no clean definition of such a step")
+
+
+@dataclass
+class ScheduleOptions:
+    """SAM on a schedule: sharpness-aware every `interval`-th optimizer step within [start, stop) of the run's
+    optimizer steps (fractions); every other step is the base optimizer's own one-pass step."""
+
+    interval: int = option(1, "sharpness-aware every interval-th optimizer step; the others are the base "
+                           "optimizer's own (interval=4: a quarter of the steps)", example=4, why_not=_SCHEDULE_WHY)
+    start: float = option(0.0, "first fraction of the run's optimizer steps that is sharpness-aware",
+                          example=0.5, why_not=_SCHEDULE_WHY)
+    stop: float = option(1.0, "fraction of the run's optimizer steps where the sharpness-aware steps end",
+                         example=0.5, why_not=_SCHEDULE_WHY)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.interval < 1:
+            raise _bad("interval", self.interval, "use a whole number >= 1 (interval=4: sharpness-aware every 4th step)")
+        for key in ("start", "stop"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise _bad(key, getattr(self, key), f"{key} is a fraction of the run's optimizer steps in [0, 1] "
+                                                    f"(e.g. {key}=0.5)")
+        if self.start > self.stop:
+            raise _bad("start", self.start, f"start must be <= stop={self.stop} (the method is active within "
+                                            "[start, stop) of the run)")
 
     @property
     def scheduled(self) -> bool:
-        """Whether some optimizer steps are the base optimizer's own (interval, start or stop set)."""
         return (self.interval, self.start, self.stop) != (1, 0.0, 1.0)
 
     def active(self, step: int, total: int) -> bool:
@@ -228,23 +308,55 @@ class SharpnessConfig:
         first = math.ceil(self.start * total - 1e-9)
         return first <= step < self.stop * total - 1e-9 and (step - first) % self.interval == 0
 
-    def base_optim_args_string(self) -> str | None:
-        """The part of optim_args meant for the base optimizer, in transformers' own format."""
-        return ",".join(f"{k}={v}" for k, v in self.base_optim_args.items()) or None
+
+@dataclass
+class RoleOptions:
+    """Methods whose two gradient passes are independent, so they may run on two halves of the processes."""
+
+    parallel: str = option("auto", "auto: the two passes on two halves of the processes where the method's "
+                           "layout allows; on: always (2k processes); off: both passes on every rank",
+                           choices=("auto", "on", "off"))
+    exchange_dtype: str = option("fp32", "role mode: what the gradients cross the link as (fp32 exact; bf16 half "
+                                 "the bytes, rounded)", choices=("fp32", "bf16"))
 
 
-def parse_optim_args(optim_args: str | None) -> dict[str, str]:
-    """`"rho=0.05, lam=0.2"` -> `{"rho": "0.05", "lam": "0.2"}`, with errors that show the bad piece."""
-    out: dict[str, str] = {}
-    if not optim_args:
-        return out
-    for piece in optim_args.replace(" ", "").split(","):
-        if not piece:
+# ---- the options reference --------------------------------------------------------------------------------------
+def _default_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def options_reference(methods=None) -> str:
+    """The options of each registered method as markdown (docs/options.md is this, for every method)."""
+    lines = ["# Options", "",
+             "Every option goes in `--optim_args` as `key=value`, comma-separated (`--optim sampa --optim_args "
+             "\"rho=0.1,lam=0.2\"`), or as a keyword of `sam_hf.SharpnessOptimizer`. A key the method does not "
+             "take is refused before training, naming the methods that take it. Keys that are not sam_hf's go to "
+             "the base optimizer (`base=sgd,momentum=0.9`): " + ", ".join(
+                 f"{base} takes {', '.join(keys)}" for base, keys in BASE_OPTIM_KEYS.items()) + ".",
+             "", "Generated from the option definitions by `sam-hf options`; `tests` check it is current.", ""]
+    for spec in registry.specs():
+        if methods and spec.name not in methods:
             continue
-        key, sep, value = piece.partition("=")
-        if not sep or not key or not value:
-            raise SharpnessConfigError(f"optim_args: {piece!r} is not key=value (e.g. --optim_args \"rho=0.05,lam=0.2\")")
-        if key in out:
-            raise SharpnessConfigError(f"optim_args: key {key!r} is given twice")
-        out[key] = value
-    return out
+        lines += [f"## `--optim {spec.name}`", "", spec.summary + (f" ({spec.paper})." if spec.paper else "."), "",
+                  "| key | default | what it does |", "|---|---|---|"]
+        for f in option_fields(spec.config):
+            choices = f.metadata.get("choices") or ()
+            meaning = f.metadata["help"]
+            if not all(c in meaning for c in choices):
+                meaning += f" (one of: {', '.join(choices)})"
+            lines.append(f"| `{f.name}` | `{_default_text(f.default)}` | {meaning.replace('|', chr(92) + '|')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`sam-hf options [METHOD ...]`: the options reference, for every method or the ones named."""
+    import sam_hf  # noqa: F401  (registers the methods)
+
+    names = list(argv or [])
+    unknown = [n for n in names if not registry.is_method(n)]
+    if unknown:
+        print(f"sam-hf options: unknown method(s) {unknown}; the methods are {list(registry.names())}")
+        return 2
+    print(options_reference(names or None))
+    return 0

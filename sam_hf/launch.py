@@ -10,7 +10,7 @@
 choices and makes whatever Trainer the script builds run them; the script
 then runs as `__main__` with its own `sys.argv`, as if started directly.
 With `--optim asyncsam --optim_args "ascent_device=cpu"` on 2 processes, rank 1
-is put on the CPU first (placement.py).
+is put on the CPU first (distributed/placement.py).
 
 The launcher's own options come before the script:
 
@@ -62,15 +62,27 @@ def split_launcher_options(argv: list[str]) -> tuple[dict, list[str]]:
     return options, rest
 
 
+def misplaced_launcher_options(script_args: list[str]) -> list[str]:
+    """The launcher's own options among the script's arguments (`run_glue.py ... --sharpness_every 10`), which
+    transformers would report as unused arguments of the script."""
+    found = []
+    for arg in script_args:
+        flag = arg.partition("=")[0]
+        flag = "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
+        if flag in SHARPNESS_OPTIONS and flag not in found:
+            found.append(flag)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     import sam_hf  # noqa: F401  (registers the names and patches Trainer)
-    from . import integration
+    from .trainer import integration
     from .config import SharpnessConfigError
-    from .placement import place_from_argv
+    from .distributed.placement import place_from_argv
     from .sharpness import SharpnessCallback
 
     try:
@@ -88,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     target, args = (argv[1], argv[2:]) if as_module and len(argv) > 1 else (argv[0], argv[1:])
     if as_module and len(argv) < 2:
         print(USAGE, file=sys.stderr)
+        return 2
+    misplaced = misplaced_launcher_options(args)
+    if misplaced:
+        print(f"sam-hf launch: {', '.join(misplaced)} after the script would reach the script, not the launcher: "
+              f"launcher options go before the script (sam-hf launch {misplaced[0]} N {' '.join(argv[:2 if as_module else 1])} "
+              "...)", file=sys.stderr)
         return 2
     if not as_module and not os.path.isfile(target):
         print(f"sam-hf launch: no such script: {target}\n{USAGE}", file=sys.stderr)

@@ -75,9 +75,9 @@ def _force_flag(monkeypatch, flag):
 
 def _force_fsdp1(monkeypatch):
     """accelerate's FSDP plugin in version 1, as a `--fsdp` run on GPUs has it."""
-    from sam_hf import sharding
+    from sam_hf.distributed import fsdp2
 
-    monkeypatch.setattr(sharding, "fsdp_version", lambda trainer: 1)
+    monkeypatch.setattr(fsdp2, "fsdp_version", lambda trainer: 1)
 
 
 @pytest.mark.parametrize("flag,names,alternative", [
@@ -106,13 +106,86 @@ def test_back_end_flags_do_not_touch_plain_optimizers(tmp_path, monkeypatch):
     assert trainer.sharpness_config is None
 
 
-def test_check_combination_directly(tmp_path, monkeypatch):
-    """The same messages from `_check_combination` on a constructed trainer (how a later back end would call it)."""
+def test_trainer_sharding_directly(tmp_path, monkeypatch):
+    """The same messages from `layouts.trainer_sharding` on a constructed trainer (what the mixin asks before it
+    picks a layout)."""
+    from sam_hf.distributed.layouts import trainer_sharding
+
     trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(tmp_path, "sampa"), train_dataset=vector_data())
+    assert trainer_sharding(trainer, "sampa", roles_asked=False) is None
     _force_fsdp1(monkeypatch)
     with pytest.raises(SharpnessConfigError, match="FSDP1"):
-        trainer._check_combination(trainer.sharpness_config)
+        trainer_sharding(trainer, "sampa", roles_asked=False)
     monkeypatch.undo()
     trainer.is_deepspeed_enabled = True
     with pytest.raises(SharpnessConfigError, match="DeepSpeed"):
-        trainer._check_combination(trainer.sharpness_config)
+        trainer_sharding(trainer, "sampa", roles_asked=False)
+
+
+# ---- the process group's backend: torch's default (one backend per device type) is accepted where it is gloo/nccl
+
+DEFAULT_GROUP_SCRIPT = r"""
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+import sam_hf
+from sam_hf import SharpnessConfigError
+from tiny import MeanLossModel, args, vector_data, weights
+dist.init_process_group()  # no backend: torch's default, get_backend() says 'undefined' (get_backend_config 'cpu:gloo')
+out, rank = sys.argv[1], dist.get_rank()
+result = {"backend": str(dist.get_backend())}
+# what TrainingArguments does on a machine without a GPU when --use_cpu is missing: accelerate takes the run for a
+# single process (world_size 1) on every rank
+try:
+    sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(out, "sampa", "rho=0.1", max_steps=2, use_cpu=False),
+                            train_dataset=vector_data())
+except SharpnessConfigError as err:
+    result["without_use_cpu"] = str(err)
+trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), args=args(out, "sampa", "rho=0.1", max_steps=2),
+                                  train_dataset=vector_data())  # tiny.args: use_cpu=True
+trainer.train()
+result["plan"] = trainer._sharpness_layout.describe()
+result["world_size"] = trainer.args.world_size
+# a model taking **kwargs, data parallel (SAM): the factor transformers puts on its logged loss is stated once
+import io, logging
+from tiny import KwargsMeanModel
+stream = io.StringIO()
+logging.getLogger("sam_hf").addHandler(logging.StreamHandler(stream))
+sam_hf.SharpnessTrainer(model=KwargsMeanModel(), args=args(out, "sam", "rho=0.1", log_level="info",
+                                                           log_level_replica="info"), train_dataset=vector_data())
+result["log"] = stream.getvalue()
+torch.save(weights(trainer.model), f"{out}/rank{rank}.pt")
+json.dump(result, open(f"{out}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_a_process_group_started_without_a_backend(tmp_path):
+    """`init_process_group()` without a backend (accelerate's call where it finds no accelerator) gives torch's
+    default group, whose get_backend() is 'undefined' while gloo carries the CPU tensors: sam_hf runs on it. When
+    transformers takes each process for a lone one (no GPU and no --use_cpu), sam_hf says in one line what to add."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "default_group.py"
+    script.write_text(DEFAULT_GROUP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # a machine without a GPU
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), str(tmp_path), str(Path(__file__).parent)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in results:
+        assert r["backend"] == "undefined" and r["world_size"] == 2
+        assert r["plan"].startswith("role-parallel 2 x 1"), r["plan"]
+        assert "add --use_cpu" in r["without_use_cpu"] and "\n" not in r["without_use_cpu"], r["without_use_cpu"]
+        assert "sam_hf: sam runs data parallel (2 processes)" in r["log"], r["log"]
+        assert r["log"].count("multiplies each rank's training loss by 2") == 1, r["log"]
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k

@@ -53,10 +53,24 @@ def test_ratios_are_paired_within_rounds_and_two_process_rows_meet_ddp():
     assert "| SAMPa-0.2 | 2 | 1210 | 1.20x | 1.09x | 1.67x | - | 100 / 101 |" in markdown
 
 
-def test_bench_runs_sam_every_4th_step_and_the_bf16_exchange():
-    configs = {(label, procs): args for label, _, args, procs in bench.CONFIGS}
-    assert configs[("SAM (interval=4)", 1)] == "rho=0.05,interval=4"
-    assert "exchange_dtype=bf16" in configs[("SAMPa-0.2 (bf16 exchange)", 2)]
+def test_bench_runs_every_registered_method_with_valid_options():
+    """The bench's rows come from the registry: every method on 1 process, every two-role method on 2 processes
+    too (role mode), each row's options valid for its method, labels unique per process count, and the rows the
+    targets compare present."""
+    from sam_hf import SharpnessConfig, registry
+
+    rows = bench.configurations()
+    assert rows[0] == ("AdamW", "adamw_torch", "", 1) and ("AdamW (DDP)", "adamw_torch", "", 2) in rows
+    for spec in registry.specs():
+        assert any(o == spec.name and p == 1 for _, o, _, p in rows), spec.name
+        if spec.method.two_roles:
+            assert any(o == spec.name and p == 2 for _, o, _, p in rows), spec.name
+    for label, optim, optim_args, procs in rows:
+        if registry.is_method(optim):
+            SharpnessConfig.from_optim_args(optim, optim_args)  # raises on a bad key or value
+    assert len({(label, p) for label, _, _, p in rows}) == len(rows)
+    for label, procs in [("SAM", 1), ("SAM (interval=4)", 1), ("SAMPa-0.2", 1), ("SAMPa-0.2", 2)]:
+        assert (label, procs) in {(r[0], r[3]) for r in rows}, label
 
 
 def test_one_configuration_end_to_end(tmp_path):
@@ -94,3 +108,21 @@ def test_a_gpu_and_a_cpu_rank_report_the_gpu_memory():
     cpu = {**_r("AsyncSAM (CPU ascent, r=auto)", 2, 1.0, rank=1, mem=4000.0), "mem_kind": "rss"}
     row = bench.summarize([_r("AdamW", 1, 1.0), _r("SAM", 1, 2.0), gpu, cpu])["rows"][-1]
     assert row["peak_mem_mb"] == 500.0 and row["ascent_batch_ratio"] == 0.25
+
+
+def test_help_gives_every_default_and_the_labels_only_takes():
+    text = " ".join(bench._parser().format_help().split())  # argparse wraps lines
+    for option, default in [("--seq", 128), ("--hidden", 256), ("--layers", 4), ("--steps", 12), ("--batch", 16)]:
+        assert f"(default: {default})" in text.split(option, 2)[2].split("--", 1)[0], option
+    for label in bench.labels():
+        assert label in text, label
+
+
+def test_only_takes_labels_whole_even_with_a_comma():
+    assert bench.parse_only("AdamW,AsyncSAM (CPU ascent, r=auto),SAMPa-0.2") == [
+        "AdamW", "AsyncSAM (CPU ascent, r=auto)", "SAMPa-0.2"]
+    with pytest.raises(ValueError, match="no configuration is labelled 'SAMPa'.*SAMPa-0.2"):
+        bench.parse_only("SAMPa")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--only", "nope", "--out", "unused"])
+    assert exit_.value.code == 2

@@ -169,12 +169,11 @@ def test_bf16_exchange_keeps_replicas_identical_and_close_to_fp32(tmp_path, opti
 
 EXCHANGE_SCRIPT = r"""
 import sys, torch, torch.distributed as dist
-from sam_hf import parallel
-from sam_hf.config import SharpnessConfig
+from sam_hf.distributed.exchange import exchange
+from sam_hf.distributed.plan import make_plan
 dist.init_process_group("gloo")
 rank, world, dtype = dist.get_rank(), dist.get_world_size(), sys.argv[2]
-cfg = SharpnessConfig.from_optim_args("sampa", f"rho=0.1,exchange_dtype={dtype}")
-plan = parallel.make_plan(cfg, torch.device("cpu"), 60.0)
+plan = make_plan(torch.device("cpu"), 60.0, roles=True, exchange_dtype=dtype)
 # large and small tensors (the small ones share a message); parameter 3 gets a gradient on role 0 only, 5 on none
 shapes = [(300, 70), (7,), (64, 40), (5, 3), (2, 9000), (4,), (30,)]
 params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
@@ -185,8 +184,8 @@ for i, p in enumerate(params):
     p.grad = None if i == 5 or (i == 3 and plan.role == 1) else grad(plan.role, plan.dp_rank, i) * 4.0  # scale 4
 into = [torch.empty(s) for s in shapes]
 ids = [id(t) for t in into]
-g0, g1, extras = parallel.exchange(plan, [p.grad for p in params], params, 4.0, {"loss": 1.0 + plan.role},
-                                   ("loss",), 0, "sampa", into=into)
+g0, g1, extras = exchange(plan, [p.grad for p in params], params, 4.0, {"loss": 1.0 + plan.role}, ("loss",),
+                          "the test exchange", into=into)
 k = plan.dp_size
 for role, got in ((0, g0), (1, g1)):
     for i, t in enumerate(got):
@@ -312,7 +311,7 @@ def test_odd_world_size_with_parallel_on_fails_before_training(tmp_path):
 
 @pytest.mark.parametrize("optim,optim_args,message", [
     ("sampa", "parallel=on", "parallel=on needs 2 processes or more"),
-    ("sam", "parallel=on", "parallel=on (two roles) applies to sampa and asyncsam"),
+    ("sam", "parallel=on", "parallel=on applies to sampa and asyncsam only"),
 ], ids=["sampa-one-process", "sam"])
 def test_impossible_layouts_fail_before_training(tmp_path, optim, optim_args, message):
     from sam_hf import SharpnessConfigError

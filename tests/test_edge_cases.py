@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import sam_hf
-from sam_hf.parallel import ParallelPlan
+from sam_hf.distributed.layouts import DataParallel, Roles
+from sam_hf.distributed.plan import ParallelPlan
 from tiny import METHOD_CASES, MeanLossModel, args, text_data, tiny_bert, vector_data
 
 
@@ -49,26 +50,36 @@ def test_asyncsam_logs_the_mean_loss_of_its_ascent_batch(tmp_path):
 
 
 def test_a_second_train_call_continues(tmp_path):
-    trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), train_dataset=vector_data(),
-                                      args=args(tmp_path, "sampa", "rho=0.1", max_steps=2))
+    """A second train() continues from where the first left the model, the base optimizer and the method: the
+    same optimizer (not wrapped again), AdamW's step count going on, SAMPa's g_t kept (no second skipped first
+    step), the weights moving on. A restart (a new optimizer or method) would fail each of these."""
+    model = MeanLossModel()
+    trainer = sam_hf.SharpnessTrainer(model=model, train_dataset=vector_data(),
+                                      args=args(tmp_path, "sampa", "rho=0.1", max_steps=2, logging_steps=1))
     trainer.train()
+    first = trainer._sharpness_optimizer
+    after_first = [p.detach().clone() for p in model.parameters()]
+    assert [int(s["step"]) for s in first.base.state.values()] == [1] * 4  # 2 steps, the first one skipped
     trainer.train()
-    assert trainer.state.global_step == 2
+    assert trainer._sharpness_optimizer is first and trainer.optimizer.optimizer is first
+    assert [int(s["step"]) for s in first.base.state.values()] == [3] * 4  # both steps of the second call update
+    assert sum(h.get("sam/skipped_update", 0.0) for h in trainer.state.log_history) == 0.0  # second call's log
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), after_first))
 
 
 def test_batch_rebalance_is_refused_in_role_mode(tmp_path):
     """transformers' batch_rebalance sampler shards by rank itself: the two roles would read different batches."""
     trainer = sam_hf.SharpnessTrainer(model=MeanLossModel(), train_dataset=vector_data(),
                                       args=args(tmp_path, "sampa", "rho=0.1", train_sampling_strategy="batch_rebalance"))
-    roles = ParallelPlan(mode="roles", world_size=2, dp_size=1)
+    roles = Roles(ParallelPlan(mode="roles", world_size=2, dp_size=1))
     with pytest.raises(sam_hf.SharpnessConfigError, match="batch_rebalance.*group_by_length.*parallel=off"):
-        trainer._check_world(trainer.sharpness_config, roles)
-    trainer._check_world(trainer.sharpness_config, ParallelPlan(mode="data", world_size=2))  # data parallel: fine
+        roles.check_trainer(trainer)
+    DataParallel(ParallelPlan(mode="data", world_size=2)).check_trainer(trainer)  # data parallel: fine
 
 
 def test_broadcasts_go_in_bounded_buckets_per_dtype(monkeypatch):
     # the start-up weight broadcast must not need a second copy of a large model at once
-    from sam_hf import parallel
+    from sam_hf.distributed import collectives
 
     sent = []
 
@@ -81,11 +92,11 @@ def test_broadcasts_go_in_bounded_buckets_per_dtype(monkeypatch):
         flat.add_(1.0)  # what rank 0's values look like on arrival
         return Done()
 
-    monkeypatch.setattr(parallel.dist, "broadcast", fake_broadcast)
-    monkeypatch.setattr(parallel, "BROADCAST_BUCKET_BYTES", 64)
+    monkeypatch.setattr(collectives.dist, "broadcast", fake_broadcast)
+    monkeypatch.setattr(collectives, "BROADCAST_BUCKET_BYTES", 64)
     tensors = [torch.zeros(8), torch.zeros(8), torch.zeros(4, dtype=torch.float64), torch.zeros(20),
                torch.zeros(3, dtype=torch.float64)]
-    parallel.broadcast_tensors(ParallelPlan(world_size=2), tensors, 0, "a test")
+    collectives.broadcast_tensors(ParallelPlan(world_size=2), tensors, 0, "a test")
     assert sent == [(torch.float32, 16), (torch.float64, 7), (torch.float32, 20)]
     assert all(bool((t == 1.0).all()) for t in tensors)  # every tensor received its values in place
 
@@ -101,7 +112,7 @@ def test_sampa_a_non_finite_term_of_weight_zero_stays_out_of_g(lam, bad):
 
     model = MeanLossModel()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    method = SAMPa(sam_hf.SharpnessConfig(method="sampa", lam=lam), opt)
+    method = SAMPa(sam_hf.SharpnessConfig.create("sampa", lam=lam), opt)
     good = [torch.randn_like(p) for p in method.params]
     nonfinite = [torch.full_like(p, float("inf")) for p in method.params]
     method.g = [torch.ones_like(p) for p in method.params]  # not the first step
@@ -118,7 +129,7 @@ def test_sampa_a_non_finite_term_of_weight_zero_stays_out_of_g(lam, bad):
 def test_adam_lookahead_is_the_optimizers_own_step(kind):
     """ModelUpdate in closed form equals the step torch takes from the same state, with bias corrections in
     float64 as torch computes them (they were float32: ~1e-5 relative off), here after 30 steps."""
-    from sam_hf.lookahead import apply_lookahead_
+    from sam_hf.methods.lookahead import apply_lookahead_
 
     torch.manual_seed(0)
     model = nn.Linear(5, 4)
@@ -152,15 +163,15 @@ def test_adam_lookahead_is_the_optimizers_own_step(kind):
 
 def test_asam_rescales_weights_not_biases(tmp_path):
     """e = rho T^2 g/||T g|| with T = |w| + eta on weights and T = 1 on biases, as the ASAM authors' code does."""
-    from sam_hf.methods.base import perturb_
+    from sam_hf.methods.rules import AscentRule
 
     torch.manual_seed(0)
     lin = nn.Linear(3, 2)
     params = [lin.weight, lin.bias]
     grads = [torch.randn_like(p) for p in params]
     before = [p.detach().clone() for p in params]
-    cfg = sam_hf.SharpnessConfig(method="sam", rho=0.5, adaptive=True, eta=0.1)
-    perturb_(params, grads, 1.0, cfg, rescaled=[True, False])
+    cfg = sam_hf.SharpnessConfig.create("sam", rho=0.5, adaptive=True, eta=0.1)
+    AscentRule(cfg, sam_hf.distributed.layouts.Layout(), names=["weight", "bias"]).perturb_(params, grads)
     T = [before[0].abs() + 0.1, torch.ones_like(before[1])]
     norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(T, grads)))
     for p, b, t, g in zip(params, before, T, grads):

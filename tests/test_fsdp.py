@@ -7,7 +7,6 @@ this process, on the same global batch. accelerate enables FSDP on accelerators 
 runs on CUDA machines (tests/scripts/fsdp_trainer.py); its CPU variant turns accelerate's FSDP2 on by hand.
 """
 
-import inspect
 import json
 import os
 import socket
@@ -23,9 +22,11 @@ SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import fsdp_train  # noqa: E402
 
-import sam_hf.trainer as sam_trainer  # noqa: E402
-from sam_hf import sharding  # noqa: E402
+from sam_hf import registry  # noqa: E402
 from sam_hf.config import SharpnessConfig, SharpnessConfigError  # noqa: E402
+from sam_hf.distributed import dtensor  # noqa: E402
+from sam_hf.distributed.layouts import FSDP2, FSDP2Roles, trainer_sharding, wants_roles  # noqa: E402
+from sam_hf.distributed.plan import ParallelPlan  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEPS = 6
@@ -69,8 +70,6 @@ ROLE_TRAINER_CASES = {
     "sampa_roles_ac": ("sampa", "rho=0.1,lam=0.3,parallel=on", True),
 }
 ROLE_TRAINER_RESUME = ("sampa_roles", "asyncsam_roles")
-# the CPU Trainer case runs once trainer.py uses sam_hf.sharding (until then it refuses FSDP)
-WIRED = "sharding." in inspect.getsource(sam_trainer)
 
 
 def trainer_cases(cases=TRAINER_CASES) -> list[str]:
@@ -79,9 +78,9 @@ def trainer_cases(cases=TRAINER_CASES) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
-    """One launch: the loop cases, the checks, and (once trainer.py uses sam_hf.sharding) the Trainer cases."""
+    """One launch: the loop cases, the checks, and the Trainer cases."""
     out = tmp_path_factory.mktemp("fsdp")
-    trainer = ["--trainer_cases", *trainer_cases(), "--trainer_resume", *TRAINER_RESUME] if WIRED else []
+    trainer = ["--trainer_cases", *trainer_cases(), "--trainer_resume", *TRAINER_RESUME]
     proc = launch("fsdp_train.py", 2, "--out_dir", str(out), "--steps", str(STEPS), "--checks", "--resume_check",
                   *trainer)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -138,7 +137,10 @@ def test_resume_from_a_sharded_checkpoint_equals_never_stopping(sharded_runs, na
     resumed = _result(sharded_runs, name, ".resumed.pt")
     for key in never_stopped:
         torch.testing.assert_close(resumed[key], never_stopped[key], atol=0, rtol=0)
-    assert (sharded_runs / f"ckpt_{name}" / "sam_hf_state.rank1.pt").exists()  # held batches are per rank
+    # one state file for every rank (the held batch gathered from the data shards), the shards through DCP
+    assert (sharded_runs / f"ckpt_{name}" / "sam_hf_state.pt").exists()
+    assert not list((sharded_runs / f"ckpt_{name}").glob("sam_hf_state.rank*.pt"))
+    torch.load(sharded_runs / f"ckpt_{name}" / "sam_hf_state.pt", weights_only=True)  # plain types: no allow-list
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +222,19 @@ def cfg(method, optim_args=""):
     return SharpnessConfig.from_optim_args(method, optim_args)
 
 
+def set_up(trainer, config):
+    """What SharpnessMixin does before training, on a fake trainer of 2 processes: the sharding accelerate set up,
+    the layout it gives, and the method's own checks against it. Returns the layout, None when unsharded."""
+    method_cls = registry.get(config.method).method
+    sharding = trainer_sharding(trainer, config.method, method_cls.two_roles and config.parallel == "on")
+    if sharding is None:
+        return None
+    roles = wants_roles(config, method_cls, 2, sharding)
+    layout = FSDP2Roles(ParallelPlan(mode="roles", world_size=2)) if roles else FSDP2(ParallelPlan(mode="data", world_size=2))
+    method_cls.check(config, layout, trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps)
+    return layout
+
+
 @pytest.mark.parametrize("trainer,config,words", [
     (fake_trainer(deepspeed=True), cfg("sam"), ["DeepSpeed", "fsdp_version: 2"]),
     (fake_trainer(version=1), cfg("sampa"), ["FSDP1", "fsdp_version: 2"]),
@@ -233,7 +248,7 @@ def cfg(method, optim_args=""):
 def test_check_setup_refuses_with_what_to_do_instead(monkeypatch, trainer, config, words):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     with pytest.raises(SharpnessConfigError) as err:
-        sharding.check_setup(trainer, config)
+        set_up(trainer, config)
     for word in words:
         assert word in str(err.value), str(err.value)
 
@@ -241,23 +256,18 @@ def test_check_setup_refuses_with_what_to_do_instead(monkeypatch, trainer, confi
 def test_check_setup_runs_sampa_and_asyncsam_data_parallel_under_fsdp2(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     for method in ("sampa", "asyncsam"):
-        config = cfg(method)
-        assert sharding.check_setup(fake_trainer(version=2), config) is True
-        assert config.parallel == "off"
-    assert sharding.check_setup(fake_trainer(), cfg("sampa")) is False  # no FSDP: nothing to do
+        assert type(set_up(fake_trainer(version=2), cfg(method))) is FSDP2
+    assert set_up(fake_trainer(), cfg("sampa")) is None  # no FSDP: nothing to do
     for method in ("sampa", "asyncsam"):  # role mode on request: each role sharded over its half of the ranks
-        config = cfg(method, "parallel=on")
-        assert sharding.check_setup(fake_trainer(version=2), config) is True and config.parallel == "on"
+        assert type(set_up(fake_trainer(version=2), cfg(method, "parallel=on"))) is FSDP2Roles
 
 
 def test_plain_tensors_keep_their_norm():
     tensors = [torch.randn(3, 4), torch.randn(5)]
-    from sam_hf.methods.base import global_norm
-
     expected = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in tensors]))
-    torch.testing.assert_close(global_norm(iter(tensors)), expected)
-    assert global_norm([]) is None
-    assert sharding.all_finite(tensors) and not sharding.all_finite([torch.tensor([float("nan")])])
+    torch.testing.assert_close(dtensor.global_norm(iter(tensors)), expected)
+    assert dtensor.global_norm([]) is None
+    assert dtensor.all_finite(tensors) and not dtensor.all_finite([torch.tensor([float("nan")])])
 
 
 # ---- the Trainer under accelerate's FSDP2 plugin -----------------------------------------------------------
@@ -313,7 +323,6 @@ def test_trainer_with_accelerates_fsdp2_plugin_on_gpus(tmp_path):
     check_trainer_results(roles, "cuda", ROLE_TRAINER_CASES, ROLE_TRAINER_RESUME)
 
 
-@pytest.mark.skipif(not WIRED, reason="sam_hf/trainer.py does not call sam_hf.sharding yet (FSDP still refused)")
 def test_trainer_with_accelerates_fsdp2_plugin_turned_on_for_cpu_processes(sharded_runs):
     check_trainer_results(sharded_runs / "trainer", "cpu")
 

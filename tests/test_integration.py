@@ -8,7 +8,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import sam_hf
-from sam_hf.integration import install
+from sam_hf.trainer.integration import install
 from tiny import (KwargsMeanModel, MeanLossModel, args, assert_same_weights, image_data, text_data, tiny_bert, tiny_vit, vector_data,
                   weights)
 
@@ -54,7 +54,7 @@ def test_other_optimizers_unchanged(tmp_path, optim):
     assert_same_weights(*runs)
 
 
-@pytest.mark.parametrize("method", sam_hf.METHODS)
+@pytest.mark.parametrize("method", list(METHOD_ARGS))  # the efficient variants: tests/test_efficient.py
 @pytest.mark.parametrize("kind", ["bert", "vit"])
 def test_tiny_models_train_and_evaluate(tmp_path, method, kind):
     model, data = (tiny_bert(), text_data()) if kind == "bert" else (tiny_vit(), image_data())

@@ -26,18 +26,25 @@ STEPS = 4  # steps 3-4 measured: the optimizer state and every method's carried 
 # One parameter tensor (1/LAYERS of a copy): a method may hold one more per-parameter temporary at its peak than
 # the base optimizer does in its own step. A whole extra copy is LAYERS times that, so this hides none.
 TOL = 1 / pc.LAYERS
-IDS = ["sam", "asam", "msam", "sampa", "sampa-sgd", "asyncsam-r1", "asyncsam-r0.5"]
-ROWS = dict(zip(IDS, pc.ROWS))
+# every registered method's 1-process examples (the registry's), by label
+ROWS = {row[0]: row for row in pc.ROWS}
+SAMPA, SAMPA_SGD = "SAMPa-0.2", "SAMPa-0.2, base=sgd momentum=0.9"
 
 
-@pytest.mark.parametrize("case", IDS)
+def test_every_registered_method_is_metered():
+    from sam_hf import registry
+
+    assert {optim for _, optim, _ in pc.ROWS} == set(registry.names())
+
+
+@pytest.mark.parametrize("case", list(ROWS))
 def test_extra_copies_within_target(case):
     label, optim, optim_args = ROWS[case]
     copies = pc.measure(optim, optim_args, steps=STEPS)
     assert copies <= pc.TARGETS[optim] + TOL, f"{label} ({optim_args}): {copies:.3f} extra copies"
 
 
-@pytest.mark.parametrize("case", ["sam", "sampa", "sampa-sgd"])
+@pytest.mark.parametrize("case", ["SAM", SAMPA, SAMPA_SGD])
 def test_extra_copies_within_target_with_clipping(case):
     label, optim, optim_args = ROWS[case]
     copies = pc.measure(optim, optim_args, steps=STEPS, max_grad_norm=1.0)
@@ -45,7 +52,7 @@ def test_extra_copies_within_target_with_clipping(case):
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
-@pytest.mark.parametrize("case", ["sampa", "sampa-sgd"])
+@pytest.mark.parametrize("case", [SAMPA, SAMPA_SGD])
 def test_sampa_in_one_process_within_sam_plus_one_copy(case, max_grad_norm):
     """g_t is the one copy SAMPa carries beyond SAM's backup: the lookahead pass runs first, and g_t is freed as
     soon as the perturbation has used it; both gradients are .grad's own tensors, G is combined in place."""
@@ -119,7 +126,6 @@ def test_backup_written_into_the_spent_direction_is_exact(optim_args):
 
     from sam_hf.config import SharpnessConfig
     from sam_hf.methods import SAMPa
-    from sam_hf.methods.sampa import perturb_keeping_x
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
@@ -128,13 +134,13 @@ def test_backup_written_into_the_spent_direction_is_exact(optim_args):
     x = [p.detach().clone() for p in method.params]
     d = [torch.randn_like(p) for p in method.params]
     d[1] = None  # a parameter without a gradient
-    method.perturb_([None if t is None else t.clone() for t in d], 1.0)
+    method.perturb_([None if t is None else t.clone() for t in d])
     want = [p.detach().clone() for p in method.params]
     with torch.no_grad():
         for p, x0 in zip(method.params, x):
             p.copy_(x0)
     ids = [None if t is None else id(t) for t in d]
-    saved, applied, _ = perturb_keeping_x(method, d)
+    saved, applied, _ = method.perturb_(d, keep_x=True)
     assert applied
     for p, w, s, x0, i in zip(method.params, want, saved, x, ids):
         assert torch.equal(p, w) and torch.equal(s, x0)
@@ -147,7 +153,7 @@ def test_data_parallel_adds_nothing_per_rank_and_fsdp2_holds_one_shard_of_each_e
     works in place (staging at most 1/16 of the gradients), so each rank holds what 1 process holds. FSDP2
     (accelerate's plugin turned on for CPU): one shard of each extra copy per rank, about the 1-process figure / 2
     (the meter counts DTensors by their local shards and sees FSDP2's in-place storage resizes: not 0)."""
-    rows = [ROWS["sam"], ROWS["sampa"]]
+    rows = [ROWS["SAM"], ROWS[SAMPA]]
     res = pc.measure_layouts(rows=rows, steps=STEPS, layouts=("one", "ddp", "fsdp"))
     for label, _, _ in rows:
         one, ddp, fsdp = (res["rows"][label][k] for k in ("one", "ddp", "fsdp"))

@@ -3,13 +3,18 @@ stopping, for every method; the method's state rides in Trainer's own optimizer.
 added to the checkpoint (no weight backups)."""
 
 import os
+import pathlib
+import pickle
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 import sam_hf
-from sam_hf.optimizer import STATE_KEY
+from sam_hf.config import SharpnessConfigError
+from sam_hf.distributed import checkpoint as sharding
+from sam_hf.distributed.checkpoint import RANK_FILE
+from sam_hf.optim import STATE_KEY
 from tiny import METHOD_CASES, MeanLossModel, args, text_data, tiny_bert, vector_data, weights
 
 CASES = {k: METHOD_CASES[k] for k in ('sam', 'msam', 'sampa', 'asyncsam', 'asyncsam_r1')}
@@ -87,10 +92,10 @@ def test_resume_equals_uninterrupted(tmp_path, case):
     if optim in ("sam", "msam"):
         assert not list(tensors(method_state))  # stateless between steps: no weight backup saved
     elif optim == "sampa":
-        assert {"g", "held"} <= set(method_state)
+        assert set(method_state) == {"g", "held_parts"}
         assert sorted(tuple(g.shape) for g in method_state["g"]) == shapes  # g_t
         assert all(g.dtype == torch.float32 for g in method_state["g"])
-        held = method_state["held"]  # B_t: the batch the next step perturbs on
+        held = [part["batch"] for part in method_state["held_parts"]]  # B_t: the batch the next step perturbs on
         assert len(held) == 1 and set(held[0]) == {"x", "labels"} and len(held[0]["labels"]) == 8
         extra = sum(t.numel() for t in tensors(method_state))
         assert extra == sum(p.numel() for p in params) + 8 * 6 + 8  # g_t + B_t, nothing else
@@ -117,8 +122,8 @@ def test_resume_with_gradient_accumulation(tmp_path, case):
     first.train()
     ckpt = tmp_path / "run" / f"checkpoint-{N}"
     if optim == "sampa":
-        held = torch.load(ckpt / "optimizer.pt", weights_only=True)[STATE_KEY]["held"]
-        assert len(held) == 2 and all(len(b["labels"]) == 4 for b in held)
+        held = torch.load(ckpt / "optimizer.pt", weights_only=True)[STATE_KEY]["held_parts"]
+        assert len(held) == 2 and all(len(b["batch"]["labels"]) == 4 for b in held)
     model = MeanLossModel(seed=1)
     make_trainer(tmp_path / "run", optim, optim_args, model, data, save_strategy="no", **kw).train(
         resume_from_checkpoint=str(ckpt))
@@ -161,3 +166,25 @@ def test_resume_sampa_on_bert(tmp_path):
     straight = uninterrupted(tmp_path, optim, optim_args, build, data)
     resumed, _, _ = interrupted_and_resumed(tmp_path, optim, optim_args, build, data)
     assert_bitwise(straight, resumed)
+
+
+# ---- method-state files (FSDP2 checkpoints): read with torch.load(weights_only=True) only
+
+class _Payload:
+    """A pickled object whose unpickling would run code (it would create `path`)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])  # torch's default; the previous format's
+def test_method_state_file_with_a_pickled_object_is_refused(tmp_path, protocol):
+    marker = tmp_path / "code_ran"
+    torch.save({"state": {"g": [_Payload(str(marker))]}, "world_size": 1}, tmp_path / RANK_FILE.format(rank=0),
+               pickle_protocol=protocol)
+    with pytest.raises(SharpnessConfigError, match="refusing to load .*a pickled .*not a tensor or a plain container"):
+        sharding.load_method_state(None, str(tmp_path))
+    assert not marker.exists()

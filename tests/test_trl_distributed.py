@@ -92,7 +92,8 @@ def test_sft_under_accelerate_launch(tmp_path):
 def test_other_trl_trainers_are_refused_on_several_processes():
     """DPOTrainer & co. keep their own loss and metric collectives: refused by name before training."""
     from sam_hf import SharpnessConfigError, SharpnessMixin
-    from sam_hf.parallel import ParallelPlan
+    from sam_hf.distributed.layouts import DataParallel
+    from sam_hf.distributed.plan import ParallelPlan
 
     class DPOTrainer:  # stands in for trl's: only its module and name matter to the check
         __module__ = "trl.trainer.dpo_trainer"
@@ -101,4 +102,5 @@ def test_other_trl_trainers_are_refused_on_several_processes():
         pass
 
     with pytest.raises(SharpnessConfigError, match="DPOTrainer runs in one process only.*SFTTrainer"):
-        Probe.__new__(Probe)._check_world(sam_hf.SharpnessConfig(method="sam"), ParallelPlan(mode="data", world_size=2))
+        Probe.__new__(Probe)._check_world(sam_hf.SharpnessConfig.create("sam"),
+                                          DataParallel(ParallelPlan(mode="data", world_size=2)))

@@ -5,37 +5,93 @@ With A_t the first ceil(r |B_t|) samples of B_t, r = `ascent_batch_ratio`:
     t = 0:   step O with grad f(x_0, B_0);                          a_0 = grad f(x_0, A_0)
     t >= 1:  step O with grad f(x_t + rho a_{t-1}/||a_{t-1}||, B_t);  a_t = grad f(x_t, A_t)
 
+(the ascent rule: ASAM's T with adaptive=true).
+
 The descent at step t needs only a_{t-1}, so with two processes a_t is computed
-on the second device while the first computes the descent (`parallel.py`),
+on the second device while the first computes the descent (the role-parallel layout, distributed/layouts/roles.py),
 and r is chosen so the ascent hides behind the descent (`ascent_batch_ratio=auto`
 measures both devices; in one process `auto` means r = 1). In one process
 the two passes run one after the other, the descent first.
 
 The reported `loss` is f(x_t, A_t), the clean loss on the ascent batch. Memory, beyond the base optimizer's own:
 one copy (SAM's, the weight backup), written into a_{t-1}'s buffers as the perturbation consumes them
-(`perturb_keeping_x`), then a_t and the descent gradient: `.grad`'s own tensors, handed over without copies. In
+(the rule's keep_x), then a_t and the descent gradient: `.grad`'s own tensors, handed over without copies. In
 role mode the other role's gradient is received into the spent a_{t-1}'s buffers.
 """
+
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ..batching import batch_size as _size
 from ..batching import leading_samples
-from ..parallel import take_grads
-from .base import SharpnessMethod, StepResult, as_tensor, restore, run_batches, run_pieces, to_device, zero_grads
-from .sampa import perturb_keeping_x
+from ..config import RoleOptions, SharpnessConfig, SharpnessConfigError, _bad, option, parse_float
+from ..registry import Example, register_method
+from ..tensors import as_tensor, restore, set_grads, take_grads, to_device, zero_grads
+from .base import StepResult, TwoRoleMethod, run_batches, run_pieces
+from .rules import AscentOptions
 
 logger = logging.getLogger(__name__)
 AUTO_STEPS = 3  # steps measured (after the first) before ascent_batch_ratio=auto fixes r
 
 
-class AsyncSAM(SharpnessMethod):
-    name = "asyncsam"
+def _ratio(key: str, value: str):
+    return "auto" if value.strip().lower() == "auto" else parse_float(key, value)
+
+
+@dataclass
+class AsyncSAMConfig(RoleOptions, AscentOptions, SharpnessConfig):
+    ascent_batch_ratio: float | str = option(
+        1.0, "Asynchronous SAM's r: the ascent batch A_t is the first ceil(r |B_t|) samples of B_t, r in (0, 1]; "
+        "auto picks r from the two ranks' measured speeds so the ascent hides behind the descent", example=0.5,
+        parse=_ratio)
+    ascent_device: str = option("auto", "the ascent rank's device: auto (Trainer's device) or cpu (rank 1 "
+                                "computes the ascent on the CPU beside a GPU rank 0)", choices=("auto", "cpu"))
+    ascent_threads: int = option(0, "with ascent_device=cpu: the CPU rank's threads (0: every core but one)")
+
+    def validate(self) -> None:
+        super().validate()
+        r = self.ascent_batch_ratio
+        if r != "auto" and not (isinstance(r, float) and 0.0 < r <= 1.0):
+            raise _bad("ascent_batch_ratio", r, "use a number in (0, 1] or auto")
+        if self.ascent_device == "cpu" and self.parallel == "off":
+            raise _bad("ascent_device", self.ascent_device,
+                       "a CPU ascent rank needs the role-parallel layout; drop parallel=off")
+        if self.ascent_threads < 0 or (self.ascent_threads and self.ascent_device != "cpu"):
+            raise _bad("ascent_threads", self.ascent_threads,
+                       "it sets the CPU ascent rank's threads: use a number >= 0 (0: every core but one) together "
+                       "with ascent_device=cpu")
+
+    @property
+    def cpu_rank(self) -> bool:
+        return self.ascent_device == "cpu"
+
+
+class AsyncSAM(TwoRoleMethod):
+    role_names = ("descent", "ascent")
+    roles_hint = "2 processes (or parallel=on on an even number)"
+    extra_copies = 2  # SAM's backup and a_(t-1), kept from one step to the next
+    metrics_role = 0  # the descent pass on B_t is the one that counts (A_t is a slice of B_t)
+    EXTRA_KEYS = ("loss", "perturbed_loss", "applied", "ascent_grad_norm", "descent_seconds", "ascent_seconds",
+                  "ascent_samples", "descent_step_seconds", "ascent_step_seconds")
+
+    @classmethod
+    def roles_by_default(cls, world_size: int) -> bool:
+        return world_size == 2  # 2k ranks with parallel=on
+
+    @classmethod
+    def check(cls, config, layout, samples_per_rank=None) -> None:
+        super().check(config, layout, samples_per_rank)
+        if config.cpu_rank and layout.sharded:
+            raise SharpnessConfigError(
+                f"optim_args: ascent_device=cpu puts a whole unsharded replica on the CPU ascent rank; it does not "
+                f"combine with {layout.describe()}. Drop ascent_device (Asynchronous SAM then runs data parallel on "
+                "the GPUs)")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -43,22 +99,16 @@ class AsyncSAM(SharpnessMethod):
         self.auto_ratio = r == "auto"  # measured in role-parallel mode only; r = 1 until then
         self.ratio = 1.0 if r == "auto" else float(r)
         self.a = None  # a_{t-1}, unscaled fp32
-        self._spent = None  # role mode: a_{t-1}'s buffers once spent, for the exchange to receive into
         self.steps_seen = 0
         self._timings: list[tuple[float, float, float]] = []  # descent s, ascent s/sample, step-time gap s
 
-    EXTRA_KEYS = ("loss", "perturbed_loss", "applied", "ascent_grad_norm", "descent_seconds", "ascent_seconds",
-                  "ascent_samples", "descent_step_seconds", "ascent_step_seconds")
-    last_step_seconds = 0.0  # this rank's last optimizer step, timed by SharpnessOptimizer while measuring
+    @property
+    def slices_batches(self) -> bool:
+        return self.auto_ratio or self.ratio < 1.0
 
     @property
     def times_optimizer_step(self) -> bool:
-        return self.auto_ratio and self.role_parallel
-
-    def synchronize(self) -> None:
-        """Wait for this rank's queued GPU work, so a timing counts it."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        return self.auto_ratio and self.layout.roles
 
     def descent_grad(self, batches, passes):
         """grad f(x_t + rho a_{t-1}/||a_{t-1}||, B_t) in .grad (unperturbed on the first step)."""
@@ -67,12 +117,11 @@ class AsyncSAM(SharpnessMethod):
         if self.a is None:
             return run_batches(passes, batches, clean=True), False, torch.zeros(())
         # a_{t-1} has done its work once the perturbation is applied: its buffers take x's backup
-        saved, applied, norm = perturb_keeping_x(self, self.a)
+        saved, applied, norm = self.perturb_(self.a, keep_x=True)
         self.a = None
         loss = run_batches(passes, batches, clean=False)
         restore(params, saved)
-        if self.role_parallel:  # the backup's buffers (a_{t-1}'s) receive the ascent gradient a_t
-            self._spent = saved
+        self.spend(saved)  # role mode: the backup's buffers (a_{t-1}'s) receive the ascent gradient a_t
         return loss, applied, norm
 
     def role_pass(self, role: int, batches, passes) -> dict:
@@ -84,56 +133,42 @@ class AsyncSAM(SharpnessMethod):
             key = "descent_seconds"
         else:
             zero_grads(self.params)
-            self._spend_a()  # the ascent rank never uses a_{t-1}: its buffers receive the descent gradient
+            self.spend(self.a)  # the ascent rank never uses a_{t-1}: its buffers receive the descent gradient
+            self.a = None
             pieces = leading_samples(batches, self.ratio)
             samples = sum(_size(p.batch) for p in pieces)
             # each piece contributes its part of the step's loss: report it in the units of the whole batch
             share = samples / sum(_size(b) for b in batches)
             out = {"loss": run_pieces(passes, pieces, clean=True) / share, "ascent_samples": samples}
             key = "ascent_seconds"
-        if self.auto_ratio and self.role_parallel:  # timing a GPU pass needs its kernels finished
+        if self.times_optimizer_step:  # timing a GPU pass needs its kernels finished
             self.synchronize()
         out[key] = time.perf_counter() - start
         out["descent_step_seconds" if role == 0 else "ascent_step_seconds"] = self.last_step_seconds
-        return out
-
-    def _spend_a(self) -> None:
-        if self.role_parallel and self.a is not None:
-            self._spent = self.a
-        self.a = None
-
-    def receive_buffers(self):
-        """The spent a_{t-1}'s buffers, handed to `parallel.exchange` to receive the other role's gradient into."""
-        out, self._spent = self._spent, None
         return out
 
     def step(self, batches, passes):
         scale = passes.loss_scale()
         first = self.a is None
         extras = self.role_pass(0, batches, passes)
-        passes.all_reduce_grads(self.params)
+        self.layout.all_reduce_grads(self.params)
         descent = take_grads(self.params, scale)  # no copy: .grad's own tensors, unscaled in place
         if first and self.ratio >= 1.0:  # A_0 = B_0: the descent gradient is a_0
             ascent, extras["loss"] = [None if d is None else d.clone() for d in descent], extras["perturbed_loss"]
         else:
             extras.update(self.role_pass(1, batches, passes))
-            passes.all_reduce_grads(self.params)
+            self.layout.all_reduce_grads(self.params)
             ascent = take_grads(self.params, scale)
         return self.finish(descent, ascent, batches, extras, scale)
 
     def finish(self, descent, ascent, batches, extras, scale) -> StepResult:
         """Step with the descent gradient; keep a_t for the next step. Both are unscaled fp32 and this method's to
         keep (`take_grads`, the exchange): the descent tensors become `.grad`, rescaled in place."""
-        params = self.params
         self._spent = None
-        with torch.no_grad():
-            for p, d in zip(params, descent):
-                if d is not None and scale != 1.0:
-                    d.mul_(scale)
-                p.grad = None if d is None else d.to(p.dtype)
+        set_grads(self.params, descent, scale)
         self.a = ascent
         self.steps_seen += 1
-        if self.role_parallel and self.auto_ratio and self.steps_seen > 1:
+        if self.layout.roles and self.auto_ratio and self.steps_seen > 1:
             self._measure(extras, batches)
         device = self.device
         loss = as_tensor(extras.get("loss", 0.0), device)
@@ -174,3 +209,14 @@ class AsyncSAM(SharpnessMethod):
         self.steps_seen = int(state.get("steps_seen", 1 if self.a is not None else 0))
         self.auto_ratio = bool(state.get("auto_ratio", self.auto_ratio))
         self._timings = [tuple(t) + (0.0,) * (3 - len(t)) for t in state.get("timings", [])]
+
+
+register_method("asyncsam", AsyncSAM, AsyncSAMConfig, "Asynchronous SAM: a one-step-stale ascent on a smaller batch, "
+                "computed on a second device while the first descends", paper="Jo, Lim and Lee, Algorithm 1 (tau = 1)",
+                examples=(Example("AsyncSAM (r=1)", "rho=0.05,ascent_batch_ratio=1"),
+                          Example("AsyncSAM (r=0.5)", "rho=0.05,ascent_batch_ratio=0.5"),
+                          Example("AsyncSAM (r=1)", "rho=0.05,ascent_batch_ratio=1", 2),
+                          Example("AsyncSAM (r=0.5)", "rho=0.05,ascent_batch_ratio=0.5", 2),
+                          # the paper's heterogeneous case: rank 0 on the GPU, rank 1's ascent on the CPU
+                          Example("AsyncSAM (CPU ascent, r=auto)", "rho=0.05,ascent_batch_ratio=auto,ascent_device=cpu",
+                                  2)))

@@ -1,40 +1,75 @@
-"""What every method shares: the gradient-pass interface, the ascent step, backups.
+"""What every method shares: the gradient-pass interface, the method base classes, one step's result.
 
-A method turns one step's batches into the gradient left in `.grad`, the one
-the base optimizer then steps with. It knows nothing of Trainer: the host hands
-it a `GradientPasses` object that runs forward + backward on a batch exactly as
-Trainer's own `training_step` would (loss normalisation, mixed-precision loss
-scaling), so `.grad` always holds *scaled* gradients in Trainer's units, and
-methods divide by `loss_scale()` before any norm or lookahead.
+A method turns one step's batches into the gradient left in `.grad`, the one the base optimizer then steps
+with. It knows nothing of Trainer: the host hands it a `GradientPasses` object that runs forward + backward on
+a batch exactly as the host's own loop would (Trainer's loss normalisation and loss scaling; a closure in a
+plain loop), so `.grad` always holds *scaled* gradients in the host's units, and methods divide by
+`loss_scale()` before any norm or lookahead. How gradients are averaged over processes, how norms are reduced
+and where state lives is the layout's business (distributed/layouts): a method asks `self.layout` and never
+tests which layout it runs under.
+
+A method whose two passes are independent (SAMPa, Asynchronous SAM) derives from `TwoRoleMethod`, the
+protocol the role-parallel layouts drive: each role runs `role_pass`, the layout exchanges the two gradients,
+and every rank calls `finish` with both.
+
+What else a method may need of its host, it declares (class attributes, read by Trainer's glue and by the
+plain-loop optimizer alike, never by testing which method runs): the model's outputs of a pass (`needs_outputs`:
+a pass then hands them to a `LossTerm`, and `forward` runs a pass without backward), the epoch
+(`needs_epoch`), the run's length (`needs_total_steps`), the model itself (`needs_model`: its buffers and
+train/eval mode) and a per-example id column of the training data (`example_id_column`). The host says where the
+run stands in `method.progress` before every step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from .. import sharding
 from ..batching import Batch, Piece
-from ..config import SharpnessConfig
+from ..config import SharpnessConfig, SharpnessConfigError
+from ..distributed.layouts.base import Layout
+from ..tensors import trainable_params
+from .rules import AscentRule
+
+
+# A term a method adds to a pass's loss (SAF's and MESA's trajectory loss): given the model's outputs and the
+# pass's batch, per-item values (one per example, or one per scored token), weights included, or None to add
+# nothing. The host adds them in the units of its own loss: their mean where the loss is a mean over the batch,
+# their sum over the cycle's `num_items_in_batch` where the loss divides by that count (DESIGN.md, "Units").
+LossTerm = Callable[[Any, Batch], "torch.Tensor | None"]
+
+
+@dataclass
+class Progress:
+    """Where the run stands when a step starts, as the host knows it (None: the host does not know)."""
+
+    step: int = 0  # the optimizer step being computed, 0-based (Trainer's global_step)
+    total_steps: int | None = None  # the run's optimizer steps (Trainer's max_steps)
+    epoch: int | None = None  # the epoch this step belongs to, 0-based (Trainer's state.epoch, integer part)
+    num_examples: int | None = None  # examples in the training set, where it has a length
 
 
 class GradientPasses(Protocol):
-    def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None
-                 ) -> torch.Tensor:
-        """Forward + backward on `batch`, adding to `.grad`; returns the detached loss as Trainer reports it.
+    def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None,
+                 weight: float = 1.0, loss_term: LossTerm | None = None) -> torch.Tensor:
+        """Forward + backward on `batch`, adding to `.grad`; returns the detached loss as the host reports it.
 
-        For a slice of a Trainer micro-batch, `part_of` is that micro-batch and `fraction` the slice's share of
-        its samples: the slice then contributes exactly its part of the micro-batch's loss (DESIGN.md, "Units").
-        `clean=False` marks a pass at perturbed weights (BatchNorm statistics are kept).
+        For a slice of a micro-batch, `part_of` is that micro-batch and `fraction` the slice's share of its
+        samples: the slice then contributes exactly its part of the micro-batch's loss (DESIGN.md, "Units").
+        `clean=False` marks a pass at perturbed weights (BatchNorm statistics are kept). `weight` multiplies the
+        pass's loss (ESAM's selected rows stand for their whole batch). `loss_term` adds a term computed from the
+        model's outputs to the loss before the backward (see LossTerm); the returned loss is the model's own.
         """
+
+    def forward(self, batch: Batch, clean: bool = True) -> Any:
+        """The model's outputs on `batch` (a mapping with `logits`, or a tuple), without gradients. The per-pass
+        metrics are left alone; `clean=False` keeps BatchNorm statistics as they were."""
 
     def loss_scale(self) -> float:
         """The mixed-precision loss scale `.grad` is multiplied by (1.0 without a GradScaler)."""
-
-    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Average `.grad` over the data-parallel ranks (a no-op in one process)."""
 
 
 @dataclass
@@ -45,32 +80,83 @@ class StepResult:
 
 
 class SharpnessMethod:
-    """Base class: subclasses implement `step` and, if stateful, `state_dict`/`load_state_dict`."""
+    """Base class: a subclass implements `step` and, if it keeps state between steps, `state_dict` and
+    `load_state_dict`. The class attributes say what the method needs of its host and layout."""
 
-    name = ""
-    role_parallel = False  # set by the host when the two passes run on two process groups
+    name = ""  # set by registry.register_method
+    schedulable = False  # interval/start/stop may make some steps the base optimizer's own (ScheduleOptions)
+    skips_first_update = False  # the first step computes state only: the LR schedule waits too (SAMPa)
+    times_optimizer_step = False  # the host times the base optimizer's step into `last_step_seconds`
+    two_roles = False  # the two passes may run on two halves of the processes (TwoRoleMethod)
+    clean_role = 0  # the role whose pass runs at unperturbed weights: BatchNorm statistics come from it
+    slices_batches = False  # cuts a step's batch into samples (a plain loop must hand in a BatchClosure)
+    extra_copies = 1  # copies of the trainable parameters kept beyond the base optimizer's, one process (memory)
+    perturbs = True  # forms perturbations with the ascent rule (False: a loss transform such as SAF)
+    needs_outputs = False  # reads the model's outputs of a pass (a plain loop's loss_fn must return them)
+    needs_epoch = False  # reads progress.epoch (a plain loop: steps_per_epoch or set_epoch)
+    needs_total_steps = False  # reads progress.total_steps (a plain loop: total_steps)
+    needs_model = False  # reads the model (its buffers, its train/eval mode)
 
     def __init__(self, config: SharpnessConfig, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0,
-                 param_names: dict[int, str] | None = None):
+                 param_names: dict[int, str] | None = None, layout: Layout | None = None,
+                 model: torch.nn.Module | None = None):
         self.config = config
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
+        self.layout = layout or Layout()
+        self.model = model
         self.params = trainable_params(optimizer)
-        # ASAM rescales weights, not biases (T = 1 there), as its authors' code does; names come from the model
-        self.rescaled = None if param_names is None else [
-            not is_bias(param_names.get(id(p), "")) for p in self.params]
+        names = None if param_names is None else [param_names.get(id(p), "") for p in self.params]
+        self.rule = AscentRule(config, self.layout, names) if self.perturbs else None
+        self.last_step_seconds = 0.0
+        self.progress = Progress()  # set by the host before every step
+        if self.needs_model and model is None:
+            raise SharpnessConfigError(f"--optim {self.name} needs the model (its buffers and train/eval mode): "
+                                       f"SharpnessOptimizer(base, {self.name!r}, ..., model=model)")
 
-    def perturb_(self, directions, scale: float) -> tuple[bool, torch.Tensor]:
-        """`perturb_` over this method's parameters (see the function)."""
-        return perturb_(self.params, directions, scale, self.config, self.rescaled)
+    @classmethod
+    def check(cls, config, layout: Layout, samples_per_rank: int | None = None) -> None:
+        """Refuse, before training, what this method cannot do in `layout` (raise SharpnessConfigError).
+        `samples_per_rank`: one step's samples on each rank, where the host knows it."""
+
+    @classmethod
+    def example_id_column(cls, config) -> str | None:
+        """The batch column holding a stable, unique id per training example that the method reads itself (SAF's
+        per-example memory), or None. The host keeps it through Trainer's column removal and takes it out of the
+        batch before the model's forward."""
+        return None
+
+    def rebind_params(self) -> None:
+        """Point `self.params` at the parameters the base optimizer holds now (accelerate's FSDP2 preparation
+        swaps them for sharded ones after the method was built). The order is kept, so everything indexed like
+        `self.params` (state, the rule's names) stays valid."""
+        current = trainable_params(self.optimizer)
+        if len(current) != len(self.params):
+            raise RuntimeError(f"sam_hf: the optimizer now holds {len(current)} trainable parameters, the method was "
+                               f"built with {len(self.params)}")
+        if any(a is not b for a, b in zip(current, self.params)):
+            self.params = current
+
+    def perturb_(self, directions, scale: float = 1.0, keep_x: bool = False):
+        """The rule's `perturb_` over this method's parameters: (backup or None, applied, norm)."""
+        return self.rule.perturb_(self.params, directions, scale, keep_x)
 
     @property
     def device(self) -> torch.device:
         """Where the trainable weights (and so the method's state) live."""
         return self.params[0].device if self.params else torch.device("cpu")
 
+    def synchronize(self) -> None:
+        """Wait for this rank's queued GPU work, so a timing counts it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def step(self, batches: list[Batch], passes: GradientPasses) -> StepResult:
         raise NotImplementedError
+
+    def prepare_checkpoint(self) -> None:
+        """Every rank, before the state is saved (collectives allowed): gather what `state_dict` needs so that a
+        run on another number of processes can resume it (SAMPa's held batch, from every data shard)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -79,41 +165,56 @@ class SharpnessMethod:
         pass
 
 
-def as_tensor(value, device) -> torch.Tensor:
-    """A metric or loss as a detached tensor on `device` (floats from the role exchange included)."""
-    return value.detach().to(device) if torch.is_tensor(value) else torch.tensor(float(value), device=device)
+class TwoRoleMethod(SharpnessMethod):
+    """A method whose step needs two independent gradients, so role 0 and role 1 may compute them at once.
 
+    The role-parallel layout (layouts/roles.py) runs one step as: this rank's `role_pass(role, ...)`; the
+    exchange, which gives every rank both gradients (the other role's received into `receive_buffers()`, the
+    method state this rank has spent); then `finish(g0, g1, ...)` on every rank, identical everywhere. In one
+    process (or data parallel, `parallel=off`) `step` runs both passes in turn and calls `finish` itself.
+    """
 
-def to_device(obj, device):
-    """Tensors inside nested lists and dicts (checkpointed method state) moved to `device`."""
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_device(v, device) for v in obj]
-    return obj
+    two_roles = True
+    role_names: tuple[str, str] = ("first pass", "second pass")
+    metrics_role = 0  # the role whose pass is the one that counts for the host's per-pass metrics in one process
+    clean_role = 1  # the role whose pass runs at unperturbed weights: BatchNorm statistics come from it
+    roles_hint = "an even number of processes"  # what parallel=auto needs for role mode, for the warning
+    EXTRA_KEYS: tuple[str, ...] = ()  # the per-role floats `role_pass` returns, summed over the two roles
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._spent = None  # role mode: state buffers this rank no longer needs, to receive the other gradient
 
-def is_bias(name: str) -> bool:
-    """A bias by its name's last component (`bias`, `lora_bias`, ...)."""
-    return name.rsplit(".", 1)[-1].endswith("bias")
+    @classmethod
+    def roles_by_default(cls, world_size: int) -> bool:
+        """Whether `parallel=auto` puts the two passes on two halves of `world_size` processes."""
+        return world_size % 2 == 0
 
+    @classmethod
+    def check(cls, config, layout, samples_per_rank=None) -> None:
+        if config.exchange_dtype != "fp32" and not layout.roles:
+            raise SharpnessConfigError(
+                f"optim_args: exchange_dtype={config.exchange_dtype!r} applies to the role exchange (two roles on 2 "
+                f"or more processes, parallel=auto/on); this run is {layout.describe()}, so it would be ignored: "
+                "drop exchange_dtype")
 
-def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    """The parameters the base optimizer updates (with PEFT: only the adapters)."""
-    seen, out = set(), []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+    def spend(self, buffers) -> None:
+        """State this rank has used up this step: in role mode its buffers receive the other role's gradient."""
+        if self.layout.roles and buffers is not None:
+            self._spent = buffers
 
+    def receive_buffers(self):
+        """The spent state's buffers, handed to the exchange to receive the other role's gradient into."""
+        out, self._spent = self._spent, None
+        return out
 
-def zero_grads(params: list[torch.nn.Parameter]) -> None:
-    for p in params:
-        p.grad = None
+    def role_pass(self, role: int, batches, passes) -> dict:
+        """Run role `role`'s pass, leaving its gradient in `.grad`; returns the floats named in EXTRA_KEYS."""
+        raise NotImplementedError
+
+    def finish(self, g0, g1, batches, extras: dict, scale: float) -> StepResult:
+        """Combine role 0's and role 1's unscaled fp32 gradients into `.grad` (scaled by `scale`); keep state."""
+        raise NotImplementedError
 
 
 def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True) -> torch.Tensor:
@@ -123,71 +224,3 @@ def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True) 
 
 def run_batches(passes: GradientPasses, batches: list[Batch], clean: bool = True) -> torch.Tensor:
     return sum(passes.backward(batch, clean=clean) for batch in batches)
-
-
-@torch.no_grad()
-def backup(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in params]
-
-
-@torch.no_grad()
-def restore(params: list[torch.nn.Parameter], saved: list[torch.Tensor]) -> None:
-    """Copy the saved weights back (never subtract e: x + e - e is not x in floating point)."""
-    for p, s in zip(params, saved):
-        p.copy_(s)
-
-
-def _direction(p: torch.Tensor, d: torch.Tensor, scale: float, eta: float | None) -> torch.Tensor:
-    """fp32 T*d with T = |x| + eta (ASAM), or d where eta is None (T = 1), unscaled."""
-    d32 = d.detach().float()
-    if scale != 1.0:
-        d32 = d32 / scale
-    if eta is not None:
-        d32 = d32 * (p.detach().float().abs() + eta)
-    return d32
-
-
-def _etas(params, cfg: SharpnessConfig, rescaled: list[bool] | None) -> list[float | None]:
-    """ASAM's eta per parameter, None where T = 1: every parameter under SAM, and under ASAM the ones `rescaled`
-    marks False (biases: the ASAM authors' code rescales weights only)."""
-    if not cfg.adaptive:
-        return [None] * len(params)
-    return [cfg.eta if rescaled is None or r else None for r in (rescaled or [True] * len(params))]
-
-
-@torch.no_grad()
-def global_norm(tensors) -> torch.Tensor | None:
-    """The 2-norm of all `tensors` together (they may sit on several devices); None when there are none.
-
-    FSDP2 shards (DTensors) count their local part, summed over the shards in one all-reduce (sharding.py)."""
-    return sharding.global_norm(tensors)
-
-
-@torch.no_grad()
-def ascent_norm(params, directions, scale: float, cfg: SharpnessConfig, rescaled=None) -> torch.Tensor:
-    """||d|| (or ||T d|| for ASAM) in fp32 over all trainable parameters."""
-    etas = _etas(params, cfg, rescaled)
-    norm = global_norm(_direction(p, d, scale, eta) for p, d, eta in zip(params, directions, etas) if d is not None)
-    return torch.zeros((), device=params[0].device if params else "cpu") if norm is None else norm
-
-
-@torch.no_grad()
-def perturb_(params, directions, scale: float, cfg: SharpnessConfig, rescaled=None) -> tuple[bool, torch.Tensor]:
-    """x <- x + rho d/||d|| (ASAM: x + rho T^2 d/||T d||) in place.
-
-    `rescaled` (ASAM): per parameter, whether T = |x| + eta applies (False: T = 1); None: every parameter.
-    Returns (applied, norm). A zero or non-finite norm applies nothing, so a bad
-    ascent gradient costs the step its perturbation, never the weights.
-    """
-    norm = ascent_norm(params, directions, scale, cfg, rescaled)
-    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
-        return False, norm
-    coeff = cfg.rho / norm
-    for p, d, eta in zip(params, directions, _etas(params, cfg, rescaled)):
-        if d is None:
-            continue
-        e = _direction(p, d, scale, eta)
-        if eta is not None:
-            e = e * (p.detach().float().abs() + eta)  # T^2 d = T (T d)
-        p.add_((e * coeff.to(e.device)).to(p.dtype))
-    return True, norm

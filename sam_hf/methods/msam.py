@@ -1,38 +1,79 @@
 """mSAM (Behdin et al., 2023): one SAM perturbation per micro-batch.
 
-The step's batch B is split into m micro-batches B_j of sizes differing by at
-most one (ranges may cross Trainer's gradient-accumulation micro-batches):
+The step's batch B is split into m micro-batches B_j of sizes differing by at most one (ranges may cross
+Trainer's gradient-accumulation micro-batches):
 
-    e_j = rho grad f(x, B_j) / ||grad f(x, B_j)||
+    e_j = rho grad f(x, B_j) / ||grad f(x, B_j)||        (the ascent rule: ASAM's T with adaptive=true)
     h_j = grad f(x + e_j, B_j)
     the base optimizer steps with sum_j (|B_j| / |B|) h_j
 
-A slice is weighted by its part of the loss Trainer computes for the step
-(its tokens over the cycle's `num_items_in_batch` for a token-normalised
-loss, its share of the micro-batch's items for a mean loss), so with rho -> 0
-mSAM is exactly the base optimizer for any m (DESIGN.md, "Units").
+A slice is weighted by its part of the loss Trainer computes for the step (its tokens over the cycle's
+`num_items_in_batch` for a token-normalised loss, its share of the micro-batch's items for a mean loss), so with
+rho -> 0 mSAM is exactly the base optimizer for any m (DESIGN.md, "Units").
 
-m = 1 is SAM. A batch with fewer than m samples (an epoch's short last batch) uses one micro-batch per
-sample. Cost: two passes over B, in 2m smaller pieces. Memory: the
-weight backup and one gradient accumulator. Only the final gradient is
-all-reduced across ranks; each rank takes its share of the m micro-batches.
+m = 1 is SAM. A batch with fewer than m samples (an epoch's short last batch) uses one micro-batch per sample.
+Cost: two passes over B, in 2m smaller pieces. Memory: the weight backup and one gradient accumulator.
+
+Several processes: where the layout averages gradients only when asked (data parallel), each rank takes m / N of
+the micro-batches and only the final gradient is all-reduced. Where every backward averages over the ranks
+(FSDP2), every rank splits its own share into m slices and pass j runs slice j on every rank at once: micro-batch
+j of the global batch is the union of the ranks' j-th slices, with one shared perturbation e_j.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..batching import batch_size, split_samples
-from .base import SharpnessMethod, StepResult, backup, restore, run_pieces, zero_grads
+from ..config import ScheduleOptions, SharpnessConfig, SharpnessConfigError, _bad, option
+from ..registry import Example, register_method
+from ..tensors import backup, restore, zero_grads
+from .base import SharpnessMethod, StepResult, run_pieces
+from .rules import AscentOptions
+
+
+@dataclass
+class MSAMConfig(ScheduleOptions, AscentOptions, SharpnessConfig):
+    micro_batches: int = option(8, "mSAM's m: micro-batches per step, each with its own perturbation (m = 1 is "
+                                "SAM)", example=8)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.micro_batches < 1:
+            raise _bad("micro_batches", self.micro_batches, "micro_batches must be >= 1 (e.g. micro_batches=8)")
+
+
+def _ranks_sharing(layout) -> int:
+    """Ranks the m micro-batches are spread over: all data-parallel ranks, or 1 where every backward averages
+    over them (each rank then runs all m slices)."""
+    return 1 if layout.reduces_every_pass else layout.data_parallel_size
 
 
 class MSAM(SharpnessMethod):
-    name = "msam"
+    schedulable = True
+    slices_batches = True
+    extra_copies = 2  # the weight backup and the gradient accumulator
 
-    def __init__(self, *args, micro_batches: int | None = None, **kwargs):
+    @classmethod
+    def check(cls, config, layout, samples_per_rank=None) -> None:
+        m, world = config.micro_batches, _ranks_sharing(layout)
+        if m % world:
+            raise SharpnessConfigError(
+                f"optim_args: micro_batches={m} cannot be spread evenly over {world} processes; "
+                f"use a multiple of {world} (e.g. micro_batches={world * max(1, m // world)})")
+        if samples_per_rank is not None and m // world > samples_per_rank:
+            where = (f"{world} process(es) x {samples_per_rank} samples per rank" if world > 1
+                     else f"{samples_per_rank} samples per rank")
+            raise SharpnessConfigError(
+                f"optim_args: micro_batches={m} is larger than the {samples_per_rank * world} samples of a step "
+                f"({where}, per_device_train_batch_size x gradient_accumulation_steps); use micro_batches <= "
+                f"{samples_per_rank * world}")
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # With data parallelism each rank owns m / world_size of the micro-batches.
-        self.local_micro_batches = micro_batches or self.config.micro_batches
+        self.local_micro_batches = self.config.micro_batches // _ranks_sharing(self.layout)
 
     def step(self, batches, passes):
         params = self.params
@@ -48,7 +89,7 @@ class MSAM(SharpnessMethod):
             piece_loss = run_pieces(passes, pieces, clean=True)
             if saved is None:
                 saved = backup(params)
-            applied, norm = self.perturb_([p.grad for p in params], scale)
+            _, applied, norm = self.perturb_([p.grad for p in params], scale)
             norms.append(norm)
             if applied:
                 zero_grads(params)
@@ -65,9 +106,13 @@ class MSAM(SharpnessMethod):
                         acc[i] = p.grad if acc[i] is None else acc[i].add_(p.grad)
         for p, a in zip(params, acc):
             p.grad = a
-        passes.all_reduce_grads(params)
+        self.layout.all_reduce_grads(params)
         return StepResult(loss, metrics={
             "sam/perturbed_loss": perturbed_loss,
             "sam/ascent_grad_norm": torch.stack(norms).mean(),
             "sam/skipped_ascent": skipped,
         })
+
+
+register_method("msam", MSAM, MSAMConfig, "mSAM: one perturbation per micro-batch of the step",
+                paper="Behdin et al. 2023", examples=(Example("mSAM (m=4)", "rho=0.05,micro_batches=4"),))

@@ -31,11 +31,12 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from sam_hf import parallel, sharding  # noqa: E402
+from sam_hf import registry  # noqa: E402
+from sam_hf.distributed import checkpoint, dtensor, fsdp2  # noqa: E402
+from sam_hf.distributed.layouts import make_layout, trainer_sharding  # noqa: E402
 from sam_hf.batching import TrainerBatch  # noqa: E402
 from sam_hf.config import SharpnessConfig  # noqa: E402
-from sam_hf.methods import METHOD_CLASSES  # noqa: E402
-from sam_hf.methods.base import backup  # noqa: E402
+from sam_hf.tensors import backup  # noqa: E402
 
 GLOBAL_BATCH = 8
 DIM, CLASSES = 6, 3
@@ -54,7 +55,7 @@ CASES = {
     "sampa_lora": ("sampa", "rho=0.5,lam=0.3,parallel=off,base=sgd", 0.0),
 }
 STATEFUL = ("sampa", "sampa_adamw", "asyncsam", "sampa_lora")
-# Role mode (launched on 2k processes): each role sharded over its own k ranks (`sharding.role_mesh`), the two
+# Role mode (launched on 2k processes): each role sharded over its own k ranks (`fsdp2.role_mesh`), the two
 # gradients exchanged shard for shard between ranks (0, i) and (1, i)
 ROLE_CASES = {
     "sampa_roles": ("sampa", "rho=0.5,lam=0.3,parallel=on,base=sgd", 1.0),
@@ -132,37 +133,32 @@ class Passes:
     def loss_scale(self) -> float:
         return 1.0
 
-    def all_reduce_grads(self, params) -> None:
-        if sharding.grads_reduced_by_fsdp(params):  # FSDP's reduce-scatter averaged them in the backward
-            return
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError("unsharded multi-process runs are not what this script tests")
 
 
-def build(name: str, world: int, sharded: bool, plan=None):
-    """The model (sharded over all ranks, or over this rank's role in role mode: `plan`), optimizer and method."""
+def build(name: str, world: int, sharded: bool, layout=None):
+    """The model (sharded over all ranks, or over this rank's role in role mode: `layout`), optimizer and method."""
     optim, optim_args, clip = ALL_CASES[name]
     model = with_lora(MLP()) if name.endswith("_lora") else MLP()
-    if plan is not None:
-        shard_model(model, world, mesh=sharding.role_mesh(plan))
-        if plan.role == 1:  # role 1 built differently: sync_roles gives it role 0's shards
+    cfg = SharpnessConfig.from_optim_args(optim, optim_args)
+    method_cls = registry.get(optim).method
+    if layout is not None:
+        shard_model(model, world, mesh=fsdp2.role_mesh(layout.plan))
+        if layout.plan.role == 1:  # role 1 built differently: the layout's start gives it role 0's shards
             with torch.no_grad():
                 for p in model.parameters():
-                    sharding.local(p).add_(1.0)
-        sharding.sync_roles(plan, list(model.parameters()))
+                    dtensor.local(p).add_(1.0)
+        layout.prepare_params(list(model.parameters()))
     elif sharded:
         shard_model(model, world)
-    cfg = SharpnessConfig.from_optim_args(optim, optim_args)
+        layout = make_layout(cfg, method_cls, torch.device("cpu"), 60.0, sharding="fsdp2")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.base == "sgd":
         opt = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.01)
-    kwargs = {"micro_batches": sharding.msam_micro_batches(cfg)} if optim == "msam" else {}
-    method = METHOD_CLASSES[optim](cfg, opt, max_grad_norm=clip, **kwargs)
-    if plan is not None:
-        method.role_parallel = True
-        sharding.check_role_layout(method.params, plan)
+    method = method_cls(cfg, opt, max_grad_norm=clip, layout=layout)
+    if layout is not None and layout.roles:
+        layout.before_step(None, model, method)  # checks that each role is sharded over its own ranks
     return model, opt, method, clip
 
 
@@ -182,17 +178,14 @@ def step_batch(step: int, name: str, world: int, rank: int, sharded: bool) -> Tr
     return TrainerBatch.of({"x": x, "labels": y}, None, 1)
 
 
-def run_steps(model, opt, method, clip, name, steps, world, rank, sharded, start=0, plan=None):
+def run_steps(model, opt, method, clip, name, steps, world, rank, sharded, start=0):
     """Trainer's loop. In role mode (`plan`) `world` and `rank` are the role's k ranks and this rank's dp index:
     ranks (0, i) and (1, i) read the same share of the batch."""
     passes = Passes(model)
     for step in range(start, steps):
         batch = step_batch(step, name, world, rank, sharded)
-        if plan is not None:
-            result = parallel.role_step(plan, method, [batch], passes, step)
-            parallel.check_replicas(plan, method.params, step)  # the roles' equal shards stay equal
-        else:
-            result = method.step([batch], passes)
+        result = method.layout.step(method, [batch], passes, step)
+        method.layout.check_replicas(method.params, step)  # role mode: the roles' equal shards stay equal
         if not result.skip_update:
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -201,27 +194,27 @@ def run_steps(model, opt, method, clip, name, steps, world, rank, sharded, start
 
 
 def full_weights(model) -> dict[str, torch.Tensor]:
-    return {k: (v.full_tensor() if sharding.is_sharded(v) else v).detach().clone() for k, v in model.state_dict().items()}
+    return {k: (v.full_tensor() if dtensor.is_sharded(v) else v).detach().clone() for k, v in model.state_dict().items()}
 
 
 def memory(method) -> dict[str, int]:
     """Bytes this rank holds for a weight backup and for the method's gradient-sized state."""
     state = {k: v for k, v in method.state_dict().items() if k in ("g", "a")}
-    return {"backup": sharding.local_bytes(backup(method.params)), "state": sharding.local_bytes(state)}
+    return {"backup": dtensor.local_bytes(backup(method.params)), "state": dtensor.local_bytes(state)}
 
 
-def train(name: str, steps: int, world: int = 2, rank: int = 0, sharded: bool = False, plan=None):
-    model, opt, method, clip = build(name, world, sharded, plan)
-    run_steps(model, opt, method, clip, name, steps, world, rank, sharded, plan=plan)
+def train(name: str, steps: int, world: int = 2, rank: int = 0, sharded: bool = False, layout=None):
+    model, opt, method, clip = build(name, world, sharded, layout)
+    run_steps(model, opt, method, clip, name, steps, world, rank, sharded)
     return full_weights(model), memory(method)
 
 
-def role_plan(name: str):
-    """The 2 x k role mesh parallel.make_plan builds for the case (as the Trainer does)."""
+def role_layout(name: str):
+    """The FSDP2 role layout (2 x k role mesh) make_layout builds for the case (as the Trainer does)."""
     cfg = SharpnessConfig.from_optim_args(*ALL_CASES[name][:2])
-    plan = parallel.make_plan(cfg, torch.device("cpu"), 60.0)
-    assert plan.mode == "roles", plan.describe()
-    return plan
+    layout = make_layout(cfg, registry.get(cfg.method).method, torch.device("cpu"), 60.0, sharding="fsdp2")
+    assert layout.roles, layout.describe()
+    return layout
 
 
 def train_base_only(name: str, steps: int, world: int = 2) -> dict[str, torch.Tensor]:
@@ -237,32 +230,31 @@ def train_base_only(name: str, steps: int, world: int = 2) -> dict[str, torch.Te
     return full_weights(model)
 
 
-def train_with_resume(name: str, steps: int, world: int, rank: int, ckpt: str, plan=None):
+def train_with_resume(name: str, steps: int, world: int, rank: int, ckpt: str, layout=None):
     """Train `steps // 2` steps, checkpoint, and continue in a fresh model, optimizer and method from it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     half = steps // 2
-    model, opt, method, clip = build(name, world, True, plan)
-    run_steps(model, opt, method, clip, name, half, world, rank, True, plan=plan)
+    model, opt, method, clip = build(name, world, True, layout)
+    run_steps(model, opt, method, clip, name, half, world, rank, True)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(ckpt, "train"))
-    sharding.save_method_state(method, ckpt)
+    method.layout.save_state(method, ckpt)
     del model, opt, method
 
-    model, opt, method, clip = build(name, world, True, plan)
+    model, opt, method, clip = build(name, world, True, layout)
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=os.path.join(ckpt, "train"))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    assert sharding.load_method_state(method, ckpt)
-    run_steps(model, opt, method, clip, name, steps, world, rank, True, start=half, plan=plan)
+    assert method.layout.load_state(method, ckpt)
+    run_steps(model, opt, method, clip, name, steps, world, rank, True, start=half)
     return full_weights(model)
 
 
 def collective_checks(world: int, rank: int) -> dict:
     """The reductions over the shards: values against the full tensors, and the collectives each one issues."""
-    from sam_hf.methods.base import global_norm
 
     model = shard_model(MLP(), world)
     x, y = global_batch(0)
@@ -279,21 +271,21 @@ def collective_checks(world: int, rank: int) -> dict:
 
     dist.all_reduce = counted
     try:
-        out = {"params": len(grads), "is_fsdp2": [sharding.is_fsdp2(model), sharding.is_fsdp2(MLP())]}
+        out = {"params": len(grads), "is_fsdp2": [fsdp2.is_fsdp2(model), fsdp2.is_fsdp2(MLP())]}
         before = len(calls)
-        norm = global_norm(grads)
+        norm = dtensor.global_norm(grads)
         out["norm_collectives"] = len(calls) - before
         out["norm_error"] = abs(float(norm) - float(torch.linalg.vector_norm(torch.cat([f.reshape(-1) for f in full]))))
         before = len(calls)
-        sums = sharding.totals([(g * g).sum() for g in grads], [g.sum() for g in grads])
+        sums = dtensor.totals([(g * g).sum() for g in grads], [g.sum() for g in grads])
         out["totals_collectives"] = len(calls) - before
         expected = torch.tensor([sum(float((f * f).sum()) for f in full), sum(float(f.sum()) for f in full)])
         out["totals_error"] = float((sums - expected).abs().max())
-        out["finite_clean"] = sharding.all_finite(grads)
+        out["finite_clean"] = dtensor.all_finite(grads)
         if rank == world - 1:  # a non-finite value in the last rank's shard only
-            sharding.local(grads[0]).view(-1)[0] = float("inf")
+            dtensor.local(grads[0]).view(-1)[0] = float("inf")
         before = len(calls)
-        out["finite_with_inf_on_one_rank"] = sharding.all_finite(grads)
+        out["finite_with_inf_on_one_rank"] = dtensor.all_finite(grads)
         out["finite_collectives"] = len(calls) - before
     finally:
         dist.all_reduce = all_reduce
@@ -301,7 +293,7 @@ def collective_checks(world: int, rank: int) -> dict:
 
 
 def cpu_fsdp_flags_check(out_dir: str) -> str:
-    """A Trainer with FSDP flags on CPU processes: accelerate leaves FSDP off; check_setup must say so."""
+    """A Trainer with FSDP flags on CPU processes: accelerate leaves FSDP off; trainer_sharding must say so."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from tiny import MeanLossModel, args as make_args, vector_data
     from transformers import Trainer
@@ -312,7 +304,7 @@ def cpu_fsdp_flags_check(out_dir: str) -> str:
                       fsdp_config={"version": 2}, ddp_backend="gloo")
     trainer = Trainer(model=MeanLossModel(), args=targs, train_dataset=vector_data(n=16))
     try:
-        sharding.check_setup(trainer, SharpnessConfig.from_optim_args("sam", "rho=0.1"))
+        trainer_sharding(trainer, "sam", roles_asked=False)
     except SharpnessConfigError as exc:
         return f"is_fsdp_enabled={trainer.is_fsdp_enabled}: {exc}"
     return f"is_fsdp_enabled={trainer.is_fsdp_enabled}: no error"
@@ -321,9 +313,10 @@ def cpu_fsdp_flags_check(out_dir: str) -> str:
 def run_role_case(name: str, opts, world: int, rank: int) -> None:
     """A role-mode case: weights (rank 0), every rank's memory and role/dp index, the resumed weights."""
     try:
-        plan = role_plan(name)
+        layout = role_layout(name)
+        plan = layout.plan
         k, i = plan.dp_size, plan.dp_rank
-        weights, mem = train(name, opts.steps, k, i, sharded=True, plan=plan)
+        weights, mem = train(name, opts.steps, k, i, sharded=True, layout=layout)
         mems = [None] * world
         dist.all_gather_object(mems, {**mem, "role": plan.role, "dp": i})
         if rank == 0:
@@ -331,7 +324,7 @@ def run_role_case(name: str, opts, world: int, rank: int) -> None:
             with open(os.path.join(opts.out_dir, f"{name}.mem.json"), "w") as f:
                 json.dump(mems, f)
         if opts.resume_check:
-            resumed = train_with_resume(name, opts.steps, k, i, os.path.join(opts.out_dir, f"ckpt_{name}"), plan)
+            resumed = train_with_resume(name, opts.steps, k, i, os.path.join(opts.out_dir, f"ckpt_{name}"), layout)
             if rank == 0:
                 torch.save(resumed, os.path.join(opts.out_dir, f"{name}.resumed.pt"))
     except Exception:
@@ -343,10 +336,10 @@ def role_layout_check(name: str) -> str:
     """Role mode on a model sharded over all 2k ranks (the roles would all-gather from each other): refused."""
     from sam_hf.config import SharpnessConfigError
 
-    plan = role_plan(name)
+    plan = role_layout(name).plan
     model = shard_model(MLP(), plan.world_size)
     try:
-        sharding.check_role_layout(list(model.parameters()), plan)
+        fsdp2.check_role_layout(list(model.parameters()), plan)
     except SharpnessConfigError as exc:
         return str(exc)
     return "no error"

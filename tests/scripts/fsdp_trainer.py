@@ -20,7 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import sam_hf  # noqa: E402
-from sam_hf import sharding  # noqa: E402
+from sam_hf.distributed import dtensor  # noqa: E402
 from tiny import MeanLossModel, args as make_args, vector_data  # noqa: E402
 
 IGNORED = r"net\.2"  # MeanLossModel's output layer, for the NAME_ignored cases
@@ -87,7 +87,7 @@ def train(out_dir, optim, optim_args, batch, steps, fsdp=True, device="cpu", sav
     finally:
         os.environ.pop("FSDP_IGNORED_MODULES", None)
     trainer.train(resume_from_checkpoint=resume)
-    weights = {k: (v.full_tensor() if sharding.is_sharded(v) else v).detach().cpu().clone()
+    weights = {k: (v.full_tensor() if dtensor.is_sharded(v) else v).detach().cpu().clone()
                for k, v in trainer.model.state_dict().items()}
     return trainer, weights
 
@@ -105,10 +105,10 @@ def run_cases(out_dir, cases, resume_cases=(), batch=4, steps=4, device="cpu"):
                                  ignored=ignored, checkpointing=name.endswith("_ac"))
         method = trainer._sharpness_optimizer.method
         state = {k: v for k, v in method.state_dict().items() if k in ("g", "a")}
-        plain = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not sharding.is_sharded(p)]
-        info = {"sharded": sharding.has_sharded_params(method.params), "model": type(trainer.model).__name__,
+        plain = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not dtensor.is_sharded(p)]
+        info = {"sharded": dtensor.has_sharded_params(method.params), "model": type(trainer.model).__name__,
                 "plain_trainable": plain, "names": [n for n, _ in trainer.model.named_parameters()],
-                "state_bytes": sharding.local_bytes(state), "log": trainer.state.log_history}
+                "state_bytes": dtensor.local_bytes(state), "log": trainer.state.log_history}
         infos = [None] * dist.get_world_size()
         dist.all_gather_object(infos, info)
         if name in resume_cases:

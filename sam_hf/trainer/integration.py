@@ -1,6 +1,6 @@
 """How `import sam_hf` plugs into transformers.
 
-1. The names `sam`, `msam`, `sampa`, `asyncsam` become `OptimizerNames` members,
+1. The registered method names (`sam`, `msam`, `sampa`, `asyncsam`, ...) become `OptimizerNames` members,
    so `TrainingArguments(optim="sampa")` and HfArgumentParser's `--optim sampa`
    (its argparse choices are read from the enum) accept them.
 2. `Trainer.__init__` is wrapped: when `args.optim` is one of those names and
@@ -14,6 +14,8 @@
    `sam-hf launch --sharpness_every N` has set `sharpness_callback_options`,
    it adds a `SharpnessCallback` to every Trainer that has none, whatever its
    optimizer.
+4. `TrainingArguments.__post_init__` is wrapped: a sharpness-aware `optim` with bad `optim_args` fails where
+   the arguments are built, before the script loads data and a model.
 All are idempotent.
 """
 
@@ -21,12 +23,13 @@ from __future__ import annotations
 
 import functools
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from .config import METHODS
-from .sharpness.callback import SharpnessCallback, remember_trainer
-from .trainer import SharpnessMixin, SharpnessTrainer, is_sharpness_optim
+from .. import registry
+from ..config import SharpnessConfig
+from ..sharpness.callback import SharpnessCallback, remember_trainer
+from .mixin import SharpnessMixin, SharpnessTrainer
 
 _classes: dict[type, type] = {}
 
@@ -35,7 +38,7 @@ sharpness_callback_options: dict | None = None
 
 
 def register_optimizer_names() -> None:
-    for value in METHODS:
+    for value in registry.names():
         if value in OptimizerNames._value2member_map_:
             continue
         name = value.upper()
@@ -67,7 +70,7 @@ def patch_trainer() -> None:
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        if is_sharpness_optim(self.args.optim) and not isinstance(self, SharpnessMixin):
+        if registry.is_method(self.args.optim) and not isinstance(self, SharpnessMixin):
             self.__class__ = sharpness_class(type(self))
         if isinstance(self, SharpnessMixin):
             self._sharpness_setup()
@@ -80,6 +83,24 @@ def patch_trainer() -> None:
     Trainer.__init__ = __init__
 
 
+def patch_training_arguments() -> None:
+    """`TrainingArguments(optim="sampa", optim_args="rho=-1")` fails where it is built, before a script loads its
+    data and model, with the same message Trainer would give."""
+    if getattr(TrainingArguments.__post_init__, "_sam_hf_patched", False):
+        return
+    original = TrainingArguments.__post_init__
+
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if registry.is_method(self.optim):
+            SharpnessConfig.from_optim_args(self.optim, self.optim_args)
+
+    __post_init__._sam_hf_patched = True
+    TrainingArguments.__post_init__ = __post_init__
+
+
 def install() -> None:
     register_optimizer_names()
     patch_trainer()
+    patch_training_arguments()
