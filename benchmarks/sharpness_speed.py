@@ -281,11 +281,11 @@ def main(argv=None) -> int:
     solvers = {  # name: (batches, run)
         "before": ("file order, 32", lambda: run_sam_hf(before.measure_sharpness, model, today)),
         "after": ("file order, 32", lambda: run_sam_hf(sam_hf.measure_sharpness, model, today)),
-        "after (length-sorted)": ("by length, 32", lambda: run_sam_hf(sam_hf.measure_sharpness, model, sorted_)),
-        "after (one batch)": ("one batch", lambda: run_sam_hf(sam_hf.measure_sharpness, model, whole)),
-        "PyHessian": ("one batch", lambda: run_pyhessian(model, whole[0], 1e-3)),
-        "PyHessian (tol 1e-4)": ("one batch", lambda: run_pyhessian(model, whole[0], 1e-4)),
         "curvlinops": ("by length, 32", lambda: run_curvlinops(model, sorted_, 1e-3)),
+        "after (length-sorted)": ("by length, 32", lambda: run_sam_hf(sam_hf.measure_sharpness, model, sorted_)),
+        "PyHessian": ("one batch", lambda: run_pyhessian(model, whole[0], 1e-3)),
+        "after (one batch)": ("one batch", lambda: run_sam_hf(sam_hf.measure_sharpness, model, whole)),
+        "PyHessian (tol 1e-4)": ("one batch", lambda: run_pyhessian(model, whole[0], 1e-4)),
     }
     skip = {s.strip() for s in opts.skip.split(",") if s.strip()}
     names = [n for n in solvers if n not in skip]
