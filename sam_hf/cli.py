@@ -14,7 +14,7 @@ COMMANDS = {
     "train": ("sam_hf.recipes", "run a YAML recipe: sam-hf train RECIPE [--section.key value ...]"),
     "demo": ("sam_hf.demo", "offline demo: 40% label noise on scikit-learn's digits, SGD against SAM, SAMPa and more"),
     "bench": ("sam_hf.bench", "step-time and memory benchmark of every method, 1 and 2 processes"),
-    "sharpness": ("sam_hf.sharpness", "Hessian lambda_max and trace of a saved text classifier on its training data"),
+    "sharpness": ("sam_hf.sharpness.cli", "Hessian lambda_max and trace of a saved text classifier on its training data"),
     "options": ("sam_hf.config", "every method's options, with defaults and help (docs/options.md)"),
 }
 

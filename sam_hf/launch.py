@@ -16,7 +16,7 @@ The launcher's own options come before the script:
 
     sam-hf launch --sharpness_every 50 [--sharpness_samples 256] run_glue.py ...
 
-adds a `SharpnessCallback` (sharpness.py) to every Trainer the script builds,
+adds a `SharpnessCallback` (sam_hf.sharpness) to every Trainer the script builds,
 whatever its optimizer (AdamW runs too): `sharpness/lambda_max` is logged
 every N optimizer steps and at the end of training.
 """

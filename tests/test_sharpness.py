@@ -19,8 +19,8 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 import sam_hf
 from sam_hf import launch, measure_sharpness
+from sam_hf.sharpness import cli as sharpness_cli
 from sam_hf.trainer import integration
-from sam_hf import sharpness as sharpness_module
 from tiny import MeanLossModel, args, text_data, tiny_bert, vector_data
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -29,8 +29,8 @@ import dist_sharpness  # noqa: E402
 
 
 # ---- exactness against torch.autograd.functional.hessian ---------------------------------------------------------
-def dense_hessian(model: nn.Module, loss) -> torch.Tensor:
-    """The Hessian of loss(model) w.r.t. the trainable parameters, flattened in parameter order."""
+def flat_loss(model: nn.Module, loss):
+    """(f, x): f(x) = loss(model with its trainable parameters set to the flat vector x), x their values now."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
@@ -43,8 +43,21 @@ def dense_hessian(model: nn.Module, loss) -> torch.Tensor:
             start += s.numel()
         return loss(lambda *a, **k: torch.func.functional_call(model, values, a, k))
 
+    return f, flat
+
+
+def dense_hessian(model: nn.Module, loss) -> torch.Tensor:
+    """The Hessian of loss(model) w.r.t. the trainable parameters, flattened in parameter order."""
+    f, flat = flat_loss(model, loss)
     with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
         return torch.autograd.functional.hessian(f, flat)
+
+
+def reference_product(model: nn.Module, loss, v: torch.Tensor) -> torch.Tensor:
+    """H v by torch.autograd.functional.hvp on the flattened parameters (for models too big for dense_hessian)."""
+    f, flat = flat_loss(model, loss)
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.hvp(f, flat, v)[1]
 
 
 def descending_eigenvalues(h: torch.Tensor) -> list[float]:
@@ -101,6 +114,70 @@ def test_hutchinson_trace(case):
     assert abs(got["trace"] - exact) <= 4 * got["trace_stderr"]
     a, b = (measure_sharpness(model, [(x, y)], loss_fn=ce, trace_samples=20, seed=3) for _ in range(2))
     assert a["trace"] == b["trace"] and a["lambda_max"] == b["lambda_max"]  # seeded
+
+
+def test_kept_graphs_give_the_same_products():
+    """A product through each batch's kept gradient graph is bitwise the product rebuilt from a forward and two
+    backwards (the old path, graph_memory=0), also when only some graphs fit; both are H v of the whole batch by
+    torch.autograd.functional.hvp."""
+    from sam_hf.sharpness.batches import model_loss
+    from sam_hf.sharpness.hessian import HessianOperator
+    from sam_hf.sharpness.state import math_attention, preserved_state
+
+    model = tiny_bert().double()
+    dataset = text_data(n=12)
+    cuts = [(0, 5), (5, 7), (7, 12)]
+    batches = [default_data_collator([dataset[i] for i in range(a, b)]) for a, b in cuts]
+    whole = default_data_collator([dataset[i] for i in range(12)])
+    with preserved_state(model), math_attention():
+        kept = HessianOperator(model, batches, model_loss)
+        kept.matvec(np.zeros(kept.n))  # builds and keeps every graph
+        assert all(g is not None for g in kept.graphs) and kept.kept_bytes == sum(kept.graph_bytes) > 0
+        some = HessianOperator(model, batches, model_loss, graph_memory=kept.graph_bytes[0])
+        rebuilt = HessianOperator(model, batches, model_loss, graph_memory=0)
+        vectors = np.random.default_rng(0).standard_normal((3, kept.n))
+        for v in vectors:
+            products = [op.matvec(v) for op in (kept, some, rebuilt)]
+            assert all(np.array_equal(products[0], p) for p in products[1:])
+            reference = reference_product(model, lambda m: m(**whole).loss, torch.from_numpy(v)).numpy()
+            # float64 round-off: eps (2.2e-16) times the operations behind an entry (< 1e5 here) is < 2.2e-11 of
+            # the size of its terms; 1e-9 of the largest entry leaves a factor 45 for cancellation among them
+            np.testing.assert_allclose(products[0], reference, rtol=0, atol=1e-9 * np.abs(reference).max())
+        assert [g is not None for g in some.graphs] == [True, False, False]
+        assert rebuilt.kept_bytes == 0 and not any(g is not None for g in rebuilt.graphs)
+        kept.release()
+        assert kept.kept_bytes == 0 and not any(g is not None for g in kept.graphs)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_path_equals_the_old_path(case):
+    """The defaults (kept graphs, tol 1e-3 for lambda_max alone, few Lanczos vectors) against the old path
+    (graphs rebuilt, tol 1e-4, ncv 20) and the dense Hessian: ARPACK stops when a Ritz value's residual is
+    <= tol |theta|, which puts an eigenvalue within tol |theta| of it; so each figure is within its tol of
+    lambda_max, and the two within the sum. Kept graphs alone change nothing: with the old settings, the
+    figures are bitwise the old path's."""
+    build, dim = CASES[case]
+    model = build()
+    x, y = data(dim)
+    exact = descending_eigenvalues(dense_hessian(model, lambda m: nn.functional.cross_entropy(m(x), y)))[0]
+    old = measure_sharpness(model, [(x[:15], y[:15]), (x[15:], y[15:])], loss_fn=ce, tol=1e-4, ncv=20,
+                            graph_memory=0)
+    kept = measure_sharpness(model, [(x[:15], y[:15]), (x[15:], y[15:])], loss_fn=ce, tol=1e-4, ncv=20)
+    assert kept["lambda_max"] == old["lambda_max"] and kept["hessian_vector_products"] == old["hessian_vector_products"]
+    fast = measure_sharpness(model, [(x[:15], y[:15]), (x[15:], y[15:])], loss_fn=ce)
+    assert abs(fast["lambda_max"] - exact) <= 1e-3 * abs(fast["lambda_max"])
+    assert abs(old["lambda_max"] - exact) <= 1e-4 * abs(old["lambda_max"])
+    assert abs(fast["lambda_max"] - old["lambda_max"]) <= 1.1e-3 * abs(exact)
+    assert fast["hessian_vector_products"] <= old["hessian_vector_products"]
+
+
+def test_by_length_sorts_text_only():
+    from sam_hf.sharpness.batches import by_length
+
+    examples = [{"input_ids": [1] * n, "labels": i} for i, n in enumerate([3, 1, 2, 1])]
+    assert [e["labels"] for e in by_length(examples)] == [1, 3, 2, 0]  # stable
+    vectors = [{"x": [0.0] * n} for n in (3, 1)]
+    assert by_length(vectors) == vectors and by_length([]) == []
 
 
 def test_uneven_batches_weigh_by_their_size():
@@ -361,6 +438,50 @@ def test_launcher_rejects_bad_sharpness_options(capsys):
         assert message in capsys.readouterr().err
 
 
+# ---- the package's layout ---------------------------------------------------------------------------------------
+def test_public_names_and_one_way_imports(capsys):
+    """`sam_hf.sharpness` keeps its public names, `sam-hf sharpness` reaches its CLI, and the package imports
+    nothing of sam_hf but the recipes' data reader (integration imports it, never the reverse)."""
+    import ast
+
+    import sam_hf.cli
+    from sam_hf.sharpness import SharpnessCallback, measure_sharpness as measure
+
+    assert sam_hf.SharpnessCallback is SharpnessCallback and sam_hf.measure_sharpness is measure
+    assert integration.SharpnessCallback is SharpnessCallback
+    with pytest.raises(SystemExit) as exit_:
+        sam_hf.cli.main(["sharpness", "--help"])
+    assert exit_.value.code == 0 and "MODEL_DIR" in capsys.readouterr().out
+    source = Path(sam_hf.sharpness.__file__)
+    package = sam_hf.sharpness.__name__ if source.name == "__init__.py" else "sam_hf"
+    for module in source.parent.glob("*.py") if source.name == "__init__.py" else [source]:
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level:  # relative: resolved from the file's package
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                names = [".".join(base + ([node.module] if node.module else []))]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module]
+            else:
+                continue
+            inside = [n for n in names if n.split(".")[0] == "sam_hf"]
+            assert all(n.startswith(("sam_hf.sharpness", "sam_hf.recipes")) for n in inside), \
+                f"{module.name} imports {inside}"
+
+
+def test_the_trainer_is_found_through_its_model(tmp_path):
+    from sam_hf.sharpness import remember_trainer, trainer_of
+
+    model = MeanLossModel()
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=vector_data(n=8))
+    assert trainer_of(model) is trainer  # `import sam_hf` remembers every Trainer built
+    later = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=vector_data(n=8))
+    assert trainer_of(model) is later  # the last one built wins
+    remember_trainer(trainer)
+    assert trainer_of(model) is trainer and trainer_of(MeanLossModel()) is None and trainer_of(None) is None
+
+
 # ---- sam-hf sharpness ------------------------------------------------------------------------------------------
 WORDS = ["good", "bad", "film", "plot", "actors", "great", "boring", "fun", "the", "a", "was", "is"]
 
@@ -397,7 +518,7 @@ def test_cli_on_a_saved_classifier(tmp_path, capsys):
     rows = glue_rows()
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = sharpness_module.main([str(model_dir), "--train_file", str(train), "--samples", "50", "--batch_size", "3",
+    rc = sharpness_cli.main([str(model_dir), "--train_file", str(train), "--samples", "50", "--batch_size", "3",
                                 "--top_k", "2", "--trace_samples", "4", "--output", str(tmp_path / "s.json")])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -421,13 +542,13 @@ def test_cli_reads_csv_with_label_names(tmp_path, capsys):
     names = ["negative", "positive"]
     train = tmp_path / "train.csv"
     train.write_text("sentence,label\n" + "".join(f"{r['sentence']},{names[r['label']]}\n" for r in rows))
-    assert sharpness_module.main([str(model_dir), "--train_file", str(train)]) == 0
+    assert sharpness_cli.main([str(model_dir), "--train_file", str(train)]) == 0
     got = json.loads((model_dir / "sharpness.json").read_text())  # the default output
     assert got["num_samples"] == 6 and got["text_columns"] == ["sentence", None]
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,label\ngood film,neutral\n")
-    assert sharpness_module.main([str(model_dir), "--train_file", str(bad)]) == 2
+    assert sharpness_cli.main([str(model_dir), "--train_file", str(bad)]) == 2
     assert "label 'neutral'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        sharpness_module.main(["--help"])
+        sharpness_cli.main(["--help"])
     assert exit_.value.code == 0 and "sentence1" in capsys.readouterr().out

@@ -74,14 +74,41 @@ def _load(spec: DataSpec):
         for f in files.values():
             if not Path(f).is_file():
                 raise RecipeError(f"data: no file {f!r}")
-        fmt = "csv" if Path(spec.train_file).suffix.lower() == ".csv" else "json"
-        key, args, kwargs = "train_file", (fmt,), {"data_files": files}
+        fmt, options = file_format(spec.train_file)
+        key, args, kwargs = "train_file", (fmt,), {"data_files": files, **options}
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # offline without a cache, a bad file, ...: say which key to change
         raise RecipeError(f"data.{key} {getattr(spec, key)!r}: could not load it ({type(err).__name__}: {err}). "
                           "Offline? Point the recipe at local data with --data.image_folder DIR "
                           "or --data.train_file FILE") from err
+
+
+def file_format(path: str) -> tuple[str, dict]:
+    """The `datasets` builder (and its options) for a local data file: .csv, .tsv (csv with tabs), else json
+    (JSON lines, or one JSON list of rows)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return "csv", {"delimiter": "\t"} if suffix == ".tsv" else {}
+    return "json", {}
+
+
+def read_file(path: str, key: str = "data.train_file"):
+    """One local data file (see `file_format`) as a `datasets.Dataset`; errors name the option `key` that gave it."""
+    import datasets
+
+    if not Path(path).is_file():
+        raise RecipeError(f"{key}: no file {path!r}")
+    fmt, options = file_format(path)
+    try:
+        return datasets.load_dataset(fmt, data_files={"train": path}, **options)["train"]
+    except Exception as err:  # a malformed file: say which one
+        raise RecipeError(f"{key} {path!r}: could not load it ({type(err).__name__}: {err})") from err
+
+
+def text_columns(features) -> tuple[str, ...]:
+    """The first of GLUE's input columns (GLUE_TEXT_COLUMNS) all present in `features`, or () if none are."""
+    return next((k for k in GLUE_TEXT_COLUMNS if all(c in features for c in k)), ())
 
 
 def _limit(ds, n: int | None, seed: int):
@@ -109,7 +136,7 @@ def _describe(train, evaluation, spec: DataSpec) -> Splits:
         if image not in features:
             raise RecipeError(f"data.image_column: no column {image!r}; columns: {', '.join(features)}")
         return Splits(train, evaluation, "image", label, names, image_column=image)
-    text = tuple(spec.text_columns or next((k for k in GLUE_TEXT_COLUMNS if all(c in features for c in k)), ()))
+    text = tuple(spec.text_columns or text_columns(features))
     missing = [c for c in text if c not in features]
     if not text or missing:
         raise RecipeError(f"data.text_columns: found no image column and no text columns "
@@ -128,21 +155,25 @@ def prepare(splits: Splits, spec: DataSpec, processor, model_config):
         return train, evaluation, None
     from transformers import DataCollatorWithPadding
 
-    # Never longer than the model's position table (small test models have short ones).
-    max_length = min(spec.max_length, getattr(model_config, "max_position_embeddings", spec.max_length))
-
-    def tokenize(batch):
-        texts = [batch[c] for c in splits.text_columns]
-        out = processor(*texts, truncation=True, max_length=max_length)
-        out["labels"] = batch[splits.label_column]
-        return out
-
     def encode(ds):
-        return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+        return encode_text(ds, splits.text_columns, splits.label_column, processor, spec.max_length, model_config)
 
     if splits.test is not None:
         splits.test = encode(splits.test)
     return encode(splits.train), encode(splits.eval), DataCollatorWithPadding(processor)
+
+
+def encode_text(ds, columns, label_column: str, tokenizer, max_length: int, model_config=None):
+    """`ds` tokenized (the text `columns`, truncated to `max_length` tokens but never longer than the model's
+    position table: small test models have short ones), holding only the tokenizer's outputs and `labels`."""
+    max_length = min(max_length, getattr(model_config, "max_position_embeddings", max_length))
+
+    def tokenize(batch):
+        out = tokenizer(*[batch[c] for c in columns], truncation=True, max_length=max_length)
+        out["labels"] = batch[label_column]
+        return out
+
+    return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
 
 
 def _image_transform(splits: Splits, spec: DataSpec, processor, mode: str, augment: bool):

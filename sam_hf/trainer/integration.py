@@ -8,11 +8,12 @@
    class becomes `Sharpness<ItsClass>(SharpnessMixin, ItsClass)`. Any Trainer
    subclass a script builds (`Seq2SeqTrainer`, TRL's `SFTTrainer`, ...) thus
    gets the methods without being edited. Every other optimizer is untouched.
-3. The same wrapper records each Trainer under its model (weakly), so a
-   `SharpnessCallback`, which gets the model but not the Trainer, can log
-   through `Trainer.log`; and when `sam-hf launch --sharpness_every N` has set
-   `sharpness_callback_options`, it adds a `SharpnessCallback` to every Trainer
-   that has none, whatever its optimizer.
+3. The same wrapper records each Trainer under its model (weakly, with
+   `sharpness.remember_trainer`), so a `SharpnessCallback`, which gets the
+   model but not the Trainer, can log through `Trainer.log`; and when
+   `sam-hf launch --sharpness_every N` has set `sharpness_callback_options`,
+   it adds a `SharpnessCallback` to every Trainer that has none, whatever its
+   optimizer.
 4. `TrainingArguments.__post_init__` is wrapped: a sharpness-aware `optim` with bad `optim_args` fails where
    the arguments are built, before the script loads data and a model.
 All are idempotent.
@@ -21,26 +22,19 @@ All are idempotent.
 from __future__ import annotations
 
 import functools
-import weakref
 
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from .. import registry
 from ..config import SharpnessConfig
+from ..sharpness.callback import SharpnessCallback, remember_trainer
 from .mixin import SharpnessMixin, SharpnessTrainer
 
 _classes: dict[type, type] = {}
-_trainers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> weakref to its Trainer
 
 # SharpnessCallback keyword arguments for every Trainer built (set by `sam-hf launch --sharpness_every N`)
 sharpness_callback_options: dict | None = None
-
-
-def trainer_of(model):
-    """The last Trainer built around `model` (and still alive), or None."""
-    ref = _trainers.get(model) if model is not None else None
-    return ref() if ref is not None else None
 
 
 def register_optimizer_names() -> None:
@@ -80,11 +74,8 @@ def patch_trainer() -> None:
             self.__class__ = sharpness_class(type(self))
         if isinstance(self, SharpnessMixin):
             self._sharpness_setup()
-        if self.model is not None:
-            _trainers[self.model] = weakref.ref(self)
+        remember_trainer(self)
         if sharpness_callback_options is not None:
-            from ..sharpness import SharpnessCallback
-
             if not any(isinstance(cb, SharpnessCallback) for cb in self.callback_handler.callbacks):
                 self.add_callback(SharpnessCallback(**sharpness_callback_options))
 
