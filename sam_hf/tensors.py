@@ -8,6 +8,7 @@ added (x + e - e is not x in floating point).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -88,13 +89,14 @@ def as_tensor(value, device) -> torch.Tensor:
 
 
 def to_device(obj, device):
-    """Tensors inside nested lists and dicts (checkpointed method state) moved to `device`."""
+    """Tensors inside nested mappings, lists and tuples (batches, checkpointed method state) moved to `device`;
+    a mapping becomes a dict, a list or tuple keeps its type."""
     if torch.is_tensor(obj):
         return obj.to(device)
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_device(v, device) for v in obj]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
     return obj
 
 

@@ -36,8 +36,9 @@ def model_loss(model: nn.Module, batch) -> torch.Tensor:
     return loss_of(model(batch))
 
 
-def batch_size(batch) -> int:
-    """Examples in a batch: the length of `labels` if present, else of the first tensor found."""
+def count_examples(batch) -> int:
+    """Examples in a batch: the length of `labels` if present, else of the first tensor found. Unlike the
+    training batches' `batching.batch_size` (dicts from a collator), a measured batch may be a tuple or a tensor."""
     if isinstance(batch, Mapping):
         values = [batch["labels"]] if torch.is_tensor(batch.get("labels")) else list(batch.values())
     elif isinstance(batch, (tuple, list)):
@@ -48,20 +49,9 @@ def batch_size(batch) -> int:
         if torch.is_tensor(value) and value.dim() > 0:
             return int(value.shape[0])
         if isinstance(value, (Mapping, tuple, list)) and value:
-            return batch_size(value)
+            return count_examples(value)
     raise ValueError("measure_sharpness: cannot tell how many examples a batch holds (no tensor with a batch "
                      "dimension in it); batches must be dicts, tuples or tensors of batched tensors")
-
-
-def to_device(batch, device: torch.device):
-    """The batch with every tensor in it on `device` (dicts, tuples and lists kept as they are)."""
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def by_length(examples: list) -> list:

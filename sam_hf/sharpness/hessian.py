@@ -56,7 +56,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batches import LossFn, batch_size, model_loss, to_device
+from ..tensors import to_device
+from .batches import LossFn, count_examples, model_loss
 from .group import Group
 from .state import math_attention, preserved_state
 
@@ -117,7 +118,7 @@ class HessianOperator:
         self.batches = [to_device(b, self.device) for b in batches]
         self.n = sum(p.numel() for p in self.params)
         self.group = Group(group, self.device)
-        sizes = [batch_size(b) for b in self.batches]
+        sizes = [count_examples(b) for b in self.batches]
         total = self.group.all_reduce(torch.tensor([float(sum(sizes))], dtype=torch.float64))
         widest = self.group.all_reduce(torch.tensor([float(self.n), -float(self.n)], dtype=torch.float64),
                                        dist.ReduceOp.MAX if self.group.world > 1 else None)
