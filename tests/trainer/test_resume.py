@@ -1,0 +1,163 @@
+"""Checkpoint and resume: stopping at step N and resuming gives, at step 2N, bitwise the weights of never
+stopping, for every method; the method's state rides in Trainer's own optimizer.pt, and nothing else is
+added to the checkpoint (no weight backups)."""
+
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import sam_hf
+from sam_hf.optim import STATE_KEY
+from tests.helpers.tiny import METHOD_CASES, MeanLossModel, args, text_data, tiny_bert, vector_data, weights
+
+CASES = {k: METHOD_CASES[k] for k in ('sam', 'msam', 'sampa', 'asyncsam', 'asyncsam_r1')}
+N = 3  # 32 samples / 8 = 4 steps per epoch: the checkpoint is mid-epoch and the resumed run crosses an epoch
+
+
+class StopAt(TrainerCallback):
+    """Stop training after step `n` (after Trainer saved its checkpoint), as an interrupted job would."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.n:
+            control.should_training_stop = True
+
+
+def make_trainer(out, optim, optim_args, model, data, callbacks=(), **kw):
+    a = args(out, optim, optim_args, max_steps=2 * N, lr_scheduler_type="linear", warmup_steps=1, **kw)
+    return sam_hf.SharpnessTrainer(model=model, args=a, train_dataset=data, callbacks=list(callbacks))
+
+
+def interrupted_and_resumed(tmp_path, optim, optim_args, build, data):
+    first = make_trainer(tmp_path / "run", optim, optim_args, build(), data, callbacks=[StopAt(N)],
+                         save_strategy="steps", save_steps=N)
+    first.train()
+    assert first.state.global_step == N
+    ckpt = tmp_path / "run" / f"checkpoint-{N}"
+    assert ckpt.is_dir()
+    model = build(seed=1)  # different initial weights: everything must come from the checkpoint
+    second = make_trainer(tmp_path / "run", optim, optim_args, model, data, save_strategy="no")
+    second.train(resume_from_checkpoint=str(ckpt))
+    assert second.state.global_step == 2 * N
+    return weights(model), ckpt, second
+
+
+def uninterrupted(tmp_path, optim, optim_args, build, data):
+    model = build()
+    make_trainer(tmp_path / "straight", optim, optim_args, model, data).train()
+    return weights(model)
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"not bitwise equal: {different}"
+
+
+def tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_equals_uninterrupted(tmp_path, case):
+    optim, optim_args = CASES[case]
+    data = vector_data()
+    straight = uninterrupted(tmp_path, optim, optim_args, MeanLossModel, data)
+    resumed, ckpt, trainer = interrupted_and_resumed(tmp_path, optim, optim_args, MeanLossModel, data)
+    assert any(not torch.equal(straight[k], weights(MeanLossModel())[k]) for k in straight)
+    assert_bitwise(straight, resumed)
+
+    # The checkpoint: Trainer's files, with the method's state inside optimizer.pt and nothing more.
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert set(state) == {"state", "param_groups", STATE_KEY}
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    shapes = sorted(tuple(p.shape) for p in params)
+    method_state = state[STATE_KEY]
+    if optim in ("sam", "msam"):
+        assert not list(tensors(method_state))  # stateless between steps: no weight backup saved
+    elif optim == "sampa":
+        assert set(method_state) == {"g", "held_parts"}
+        assert sorted(tuple(g.shape) for g in method_state["g"]) == shapes  # g_t
+        assert all(g.dtype == torch.float32 for g in method_state["g"])
+        held = [part["batch"] for part in method_state["held_parts"]]  # B_t: the batch the next step perturbs on
+        assert len(held) == 1 and set(held[0]) == {"x", "labels"} and len(held[0]["labels"]) == 8
+        extra = sum(t.numel() for t in tensors(method_state))
+        assert extra == sum(p.numel() for p in params) + 8 * 6 + 8  # g_t + B_t, nothing else
+    else:
+        assert "a" in method_state
+        assert sorted(tuple(a.shape) for a in method_state["a"]) == shapes  # a_{t-1}
+        assert sum(t.numel() for t in tensors(method_state)) == sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("case", ["sampa", "asyncsam"])
+def test_resume_with_gradient_accumulation(tmp_path, case):
+    """SAMPa holds a whole accumulation cycle (two micro-batches) across the checkpoint."""
+    optim, optim_args = CASES[case]
+    data = vector_data()
+    kw = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+
+    def straight_run():
+        model = MeanLossModel()
+        make_trainer(tmp_path / "straight", optim, optim_args, model, data, **kw).train()
+        return weights(model)
+
+    first = make_trainer(tmp_path / "run", optim, optim_args, MeanLossModel(), data, callbacks=[StopAt(N)],
+                         save_strategy="steps", save_steps=N, **kw)
+    first.train()
+    ckpt = tmp_path / "run" / f"checkpoint-{N}"
+    if optim == "sampa":
+        held = torch.load(ckpt / "optimizer.pt", weights_only=True)[STATE_KEY]["held_parts"]
+        assert len(held) == 2 and all(len(b["batch"]["labels"]) == 4 for b in held)
+    model = MeanLossModel(seed=1)
+    make_trainer(tmp_path / "run", optim, optim_args, model, data, save_strategy="no", **kw).train(
+        resume_from_checkpoint=str(ckpt))
+    assert_bitwise(straight_run(), weights(model))
+
+
+def test_checkpoint_layout_is_trainers(tmp_path):
+    """Same files as a plain AdamW checkpoint; the base optimizer's state is exactly AdamW's."""
+    dirs, states = {}, {}
+    for optim, optim_args in [("adamw_torch", None), ("sampa", "rho=0.1")]:
+        out = tmp_path / optim
+        make_trainer(out, optim, optim_args, MeanLossModel(), vector_data(), callbacks=[StopAt(N)],
+                     save_strategy="steps", save_steps=N).train()
+        ckpt = out / f"checkpoint-{N}"
+        dirs[optim] = sorted(os.listdir(ckpt))
+        states[optim] = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert dirs["adamw_torch"] == dirs["sampa"]
+    plain, ours = states["adamw_torch"], states["sampa"]
+    # every hyper-parameter is AdamW's, but the schedule is one step behind: SAMPa's first step made no update,
+    # so after N Trainer steps it is at the value of update N - 1 (linear: 0.01 * (2N - k) / (2N - 1) at k >= 1)
+    without_lr = [[{k: v for k, v in g.items() if k != "lr"} for g in s["param_groups"]] for s in (ours, plain)]
+    assert without_lr[0] == without_lr[1]
+    assert [g["lr"] for g in plain["param_groups"]] == pytest.approx([0.01 * N / (2 * N - 1)] * 2)
+    assert [g["lr"] for g in ours["param_groups"]] == pytest.approx([0.01 * (N + 1) / (2 * N - 1)] * 2)
+    assert ours["state"].keys() == plain["state"].keys()
+    for k in plain["state"]:
+        assert ours["state"][k].keys() == plain["state"][k].keys()
+        # SAMPa's first step is g_0 only, so after N Trainer steps AdamW has taken N - 1 steps
+        assert float(ours["state"][k]["step"]) == N - 1
+
+
+def test_resume_sampa_on_bert(tmp_path):
+    """SAMPa's held batch with a real tokenised batch (input_ids, labels) and Trainer's num_items_in_batch."""
+    optim, optim_args = "sampa", "rho=0.1,lam=0.2"
+
+    def build(seed=0):
+        return tiny_bert(seed=seed)
+
+    data = text_data()
+    straight = uninterrupted(tmp_path, optim, optim_args, build, data)
+    resumed, _, _ = interrupted_and_resumed(tmp_path, optim, optim_args, build, data)
+    assert_bitwise(straight, resumed)
