@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from tests.helpers import reference as R
 # TinyNet: Linear -> LayerNorm -> tanh -> Linear, the mean cross-entropy; no **kwargs in forward, so Trainer
 # neither counts items nor passes a count, and divides the loss by the accumulation steps
-from tests.trainer.test_reference_parity import TinyNet, bert_rows
+from tests.helpers.parity import TinyNet, bert_rows, stack
 
 STEPS = 4  # Trainer steps per case
 BS = 5  # per-device micro-batch: mSAM's m = 4 and m = 2 cut it unevenly (acc 1: 2,1,1,1 and 3,2; acc 3: 4,4,4,3
@@ -201,7 +201,7 @@ def lm_rows(n, seed=3):
 
 def tiny_bert(seed=0):
     """A one-layer BERT classifier (forward takes **kwargs and ignores `num_items_in_batch`). Initializer 0.2 and the
-    frozen key bias as in tests/trainer/test_reference_parity.py (well-conditioned attention gradients, no zero-gradient
+    frozen key bias as in tests/helpers/parity.py (well-conditioned attention gradients, no zero-gradient
     parameter that AdamW would step by round-off)."""
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -231,10 +231,6 @@ def loss_setup(loss: str):
     if loss == "kwargs_mean":
         return tiny_bert, bert_rows, R.ModelMean(divide_by_steps=False), {}, {}
     raise ValueError(loss)
-
-
-def stack(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def cycles(rows, accumulation):

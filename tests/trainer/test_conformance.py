@@ -60,7 +60,7 @@ import sam_hf
 from tests.helpers import reference as R
 from tests.helpers.conformance_cases import (BASES, BS, CLIP, FACTORS, METHODS, STEPS, WARMUP, all_pairs, case_id, cases,
                                              cycles, loss_setup, pairs_of, pairwise)
-from tests.trainer.test_reference_parity import ListDataset
+from tests.helpers.parity import ListDataset
 
 ATOL = {"fp32": 1e-5, "bf16": 3e-3}
 # the method must move the weights at least POWER x the tolerance away from its base optimizer (deterministic: both

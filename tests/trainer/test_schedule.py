@@ -13,8 +13,8 @@ import torch
 
 import sam_hf
 from tests.helpers.reference import Base, Reference
-from tests.trainer.test_reference_parity import ListDataset, TinyNet, stack, vector_rows
-from tests.trainer.test_resume import assert_bitwise, interrupted_and_resumed, uninterrupted
+from tests.helpers.parity import ListDataset, TinyNet, stack, vector_rows
+from tests.helpers.resume import assert_bitwise, interrupted_and_resumed, uninterrupted
 from tests.helpers.tiny import MeanLossModel, args, vector_data, weights
 
 STEPS = 4
