@@ -5,7 +5,6 @@ with the same configuration trained in this process on the same global batch.
 """
 
 import json
-import os
 import time
 
 import pytest
@@ -51,8 +50,7 @@ PARITY = {
     "sampa_roles_compile": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
     "asyncsam_roles_compile": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8,
                                ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
-    **({"sampa_roles_inductor": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8))}
-       if os.environ.get("SAM_HF_SLOW_TESTS") == "1" else {}),  # inductor compiles for ~20 s: the slow set
+    "sampa_roles_inductor": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),  # compiles ~20 s
     "sam_nosync_is_msam2": ("sam", "rho=0.1,sync_ascent=false", 4, ("msam", "rho=0.1,micro_batches=2", 8)),
     # data-parallel SAMPa: each rank holds its shard of B_t; the all-reduced halves are the global-batch rule
     "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, ("sampa", "rho=0.1", 8)),

@@ -10,8 +10,6 @@ TRL gathers its metrics over the ranks on every pass; sam_hf's two roles run dif
 over a role's own ranks and the counting role's metrics are handed to the others (no deadlock, no double count).
 """
 
-import os
-
 import pytest
 import torch
 
@@ -24,7 +22,6 @@ from tests.helpers.trl_sft import train  # noqa: E402
 # run by path through the launcher: the script is a user's, outside any package
 SCRIPT = processes.ROOT / "tests" / "helpers" / "trl_sft.py"
 TOOL = processes.tool
-SLOW = os.environ.get("SAM_HF_SLOW_TESTS") == "1"
 
 # name: (optim, optim_args, per-device batch on 2 ranks, accumulation of the 1-process equivalent)
 CASES = {
@@ -77,8 +74,6 @@ def test_sft_on_two_processes_equals_one(torchrun_runs, tmp_path, name):
 
 
 def test_sft_under_accelerate_launch(tmp_path):
-    if not SLOW:
-        pytest.skip("accelerate launch costs two interpreters; set SAM_HF_SLOW_TESTS=1 to run it")
     out = run_two(tmp_path / "acc", "accelerate", ["sampa"])
     check(out, tmp_path / "one", "sampa")
 

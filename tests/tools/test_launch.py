@@ -31,9 +31,8 @@ ACCELERATE = _tool("accelerate")
 
 # Subprocess runs, name: (command prefix, script args, Trainer class the script builds). Each is a fresh Python
 # importing transformers (6-10 CPU-seconds), so only what needs its own process runs as one: the console script,
-# torchrun, the plain-vs-launched equality and the argparse failure. `accelerate launch` (two interpreters,
-# ~10 CPU-seconds) runs when SAM_HF_SLOW_TESTS=1.
-SLOW = os.environ.get("SAM_HF_SLOW_TESTS") == "1"
+# torchrun, accelerate launch (two interpreters, ~10 CPU-seconds), the plain-vs-launched equality and the argparse
+# failure.
 RUNS = {
     "msam": ([SAM_HF, "launch", str(SCRIPT)], ["--optim", "msam", "--optim_args", "micro_batches=4",
                                                  "--trainer", "custom"], "CustomTrainer"),
@@ -69,7 +68,7 @@ def runs(tmp_path_factory):
     env = {**os.environ, **SUBPROCESS_ENV}
     procs = {}
     for name, (prefix, script_args, _) in RUNS.items():
-        if None in prefix or (name == "accelerate" and not SLOW):
+        if None in prefix:
             continue
         out = base / name
         cmd = [*prefix, "--output_dir", str(out), *COMMON, *script_args]
@@ -96,8 +95,6 @@ def runs(tmp_path_factory):
 
 
 def get(runs, name):
-    if name == "accelerate" and not SLOW:
-        pytest.skip("accelerate launch costs two interpreters; set SAM_HF_SLOW_TESTS=1 to run it")
     if name not in runs:
         pytest.skip(f"{name}: its launcher is not installed")
     return runs[name]

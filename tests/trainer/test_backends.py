@@ -7,7 +7,6 @@ flags Trainer derives from its Accelerator (`is_fsdp_enabled`, `is_deepspeed_ena
 sets them, and construct the trainer as a user would.
 """
 
-import os
 import time
 
 import pytest
@@ -49,8 +48,7 @@ def test_torch_compile(tmp_path, case, backend):
         torch.testing.assert_close(compiled[k], plain[k], atol=1e-6, rtol=0)
 
 
-@pytest.mark.skipif(os.environ.get("SAM_HF_SLOW_TESTS") != "1",
-                    reason="inductor's first CPU compile takes ~35 s on 2 cores; set SAM_HF_SLOW_TESTS=1 to run it")
+@pytest.mark.slow  # inductor's first CPU compile takes ~35 s on 2 cores
 @pytest.mark.parametrize("case", ["sam", "sampa"])
 def test_torch_compile_inductor(tmp_path, case):
     torch._dynamo.reset()

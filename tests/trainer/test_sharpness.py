@@ -279,6 +279,7 @@ def test_measuring_does_not_change_training(tmp_path, case):
 
 
 # ---- two processes -------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a torchrun launch
 def test_two_processes_shard_the_sample(tmp_path):
     """Each rank holds half the sample (uneven batches): the figures are the 1-process ones, the same on both
     ranks; a plain AdamW Trainer under DDP logs the same figures on both ranks as 1 process does with the

@@ -78,6 +78,7 @@ def test_keys_and_values_are_checked_as_optim_args_are():
         sam_hf.SharpnessOptimizer(base, "sam", rho=[0.1])
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_two_processes_equal_one(tmp_path):
     """Data parallel (SAM, mSAM, SAMPa parallel=off) and role mode (SAMPa, Asynchronous SAM): one torchrun launch,
     every rank starting from its own model (the optimizer gives them rank 0's), each case against 1 process."""
