@@ -12,6 +12,8 @@ $(STAMP): setup.py
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==2.13.0"; fi
 	$(PIP) install -q -e ".[test,demo]"
 	@$(PIP) install -q "trl>=0.20" || echo "trl not installed: its test will be skipped"
+	@# DeepSpeed builds a pure-Python wheel against the installed torch (its C++ ops compile only when used)
+	@$(PIP) install -q --no-build-isolation "deepspeed==0.19.8" || echo "deepspeed not installed: its tests will be skipped"
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -46,7 +46,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # Tested with what `make test` installs: torch 2.13.0, transformers 5.24.0, accelerate 1.15.0,
-        # datasets 5.2.0, evaluate 0.4.6, peft 0.21.2 (and trl 1.16.0 for the TRL extra).
+        # datasets 5.2.0, evaluate 0.4.6, peft 0.21.2 (and trl 1.16.0 for the TRL extra, deepspeed 0.19.8 for
+        # the DeepSpeed extra).
         "torch>=2.4,<3",
         "transformers>=5.0,<6",
         "accelerate>=1.10,<2",
@@ -58,9 +59,11 @@ setup(
         "scipy>=1.10",  # measure_sharpness: Lanczos through scipy.sparse.linalg.eigsh
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.7", "scipy"],
+        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "scipy"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         "trl": ["trl>=0.20"],
+        # the version tested (a source distribution: pip install --no-build-isolation deepspeed==0.19.8)
+        "deepspeed": ["deepspeed==0.19.8"],
     },
     entry_points={"console_scripts": ["sam-hf=sam_hf.cli:main"]},
 )

@@ -3,7 +3,8 @@
     python -m benchmarks.param_copies             # the README table (one process)
     python -m benchmarks.param_copies --where     # also list what is alive at each method's peak
     python -m benchmarks.param_copies --roles     # role mode: each rank of 2-process SAMPa / Asynchronous SAM
-    python -m benchmarks.param_copies --layouts   # per-rank extra copies: 1 process, DDP, FSDP2, FSDP2 role mode
+    python -m benchmarks.param_copies --layouts   # per-rank extra copies: 1 process, DDP, FSDP2, FSDP2 role mode,
+                                                  # DeepSpeed ZeRO-1/2/3 (deepspeed installed)
 
 (from the repository root: the FSDP2 layouts borrow tests/helpers/fsdp_trainer.py's CPU set-up)
 
@@ -87,10 +88,19 @@ def _registered():
     return registry.specs()
 
 
-# (label, optim, optim_args): every registered method's 1-process examples (registry.py); its target is the
-# method's declared `extra_copies`.
-ROWS = [(e.label, s.name, e.optim_args) for s in _registered() for e in s.examples if e.processes == 1]
-TARGETS = {s.name: s.method.extra_copies for s in _registered()}
+# (label, optim, optim_args): every registered method's 1-process examples (registry.py) that this model can run
+# (SAM-ON needs normalization layers, which it has none of); its target is what the method declares for that
+# configuration (`copies(config)`: its `extra_copies`, plus a rule's state, SAMPa's held micro-batch gradients,
+# Asynchronous SAM's queue).
+ROWS = [(e.label, s.name, e.optim_args) for s in _registered() for e in s.examples if e.processes == 1 and e.meter]
+TARGETS = {s.name: s.method.extra_copies for s in _registered()}  # each method's plain configuration
+
+
+def target(optim: str, optim_args: str | None) -> float:
+    """The extra copies `optim` with `optim_args` declares (its registry's method `copies(config)`)."""
+    from sam_hf import SharpnessConfig, registry
+
+    return registry.get(optim).method.copies(SharpnessConfig.from_optim_args(optim, optim_args))
 ROLE_METHODS = tuple(s.name for s in _registered() if s.method.two_roles)
 # Role mode: every rank within SAM's extra copies (1 process, same base, clipping, accumulation) + 1.
 ROLE_ROWS = [row for row in ROWS if row[1] in ROLE_METHODS]
@@ -318,7 +328,7 @@ class Run:
 @contextlib.contextmanager
 def _cheap_gc():
     """Trainer.train() starts with a full gc.collect(); freezing what exists makes it cheap (see tests/conftest.py)."""
-    if gc.get_freeze_count():  # frozen already (tests/fastgc.py): leave it to its owner
+    if gc.get_freeze_count():  # frozen already (tests/conftest.py): leave it to its owner
         yield
         return
     gc.freeze()
@@ -328,12 +338,24 @@ def _cheap_gc():
         gc.unfreeze()
 
 
+def zero_config(stage: int) -> dict:
+    """A ds_config for DeepSpeed ZeRO `stage`, the rest from TrainingArguments ("auto"). Buckets of 4 parameters
+    (DeepSpeed's default, 5e8 elements, would allocate a 2 GB bucket per rank for this 1 MB model), and under
+    ZeRO-3 no persistent parameters (by default parameters under 1e5 elements, all of these, stay gathered)."""
+    bucket = 4 * DIM * DIM
+    zero = {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=bucket)
+    return {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_optimization": zero}
+
+
 def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0, steps: int = STEPS,
         warmup: int = WARMUP, dim: int = DIM, layers: int = LAYERS, where: bool = False, ga: int = 1,
-        fsdp: bool = False) -> Run:
+        fsdp: bool = False, zero: int = 0) -> Run:
     """Train EqualLinears for `steps` steps under the meter; the peak of live tracked bytes after `warmup` steps.
     Under torchrun every rank trains (gloo) and measures its own peak; `fsdp`: accelerate's FSDP2 plugin (call
-    `force_fsdp_on_cpu()` first in that process)."""
+    `force_fsdp_on_cpu()` first in that process); `zero`: DeepSpeed ZeRO of that stage (`--deepspeed`)."""
     import sam_hf
     from transformers import PrinterCallback, TrainingArguments
 
@@ -343,6 +365,8 @@ def run(optim: str, optim_args: str | None = None, *, max_grad_norm: float = 0.0
     meter = AllocationMeter(threshold=min(p.numel() * p.element_size() for p in params) // 2, where=where,
                             resizable=fsdp)
     extra = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
+    if zero:
+        extra = dict(deepspeed=zero_config(zero))
     with tempfile.TemporaryDirectory() as out, _cheap_gc():
         args = TrainingArguments(
             output_dir=out, optim=optim, optim_args=optim_args or None, per_device_train_batch_size=BATCH,
@@ -405,17 +429,21 @@ def _fsdp_on_cpu() -> None:
 
 
 def _role_worker(spec: str, out: str) -> None:
-    """Under torchrun: run every case of `spec` (JSON [[optim, optim_args, max_grad_norm, ga, steps(, fsdp)], ...])
-    and write this rank's peaks (and, with PARAM_COPIES_WHERE=1, what is alive at each) to OUT/rank{r}.json."""
+    """Under torchrun: run every case of `spec` (JSON [[optim, optim_args, max_grad_norm, ga, steps(, fsdp(, zero))],
+    ...]) and write this rank's peaks (and, with PARAM_COPIES_WHERE=1, what is alive at each) to OUT/rank{r}.json."""
     import json
 
     torch.set_num_threads(1)
-    cases = [(*c, False) if len(c) == 5 else tuple(c) for c in json.loads(spec)]
+    cases = [tuple(c) + (False, 0)[len(c) - 5:] for c in json.loads(spec)]
     where = os.environ.get("PARAM_COPIES_WHERE") == "1"
-    if any(fsdp for *_, fsdp in cases):
+    if any(c[5] for c in cases):
         _fsdp_on_cpu()  # only acts on runs whose TrainingArguments ask for FSDP
-    runs = [run(o, a, max_grad_norm=c, ga=ga, steps=steps, where=where, fsdp=fsdp)
-            for o, a, c, ga, steps, fsdp in cases]
+    if any(c[6] for c in cases):  # DeepSpeed on CPU processes: gloo only, its shared-memory op not built
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    runs = [run(o, a, max_grad_norm=c, ga=ga, steps=steps, where=where, fsdp=fsdp, zero=zero)
+            for o, a, c, ga, steps, fsdp, zero in cases]
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump({"peaks": [r.peak_bytes for r in runs],
                    "where": [_describe(r) if where else "" for r in runs]}, f)
@@ -424,16 +452,19 @@ def _role_worker(spec: str, out: str) -> None:
 def run_ranks(cases: list[tuple], procs: int = 2, steps: int = STEPS, timeout: float = 900,
               where: bool = False) -> list[list[tuple[int, str]]]:
     """(peak tracked bytes, what is alive at the peak) of every rank, a list per case, for each
-    (optim, optim_args, max_grad_norm, ga[, fsdp]) case, trained on `procs` processes in one torchrun launch."""
+    (optim, optim_args, max_grad_norm, ga[, fsdp[, zero]]) case, trained on `procs` processes in one torchrun
+    launch."""
     import json
     import subprocess
 
     from tests.helpers.processes import ROOT, torchrun
 
-    spec = json.dumps([[c[0], c[1], c[2], c[3], steps, bool(c[4]) if len(c) > 4 else False] for c in cases])
+    spec = json.dumps([[c[0], c[1], c[2], c[3], steps, bool(c[4]) if len(c) > 4 else False,
+                        int(c[5]) if len(c) > 5 else 0] for c in cases])
     with tempfile.TemporaryDirectory() as out:
         cmd = torchrun(procs, "-m", "benchmarks.param_copies", "--role_worker", spec, "--out", out)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PARAM_COPIES_WHERE": "1" if where else "0"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PARAM_COPIES_WHERE": "1" if where else "0",
+               "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{procs}-process memory run failed:\n{proc.stderr[-4000:]}")
@@ -475,8 +506,11 @@ def with_parallel(optim_args: str | None, value: str) -> str:
     return ",".join(keys + [f"parallel={value}"])
 
 
-def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS, layouts=("one", "ddp", "fsdp", "fsdp_roles"),
-                    where: bool = False) -> dict:
+ZERO_LAYOUTS = ("zero1", "zero2", "zero3")
+
+
+def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
+                    layouts=("one", "ddp", "fsdp", "fsdp_roles", *ZERO_LAYOUTS), where: bool = False) -> dict:
     """Extra copies on the busiest rank for each row (label, optim, optim_args) and layout, in units of one FULL
     copy of the trainable parameters: {"rows": {label: {layout: copies}}, "baselines": {...}, "where": {...}}.
 
@@ -484,8 +518,10 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS, layouts=("one", "ddp",
     SAM with parallel=off) against the base optimizer on the same 2 processes. fsdp: accelerate's FSDP2 plugin on 2
     processes (parallel=off) against the base optimizer under the same FSDP2 layout. fsdp_roles: 4 processes, 2 roles
     x 2 ranks (parallel=on, SAMPa and Asynchronous SAM only), each role sharded over its 2 ranks, against the base
-    optimizer under FSDP2 on 2 processes (the same per-rank shards). Per layout: (max over ranks of the method's
-    peak - max over ranks of the baseline's peak) / bytes of all trainable parameters."""
+    optimizer under FSDP2 on 2 processes (the same per-rank shards). zero1/zero2/zero3: DeepSpeed ZeRO of that stage
+    on 2 processes (parallel=off) against the base optimizer under the same stage (one more launch; skipped where
+    deepspeed is not installed). Per layout: (max over ranks of the method's peak - max over ranks of the
+    baseline's peak) / bytes of all trainable parameters."""
     result = {"rows": {label: {} for label, _, _ in rows}, "baselines": {}, "where": {}}
     bases = sorted({baseline_of(o, a) for _, o, a in rows}, key=str)
     if "one" in layouts:
@@ -508,6 +544,17 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS, layouts=("one", "ddp",
         if "fsdp_roles" in layouts else []
     peaks.update(zip(four, run_ranks(four, procs=4, steps=steps, where=where)) if four else {})
 
+    zero = [int(k[-1]) for k in ZERO_LAYOUTS if k in layouts]
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        zero = []
+    zero_rows = [(label, o, a) for label, o, a in rows if _runs_under_zero(o, a)] if zero else []
+    zero_cases = [(b, ba, 0.0, 1, False, z) for z in zero for b, ba in bases]
+    zero_cases += [(o, with_parallel(a, "off") if o in ROLE_METHODS else a, 0.0, 1, False, z)
+                   for z in zero for _, o, a in zero_rows]
+    peaks.update(zip(zero_cases, run_ranks(zero_cases, procs=2, steps=steps, where=where)) if zero_cases else {})
+
     def busiest(case):
         ranks = peaks[case]
         rank = max(range(len(ranks)), key=lambda i: ranks[i][0])
@@ -517,8 +564,19 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS, layouts=("one", "ddp",
         for b, ba in bases:
             if (b, ba, 0.0, 1, fsdp) in peaks:
                 result["baselines"][("fsdp" if fsdp else "ddp", b, ba)] = busiest((b, ba, 0.0, 1, fsdp))[0] / full
+    for z in zero:
+        for b, ba in bases:
+            result["baselines"][(f"zero{z}", b, ba)] = busiest((b, ba, 0.0, 1, False, z))[0] / full
     for label, optim, optim_args in rows:
         b, ba = baseline_of(optim, optim_args)
+        for z in zero if (label, optim, optim_args) in zero_rows else ():
+            peak, rank, alive = busiest((optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS
+                                         else optim_args, 0.0, 1, False, z))
+            base = busiest((b, ba, 0.0, 1, False, z))
+            result["rows"][label][f"zero{z}"] = (peak - base[0]) / full
+            if where:
+                result["where"][(label, f"zero{z}")] = (f"busiest rank {rank}: peak {peak / full:.2f} copies "
+                                                        f"(baseline {b} {ba or ''}: {base[0] / full:.2f})\n{alive}")
         for layout, case in (("ddp", (optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS else optim_args,
                                       0.0, 1, False)),
                              ("fsdp", (optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS else optim_args,
@@ -538,8 +596,25 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS, layouts=("one", "ddp",
     return result
 
 
+def _runs_under_zero(optim: str, optim_args: str | None) -> bool:
+    """Whether the method runs under DeepSpeed ZeRO (ESAM, drawing whole parameter tensors, does not)."""
+    from sam_hf import registry
+    from sam_hf.config import SharpnessConfig, SharpnessConfigError
+    from sam_hf.distributed.layouts import DeepSpeed
+    from sam_hf.distributed.plan import ParallelPlan
+
+    cfg = SharpnessConfig.from_optim_args(optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS
+                                          else optim_args)
+    try:
+        registry.get(optim).method.check(cfg, DeepSpeed(ParallelPlan(mode="data", world_size=2)), BATCH)
+    except SharpnessConfigError:
+        return False
+    return True
+
+
 LAYOUT_NAMES = {"one": "1 process", "ddp": "DDP, 2 processes", "fsdp": "FSDP2, 2 processes",
-                "fsdp_roles": "FSDP2 role mode, 4 processes (2 roles x 2 ranks)"}
+                "fsdp_roles": "FSDP2 role mode, 4 processes (2 roles x 2 ranks)",
+                "zero1": "ZeRO-1, 2 processes", "zero2": "ZeRO-2, 2 processes", "zero3": "ZeRO-3, 2 processes"}
 
 
 def _layouts_table(where: bool = False) -> None:
@@ -558,7 +633,10 @@ def _layouts_table(where: bool = False) -> None:
           "FSDP's all-gather and reduce-scatter buffers are in the baseline too.\n"
           "- FSDP2 role mode, 4 processes: parallel=on, 2 roles x 2 ranks, each role sharded over its own 2 ranks; "
           "baseline: the base optimizer under FSDP2 on 2 processes, whose per-rank shards equal each role's "
-          "(a plain optimizer has no roles; 4-process FSDP2 would shard over 4).\n")
+          "(a plain optimizer has no roles; 4-process FSDP2 would shard over 4).\n"
+          "- ZeRO-1/2/3, 2 processes: DeepSpeed (`--deepspeed`, `--use_cpu`, gloo) with the base optimizer under the "
+          "same stage; SAMPa and Asynchronous SAM data parallel (the only mode under ZeRO). The methods work on "
+          "each rank's fp32 partitions.\n")
     layouts = list(LAYOUT_NAMES)
     print("| method | optim_args | " + " | ".join(LAYOUT_NAMES[k] for k in layouts) + " |")
     print("|---|---|" + "---:|" * len(layouts))
@@ -569,7 +647,8 @@ def _layouts_table(where: bool = False) -> None:
     bases = "; ".join(f"{LAYOUT_NAMES[k]}: `{b}{' ' + ba if ba else ''}` {v:.2f}"
                       for (k, b, ba), v in res["baselines"].items())
     print(f"\nBaselines, absolute peak on the busiest rank in full copies: {bases}.")
-    print("n/a: role mode (parallel=on) applies to SAMPa and Asynchronous SAM only.")
+    print("n/a: role mode (parallel=on) applies to SAMPa and Asynchronous SAM only; the ZeRO columns need deepspeed "
+          "and a method that runs under ZeRO (not ESAM).")
     if where:
         print("\nAlive at the peak (count x creating op [local shape] where):\n")
         print("\n\n".join(f"{label}, {LAYOUT_NAMES[layout]}: {text}" for (label, layout), text in res["where"].items()))
@@ -623,7 +702,7 @@ def main(argv=None) -> None:
             if opts.where:
                 details.append(f"{label}, max_grad_norm={c:g}: peak {r.copies:.2f} copies "
                                f"(baseline {base.optim} {base.optim_args or ''}: {base.copies:.2f})\n{_describe(r)}")
-        print(f"| {label} | `{optim_args}` | ≤ {TARGETS[optim]} | " + " | ".join(cells) + " |")
+        print(f"| {label} | `{optim_args}` | ≤ {target(optim, optim_args):g} | " + " | ".join(cells) + " |")
     bases = ", ".join(f"`{o}{' ' + a if a else ''}` {r.copies:.2f}" for (o, a, kw), r in _BASELINES.items()
                       if dict(kw).get("max_grad_norm") == clips[0])
     print(f"\nBaselines, absolute peak in copies (.grad + the optimizer's state + its per-tensor temporaries): {bases}.")

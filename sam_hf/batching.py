@@ -112,7 +112,41 @@ def split_samples(batches: list[Batch], parts: int) -> list[list[Piece]]:
     return ranges
 
 
+def select_batch(batch: Batch, rows: list[int]) -> dict[str, Any]:
+    """Samples `rows` (sorted) of a batch; per-sample lists are cut too, other values kept as they are."""
+    n = batch_size(batch)
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value[torch.as_tensor(rows, dtype=torch.long, device=value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == n:
+            out[key] = type(value)(value[i] for i in rows)
+        else:
+            out[key] = value
+    return out
+
+
+def chosen_samples(batches: list[Batch], rows) -> list[Piece]:
+    """The samples `rows` (indices into the concatenation of `batches`) as pieces, one per micro-batch they fall in."""
+    rows = sorted(int(r) for r in rows)
+    pieces: list[Piece] = []
+    offset = 0
+    for batch in batches:
+        n = batch_size(batch)
+        mine = [r - offset for r in rows if offset <= r < offset + n]
+        if len(mine) == n:
+            pieces.append(Piece(batch, 1.0, None))
+        elif mine:
+            pieces.append(Piece(TrainerBatch(select_batch(batch, mine)), len(mine) / n, batch))
+        offset += n
+    return pieces
+
+
+def ascent_count(batches: list[Batch], ratio: float) -> int:
+    """ceil(ratio * |B|) samples (at least one): the size of Asynchronous SAM's A_t."""
+    return max(1, math.ceil(ratio * sum(batch_size(b) for b in batches) - 1e-9))
+
+
 def leading_samples(batches: list[Batch], ratio: float) -> list[Piece]:
     """The first ceil(ratio * |B|) samples of the step's batch B (Asynchronous SAM's A_t)."""
-    total = sum(batch_size(b) for b in batches)
-    return sample_range(batches, 0, max(1, math.ceil(ratio * total - 1e-9)))
+    return sample_range(batches, 0, ascent_count(batches, ratio))

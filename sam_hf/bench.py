@@ -64,23 +64,48 @@ def runnable(procs: int, optim_args: str, cuda_devices: int, precision: str = "f
     return True, ""
 
 
+def labels() -> list[str]:
+    """Every configuration's label once (a label may run on 1 and on 2 processes)."""
+    return list(dict.fromkeys(label for label, *_ in configurations()))
+
+
+def parse_only(text: str) -> list[str]:
+    """`--only`: comma-separated labels; a label holding a comma ("AsyncSAM (CPU ascent, r=auto)") is matched
+    whole. An unknown label is an error that lists the known ones."""
+    known, pieces, out = labels(), text.split(","), []
+    while pieces:
+        item = pieces.pop(0)
+        while item.strip() not in known and pieces and any(k.startswith(f"{item.strip()},") for k in known):
+            item += "," + pieces.pop(0)
+        if item.strip() not in known:
+            raise ValueError(f"--only: no configuration is labelled {item.strip()!r}; labels: "
+                             + "; ".join(known))
+        out.append(item.strip())
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sam-hf bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.md")
     p.add_argument("--steps", type=int, default=12, help="measured steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     p.add_argument("--batch", type=int, default=16, help="per-device batch")
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seq", type=int, default=128, help="tokens per example of the benchmark's BERT classifier")
+    p.add_argument("--hidden", type=int, default=256, help="the BERT classifier's hidden size")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="mixed precision of every configuration (Trainer's --bf16 / --fp16)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
+    p.add_argument("--layers", type=int, default=4, help="the BERT classifier's encoder layers")
+    p.add_argument("--only", default=None,
+                   help="comma-separated labels to run, each on every process count it has (default: all): "
+                        + "; ".join(labels()))
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds over all configurations, interleaved so slow drifts of a shared machine hit every "
                         "configuration alike; each configuration reports its median round")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    for action in p._actions:  # every option's help shows its default
+        if action.help not in (None, argparse.SUPPRESS) and action.dest not in ("help", "only"):
+            action.help += " (default: %(default)s)"
     return p
 
 
@@ -310,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.worker:
         _worker(opts)
         return 0
-    only = set(opts.only.split(",")) if opts.only else None
+    try:
+        only = set(parse_only(opts.only)) if opts.only else None
+    except ValueError as err:
+        _parser().error(str(err))
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -11,7 +11,7 @@ import sys
 
 COMMANDS = {
     "launch": ("sam_hf.launch", "run an unmodified Hugging Face training script with the sam_hf optimizer names"),
-    "train": ("sam_hf.recipes", "run a YAML recipe: sam-hf train RECIPE [--key value ...]"),
+    "train": ("sam_hf.recipes", "run a YAML recipe: sam-hf train RECIPE [--section.key value ...]"),
     "demo": ("sam_hf.demo", "offline demo: a small ViT on scikit-learn's digits with AdamW, SAM and SAMPa"),
     "bench": ("sam_hf.bench", "step-time and memory benchmark of every method, 1 and 2 processes"),
     "sharpness": ("sam_hf.sharpness", "Hessian lambda_max and trace of a saved text classifier on its training data"),
@@ -19,8 +19,24 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """sam_hf's version, with the torch and transformers it runs on (from the installed metadata: no import)."""
+    from importlib import metadata
+
+    def of(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    ours = of("sam_hf")
+    if ours is None:  # run from a checkout that is not installed
+        from sam_hf import __version__ as ours
+    return f"sam-hf {ours} (torch {of('torch') or 'not installed'}, transformers {of('transformers') or 'not installed'})"
+
+
 def _usage() -> str:
-    lines = ["usage: sam-hf COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: sam-hf COMMAND [ARGS...]  |  sam-hf --version", "", "commands:"]
     width = max(map(len, COMMANDS))
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
@@ -30,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(version())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,12 +48,13 @@ class SharpnessConfigError(ValueError):
 
 
 def option(default, help: str, *, choices: tuple[str, ...] | None = None, example=None, parse=None,
-           why_not: str | None = None):
+           why_not: str | None = None, rules: tuple[str, ...] | None = None):
     """A method option: its default, its help text (the options reference), the values a string option may take,
-    an example value for messages, a parser for values that are not plain bool/int/float/str, and the reason it
-    does not apply to methods that lack it (said when one of those is given it)."""
+    an example value for messages, a parser for values that are not plain bool/int/float/str, the reason it
+    does not apply to methods that lack it (said when one of those is given it), and the ascent rules that read it
+    (the options reference lists it only for methods that run one of them)."""
     return field(default=default, metadata={"help": help, "choices": choices, "example": example, "parse": parse,
-                                            "why_not": why_not})
+                                            "why_not": why_not, "rules": rules})
 
 
 def option_fields(cls) -> list[dataclasses.Field]:
@@ -120,7 +122,10 @@ def _convert(f: dataclasses.Field, key: str, value):
 
 
 def parse_optim_args(optim_args: str | None) -> dict[str, str]:
-    """`"rho=0.05, lam=0.2"` -> `{"rho": "0.05", "lam": "0.2"}`, with errors that show the bad piece."""
+    """`"rho=0.05, lam=0.2"` -> `{"rho": "0.05", "lam": "0.2"}`, with errors that show the bad piece.
+
+    Spaces around keys and values are dropped, as transformers drops them; a space inside one (`"rho=0.05 lam=0.2"`,
+    which transformers would read as rho = "0.05lam=0.2") is refused: pairs are separated by commas."""
     out: dict[str, str] = {}
     if not optim_args:
         return out
@@ -128,14 +133,18 @@ def parse_optim_args(optim_args: str | None) -> dict[str, str]:
         piece = piece.strip()
         if not piece:
             continue
-        key, sep, value = piece.partition("=")
-        key, value = key.strip(), value.strip()
-        if sep and " " in value and "=" in value:
-            raise SharpnessConfigError(
-                f"optim_args: {piece!r} holds two keys; separate keys with commas, not spaces "
-                f"(e.g. --optim_args \"{key}={value.split()[0]},{' '.join(value.split()[1:])}\")")
+        key, sep, value = (part.strip() for part in piece.partition("="))
         if not sep or not key or not value:
             raise SharpnessConfigError(f"optim_args: {piece!r} is not key=value (e.g. --optim_args \"rho=0.05,lam=0.2\")")
+        spaced = any(ch.isspace() for ch in key + value)
+        if "=" in value and spaced:  # "rho=0.05 lam=0.2"
+            pairs = ",".join("=".join(w.strip() for w in p.split("=")) for p in re.split(r"\s+(?=[^=\s]+\s*=)", piece))
+            raise SharpnessConfigError(f"optim_args: {piece!r} holds several key=value pairs: separate them with "
+                                       f"commas, not spaces: --optim_args \"{pairs}\"")
+        if "=" in value or spaced:
+            raise SharpnessConfigError(f"optim_args: {piece!r} is not one key=value: a key or value holds "
+                                       f"{'a space' if spaced else 'an ='}; give comma-separated key=value pairs "
+                                       "(e.g. --optim_args \"rho=0.05,lam=0.2\")")
         if key in out:
             raise SharpnessConfigError(f"optim_args: key {key!r} is given twice")
         out[key] = value
@@ -159,6 +168,8 @@ class SharpnessConfig:
                            "only) or all", choices=("clean", "all"))
     check_every: int = option(50, "steps between replica checksums on several processes (0: never)")
     base_optim_args: dict[str, str] = field(default_factory=dict)
+    # the option keys the user gave (optim_args or keywords): an option a rule does not use is refused only if given
+    given: frozenset = field(default_factory=frozenset, repr=False, compare=False)
 
     # ---- building ----------------------------------------------------------
     @classmethod
@@ -181,9 +192,24 @@ class SharpnessConfig:
             else:
                 _refuse_other_methods_key(spec.name, own, key, value)
                 base_args[key] = value if isinstance(value, str) else str(value).lower()
-        cfg = spec.config(method=spec.name, base_optim_args=base_args, **values)
+        cfg = spec.config(method=spec.name, base_optim_args=base_args, given=frozenset(values), **values)
         cfg.validate()
+        rules = getattr(spec.method, "rules", None)
+        if getattr(cfg, "rule", None) is not None and rules is not None and cfg.rule not in rules:
+            takes = sorted(s.name for s in registry.specs() if cfg.rule in getattr(s.method, "rules", ())
+                           and any(f.name == "rule" for f in option_fields(s.config)))
+            raise SharpnessConfigError(
+                f"optim_args: --optim {spec.name} runs rule in {list(rules)}, not rule={cfg.rule} (see "
+                f"docs/methods/combinations.md); rule={cfg.rule} runs with --optim {', '.join(takes)}")
         return cfg
+
+    def was_given(self, key: str) -> bool:
+        """Whether option `key` was set by the user (for a config built directly: whether it differs from its
+        default)."""
+        if self.given:
+            return key in self.given
+        default = next((f.default for f in option_fields(type(self)) if f.name == key), None)
+        return getattr(self, key, default) != default
 
     def validate(self) -> None:
         for f in option_fields(type(self)):
@@ -332,6 +358,9 @@ def options_reference(methods=None) -> str:
         lines += [f"## `--optim {spec.name}`", "", spec.summary + (f" ({spec.paper})." if spec.paper else "."), "",
                   "| key | default | what it does |", "|---|---|---|"]
         for f in option_fields(spec.config):
+            rules = f.metadata.get("rules")
+            if rules and not set(rules) & set(getattr(spec.method, "rules", rules)):
+                continue  # an option of ascent rules this method does not run
             choices = f.metadata.get("choices") or ()
             meaning = f.metadata["help"]
             if not all(c in meaning for c in choices):

@@ -231,6 +231,31 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def curve_styles(results: list[dict]) -> list[dict]:
+    """matplotlib keywords per result, so that no curve hides another: multi-process runs are dashed with hollow
+    markers, drawn over the 1-process ones, and a run whose curves equal an earlier run's says so in the legend
+    (2-process SAMPa equals 1-process SAMPa up to round-off, by design)."""
+    styles = []
+    for i, r in enumerate(results):
+        label = r["label"]
+        same = [o["label"] for o in results[:i] if _same_curves(o, r)]
+        if same:
+            label += f" (same curves as {same[0]})"
+        many = r.get("processes", 1) > 1
+        styles.append({"label": label, "linestyle": "--" if many else "-", "marker": "o" if many else ".",
+                       "markerfacecolor": "none" if many else None, "zorder": 3 if many else 2})
+    return styles
+
+
+def _same_curves(a: dict, b: dict, rtol: float = 1e-3) -> bool:
+    def close(x, y):
+        return len(x) == len(y) and all(s == t and abs(u - v) <= rtol * max(abs(u), abs(v)) for (s, u), (t, v)
+                                        in zip(x, y))
+
+    return bool(a["loss_curve"]) and close(a["loss_curve"], b["loss_curve"]) and close(
+        a["sharpness_curve"], b["sharpness_curve"])
+
+
 def plot(results: list[dict], path: Path, samples: int) -> None:
     import matplotlib
 
@@ -238,21 +263,22 @@ def plot(results: list[dict], path: Path, samples: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, sharp) = plt.subplots(1, 2, figsize=(11.0, 4.0))
-    for r in results:
+    for r, style in zip(results, curve_styles(results)):
         steps, losses = zip(*r["loss_curve"]) if r["loss_curve"] else ((), ())
-        line, = ax.plot(steps, losses, label=r["label"], marker="." if len(steps) < 20 else None)
+        dense = {"markevery": max(1, len(steps) // 12)} if len(steps) >= 20 else {}  # markers, not a thick band
+        line, = ax.plot(steps, losses, **style, **dense)
         steps, values = zip(*r["sharpness_curve"]) if r["sharpness_curve"] else ((), ())
-        sharp.plot(steps, values, label=r["label"], marker="o", color=line.get_color())
+        sharp.plot(steps, values, **{**style, "marker": "o"}, color=line.get_color())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.set_title("ViT on scikit-learn digits: training loss")
-    ax.legend()
+    ax.legend(fontsize="small")
     sharp.set_xlabel("optimizer step")
     sharp.set_ylabel("λ_max of the training-loss Hessian")
     sharp.set_yscale("log")
     sharp.set_title(f"sharpness on a fixed sample of {samples} training examples", fontsize="medium")
-    sharp.legend()
+    sharp.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

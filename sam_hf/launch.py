@@ -62,6 +62,18 @@ def split_launcher_options(argv: list[str]) -> tuple[dict, list[str]]:
     return options, rest
 
 
+def misplaced_launcher_options(script_args: list[str]) -> list[str]:
+    """The launcher's own options among the script's arguments (`run_glue.py ... --sharpness_every 10`), which
+    transformers would report as unused arguments of the script."""
+    found = []
+    for arg in script_args:
+        flag = arg.partition("=")[0]
+        flag = "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
+        if flag in SHARPNESS_OPTIONS and flag not in found:
+            found.append(flag)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -88,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     target, args = (argv[1], argv[2:]) if as_module and len(argv) > 1 else (argv[0], argv[1:])
     if as_module and len(argv) < 2:
         print(USAGE, file=sys.stderr)
+        return 2
+    misplaced = misplaced_launcher_options(args)
+    if misplaced:
+        print(f"sam-hf launch: {', '.join(misplaced)} after the script would reach the script, not the launcher: "
+              f"launcher options go before the script (sam-hf launch {misplaced[0]} N {' '.join(argv[:2 if as_module else 1])} "
+              "...)", file=sys.stderr)
         return 2
     if not as_module and not os.path.isfile(target):
         print(f"sam-hf launch: no such script: {target}\n{USAGE}", file=sys.stderr)

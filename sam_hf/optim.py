@@ -50,14 +50,19 @@ STEPS_KEY = "sam_hf_steps"
 class BatchClosure(dict):
     """A closure that knows its batch: `loss_fn(batch) -> mean loss` and the batch (a dict of tensors whose first
     dimension is the sample). Called, it runs forward + backward on the whole batch and returns the loss; the
-    methods can also cut it into samples, each slice contributing its share of the batch's mean loss."""
+    methods can also cut it into samples, each slice contributing its share of the batch's mean loss.
 
-    def __init__(self, loss_fn, batch: Mapping):
+    `logits_fn(batch) -> logits` is what rule=bisam needs besides: its ascent passes bound the 0-1 loss of the
+    logits against `batch["labels"]` (logits of shape labels.shape + (classes,), aligned position by position;
+    shift a causal LM's yourself)."""
+
+    def __init__(self, loss_fn, batch: Mapping, logits_fn=None):
         if not isinstance(batch, Mapping):
             raise TypeError(f"BatchClosure needs a dict-like batch (name -> tensor), got {type(batch).__name__}; "
                             "e.g. BatchClosure(lambda b: loss_fn(model(b['x']), b['y']), {'x': x, 'y': y})")
         super().__init__(batch)
         self.loss_fn = loss_fn
+        self.logits_fn = logits_fn
 
     def __call__(self):
         with torch.enable_grad():
@@ -83,8 +88,10 @@ class ClosurePasses:
     """methods.base.GradientPasses for a plain loop: each pass is one call of the step's closure, or of its
     `loss_fn` on a slice of its batch (weighted by the slice's share of the samples, the units of a mean loss)."""
 
-    def __init__(self, loss_fn, batchnorms=(), freeze_stats: bool = True, hidden: tuple[str, ...] = ()):
+    def __init__(self, loss_fn, batchnorms=(), freeze_stats: bool = True, hidden: tuple[str, ...] = (),
+                 logits_fn=None):
         self.loss_fn = loss_fn  # for batches without their own: a held batch restored from a checkpoint
+        self.logits_fn = logits_fn
         self.batchnorms = list(batchnorms)
         self.freeze_stats = freeze_stats
         self.hidden = hidden  # batch columns the method reads itself (an example id): loss_fn never sees them
@@ -96,7 +103,9 @@ class ClosurePasses:
         return fn(batch)
 
     def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, weight: float = 1.0,
-                 loss_term=None) -> torch.Tensor:
+                 loss_term=None, ascent=None, last: bool = True) -> torch.Tensor:
+        if ascent is not None:
+            return self._ascent_backward(batch, fraction, clean, part_of, ascent)
         freeze = not clean and self.freeze_stats and self.batchnorms
         with frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(), torch.enable_grad():
             if not isinstance(batch, Mapping):  # a plain closure: forward + backward, returns the loss
@@ -131,6 +140,34 @@ class ClosurePasses:
                             "mapping with `loss` and `logits`, e.g. lambda b: model(**b), or a tuple (loss, logits))")
         return outputs
 
+    def _ascent_backward(self, batch, fraction, clean, part_of, ascent) -> torch.Tensor:
+        """The rule's ascent loss (BiSAM's lower bound) on the model's logits and the batch's labels, in the units of
+        a mean: the sum over the piece's scored examples / the whole batch's. The logits are those of the outputs
+        loss_fn returns (one forward), or `logits_fn(batch)`'s (then the reported training loss costs one more
+        forward, without gradients, BatchNorm statistics kept); returns the training loss."""
+        from .methods import bisam
+
+        logits_fn = getattr(batch, "logits_fn", None) or getattr(part_of, "logits_fn", None) or self.logits_fn
+        freeze = not clean and self.freeze_stats and self.batchnorms
+        with frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(), torch.enable_grad():
+            if logits_fn is not None:
+                loss, outputs = None, {"logits": logits_fn(batch)}
+            else:
+                loss, outputs = split_outputs(self._call(batch, part_of))
+                if isinstance(outputs, (tuple, list)):
+                    outputs = {"logits": outputs[1]} if len(outputs) > 1 else None
+                if outputs is None or bisam.logits_of(outputs) is None:
+                    raise TypeError("rule=bisam needs the model's logits: pass sam_hf.BatchClosure(lambda b: "
+                                    "model(**b), batch), its loss_fn returning the outputs with `loss` and `logits` "
+                                    "(or a tuple (loss, logits)), or BatchClosure(loss_fn, batch, logits_fn=...)")
+            total, _ = ascent(*bisam.aligned(outputs, batch, shift=False))
+            (total / max(bisam.scored(part_of if part_of is not None else batch, False), 1)).backward()
+        if loss is None:
+            with torch.no_grad(), frozen_running_stats(self.batchnorms) if self.batchnorms else \
+                    contextlib.nullcontext():
+                loss, _ = split_outputs(self._call(batch, part_of))
+        return (loss * fraction if part_of is not None else loss).detach()
+
     def loss_scale(self) -> float:
         return 1.0
 
@@ -139,10 +176,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     """`base` with a sharpness-aware method in front of its step (see the module docstring).
 
     Plain loops: `SharpnessOptimizer(base, "sam", rho=0.05, model=model)` (or `optim_args="rho=0.05"`, the same
-    keys as `--optim_args`). `model` gives ASAM the parameter names (T = 1 on biases) and BatchNorm handling
-    (`bn_stats`); `max_grad_norm` clips the final gradient as Trainer does; `total_steps` is needed for the
-    `start`/`stop` schedule options and AE-SAM; `steps_per_epoch` (or `set_epoch(e)` at each epoch's start) tells
-    SAF and MESA the epoch. Trainer builds it from a method instead."""
+    keys as `--optim_args`). `model` gives the ascent rule what it reads of the parameters (ASAM's T by name, SAM-ON's
+    normalization layers by module type) and BatchNorm handling (`bn_stats`); `max_grad_norm` clips the final
+    gradient as Trainer does; `total_steps` is needed for the `start`/`stop` schedule options and AE-SAM;
+    `steps_per_epoch` (or `set_epoch(e)` at each epoch's start) tells SAF and MESA the epoch. Trainer builds it from a
+    method instead."""
 
     # Like accelerate's AcceleratedOptimizer, a wrapper that does not call Optimizer.__init__:
     # everything an Optimizer holds is the base optimizer's.
@@ -184,9 +222,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         sharding = "fsdp2" if any(dtensor.is_sharded(p) for p in params) else None
         layout = make_layout(cfg, method_cls, device, timeout_s, sharding)
         method_cls.check(cfg, layout)
-        names = None if model is None else {id(p): n for n, p in model.named_parameters()}
-        self.method = method_cls(cfg, base, max_grad_norm=max_grad_norm, param_names=names, layout=layout,
-                                 model=model)
+        self.method = method_cls(cfg, base, max_grad_norm=max_grad_norm, layout=layout, model=model)
         layout.prepare_params(self.method.params, list(model.buffers()) if model is not None else [])
 
     # ---- what an Optimizer holds: the base optimizer's ----------------------------------------------------------
@@ -268,6 +304,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if not isinstance(closure, Mapping) and method.slices_batches:
             raise TypeError(f"--optim {cfg.method} with these options cuts each step's batch into samples, which a "
                             "plain closure cannot do: pass sam_hf.BatchClosure(loss_fn, batch) to step()")
+        if not isinstance(closure, Mapping) and method.rule is not None and method.rule.ascent_loss is not None:
+            raise TypeError(f"rule={cfg.rule} computes its ascent on the model's logits, which a plain closure does not "
+                            "give: pass sam_hf.BatchClosure(lambda b: model(**b), batch) to step(), its loss_fn "
+                            "returning the model's outputs (with `loss` and `logits`), or BatchClosure(loss_fn, batch, "
+                            "logits_fn=...)")
         if not isinstance(closure, Mapping) and method.needs_outputs:
             raise TypeError(f"--optim {cfg.method} with these options reads the model's outputs, which a plain closure "
                             "does not give: pass sam_hf.BatchClosure(lambda b: model(**b), batch) to step(), its "
@@ -279,7 +320,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             layout.check_replicas(method.params, step)
         id_column = method.example_id_column(cfg)
         passes = ClosurePasses(getattr(closure, "loss_fn", None), batchnorms(self.model), cfg.bn_stats == "clean",
-                               hidden=(id_column,) if id_column else ())
+                               hidden=(id_column,) if id_column else (), logits_fn=getattr(closure, "logits_fn", None))
         # without total_steps only `interval` schedules (start/stop need it, checked at construction)
         active = cfg.active(step, self.total_steps or step + 1)
         if active:

@@ -20,6 +20,7 @@ class Example:
     optim_args: str
     processes: int = 1  # 2: on two processes (data parallel, or role mode for a two-role method)
     bench: bool = True  # a row of `sam-hf bench` (on the bench's AdamW base); else the memory meter's only
+    meter: bool = True  # a row of the memory meter (benchmarks/param_copies.py: bias-free linear layers, no norms)
 
 
 @dataclass(frozen=True)

@@ -414,8 +414,14 @@ class SharpnessCallback(TrainerCallback):
     `every` optimizer steps, on a fixed sample, and logs it through `Trainer.log`; works with any optimizer.
 
     Logged keys: `sharpness/lambda_max`, `sharpness/lambda_2` .. `sharpness/lambda_{top_k}`, `sharpness/trace`
-    (with `trace_samples`), `sharpness/seconds` (the measurement's wall time). They reach the progress bar,
-    TensorBoard, W&B and `trainer_state.json` as any logged metric does.
+    (with `trace_samples`), `sharpness/seconds` (the measurement's wall time) and `sharpness/total_seconds` (all
+    measurements of this `train()` so far). They reach the progress bar, TensorBoard, W&B and
+    `trainer_state.json` as any logged metric does.
+
+    Reading Trainer's speed figures: `train_runtime`, `train_steps_per_second` and `train_samples_per_second`
+    include the measurements made during training (Trainer times the whole loop, callbacks included), not the
+    one at the end (it runs after Trainer took its figures). Training alone ran `train_runtime - T` seconds, T the
+    last `sharpness/total_seconds` logged before the end: steps per second = global_step / (train_runtime - T).
 
     The sample: `samples` examples of `trainer.train_dataset` picked with `seed` (an iterable dataset: its first
     `samples`), collated once by the Trainer's own data collator (unused columns removed as Trainer removes
@@ -447,6 +453,7 @@ class SharpnessCallback(TrainerCallback):
         self._batches: list | None = None
         self._sample_of = None  # weakref to the Trainer the sample was built for
         self._measured_at: int | None = None
+        self._total_seconds = 0.0  # measurements of the current train()
 
     def _trainer(self, model):
         from .trainer.integration import trainer_of
@@ -467,6 +474,7 @@ class SharpnessCallback(TrainerCallback):
                 self._batches = self._build_sample(trainer)
             self._sample_of = weakref.ref(trainer)
         self._measured_at = None
+        self._total_seconds = 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
@@ -512,6 +520,8 @@ class SharpnessCallback(TrainerCallback):
         if result["trace"] is not None:
             logs["sharpness/trace"] = result["trace"]
         logs["sharpness/seconds"] = round(result["seconds"], 3)
+        self._total_seconds += result["seconds"]
+        logs["sharpness/total_seconds"] = round(self._total_seconds, 3)
         self._measured_at = step
         should_log = trainer.control.should_log
         trainer.log(logs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 
 def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -23,6 +24,12 @@ def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
     return out
 
 
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a method computes directions and keeps state in: fp32, or float64 for a float64 tensor (an fp32
+    buffer would round a float64 run to about 1e-8)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def zero_grads(params) -> None:
     for p in params:
         p.grad = None
@@ -30,18 +37,21 @@ def zero_grads(params) -> None:
 
 @torch.no_grad()
 def take_grads(params, scale: float) -> list[torch.Tensor | None]:
-    """The gradients a pass left in `.grad`, taken out as unscaled fp32 (None where a parameter got none).
+    """The gradients a pass left in `.grad`, taken out as unscaled fp32 (float64 for float64 parameters; None where
+    a parameter got none).
 
-    An fp32 contiguous `.grad` is handed over as it is, divided by `scale` in place (no copy); any other is
-    converted once. `.grad` is cleared: the tensors now belong to the caller (the method's state, the exchange's
+    An fp32 (float64) contiguous `.grad` is handed over as it is, divided by `scale` in place (no copy); any other
+    is converted once. `.grad` is cleared: the tensors now belong to the caller (the method's state, the exchange's
     send buffers, the next `.grad`)."""
     out = []
     for p in params:
         g, p.grad = p.grad, None
         if g is not None:
-            g = g.detach()
-            if g.dtype != torch.float32 or not g.is_contiguous():
-                g = g.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            if g.requires_grad:  # else `.grad` itself is handed over (a layout may track it: DeepSpeed's views)
+                g = g.detach()
+            dtype = work_dtype(p)
+            if g.dtype != dtype or not g.is_contiguous():
+                g = g.to(dtype, memory_format=torch.contiguous_format, copy=True)
             if scale != 1.0:
                 g.div_(scale)
         out.append(g)
@@ -65,9 +75,11 @@ def backup(params) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def restore(params, saved) -> None:
-    """Copy the saved weights back (never subtract e: x + e - e is not x in floating point)."""
+    """Copy the saved weights back (never subtract e: x + e - e is not x in floating point); a None entry is a
+    parameter that was not moved."""
     for p, s in zip(params, saved):
-        p.copy_(s)
+        if s is not None:
+            p.copy_(s)
 
 
 def as_tensor(value, device) -> torch.Tensor:
@@ -104,3 +116,19 @@ def batchnorms(model) -> list[torch.nn.Module]:
     if model is None:
         return []
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+# ---- which parameters belong to normalization layers (SAM-ON) -----------------------------------------------
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_NORM_NAMES = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "InstanceNorm")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normalization layer by type: torch's norms, or a class named *Norm / *LayerNorm* / *RMSNorm* ..."""
+    name = type(module).__name__
+    return isinstance(module, _NORM_TYPES) or name.endswith("Norm") or any(n in name for n in _NORM_NAMES)
+
+
+def norm_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that belong to a normalization layer (its own, not its children's)."""
+    return {id(p) for m in model.modules() if is_norm_layer(m) for p in m.parameters(recurse=False)}

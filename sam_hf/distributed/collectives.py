@@ -37,8 +37,10 @@ def wait(work, plan: ParallelPlan, what: str) -> None:
 
 
 @torch.no_grad()
-def all_reduce_grads_(params: list[torch.Tensor], plan: ParallelPlan, what: str) -> None:
-    """Average every parameter's `.grad` over all ranks, in place (data-parallel mode).
+def all_reduce_grads_(params: list[torch.Tensor], plan: ParallelPlan, what: str, group=None,
+                      size: int | None = None) -> None:
+    """Average every parameter's `.grad` over all ranks (or over `group`, of `size` ranks), in place (data-parallel
+    mode).
 
     One small all-reduce of has-gradient flags first: a parameter no rank has a gradient for keeps None, one that
     only some ranks have one for gets zeros on the others. Then the gradients in buckets (`_mean_`): an fp32
@@ -47,11 +49,11 @@ def all_reduce_grads_(params: list[torch.Tensor], plan: ParallelPlan, what: str)
     is still averaged in fp32)."""
     flags = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float32,
                          device=plan.staging_device)
-    wait(dist.all_reduce(flags, async_op=True), plan, what)
+    wait(dist.all_reduce(flags, group=group, async_op=True), plan, what)
     for p, f in zip(params, flags.tolist()):
         if p.grad is None and f > 0:
             p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-    mean_([p.grad for p in params if p.grad is not None], plan, what, None, plan.world_size)
+    mean_([p.grad for p in params if p.grad is not None], plan, what, group, size or plan.world_size)
 
 
 DP_BUCKET_BYTES = 32 * 2**20  # a gradient all-reduce stages at most this much at a time
@@ -75,16 +77,18 @@ def mean_(tensors: list[torch.Tensor], plan: ParallelPlan, what: str, group, siz
     cap = min(DP_BUCKET_BYTES, sum(t.numel() for t in tensors) * 4 // BUCKET_SHARE)
 
     def in_place(t):
-        return t.dtype == torch.float32 and t.is_contiguous() and t.device == plan.staging_device
+        return t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and t.device == plan.staging_device
 
     def flush():
         if not bucket:
             return
-        if len(bucket) == 1:  # reduced where it lies, or one fp32 staging copy
+        # float64 gradients (a float64 model) are averaged in float64, everything else in fp32
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in bucket) else torch.float32
+        if len(bucket) == 1:  # reduced where it lies, or one staging copy
             flat = bucket[0] if in_place(bucket[0]) else bucket[0].to(
-                plan.staging_device, torch.float32, copy=True, memory_format=torch.contiguous_format).reshape(-1)
+                plan.staging_device, dtype, copy=True, memory_format=torch.contiguous_format).reshape(-1)
         else:
-            flat = torch.cat([t.reshape(-1).to(plan.staging_device, torch.float32) for t in bucket])
+            flat = torch.cat([t.reshape(-1).to(plan.staging_device, dtype) for t in bucket])
         wait(dist.all_reduce(flat, group=group, async_op=True), plan, what)
         flat.div_(size)
         if flat is not bucket[0]:

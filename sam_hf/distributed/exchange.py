@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..tensors import take_grads
+from ..tensors import take_grads, work_dtype
 from . import dtensor
 from .collectives import mean_, post, wait
 from .plan import ParallelPlan
@@ -35,7 +35,8 @@ def small_ones(like: list[torch.Tensor]) -> list[bool]:
 
 def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[torch.Tensor], scale: float,
              extras: dict[str, float], extra_keys: tuple[str, ...], what: str,
-             into: list[torch.Tensor | None] | None = None, dtype: str | None = None):
+             into: list[torch.Tensor | None] | None = None, dtype: str | None = None, average: bool = True,
+             own: list[torch.Tensor | None] | None = None):
     """The role exchange: returns (role 0's gradients, role 1's gradients, merged extras), dp-averaged and
     unscaled fp32, on every rank. `grads` are this rank's `.grad` tensors (scaled by `scale`), the params' `like`.
 
@@ -52,11 +53,17 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     copies, and each rank rounds its own gradients the same way, so the ranks still combine identical values and
     stay replicas (the result is then SAMPa / Asynchronous SAM with bf16-rounded gradients, not bit for bit the
     1-process run).
+
+    `own`: this rank's gradients as unscaled fp32 tensors it gives away, instead of `.grad` (`grads` is then
+    ignored; all None: this rank sends nothing, e.g. a one-way exchange of a method's side gradients).
+    `average=False`: the k ranks of a role hold different gradients that are not to be averaged (one per
+    micro-batch each).
     """
     n = len(like)
-    if any(g is not p.grad for g, p in zip(grads, like)):
-        raise ValueError("exchange: `grads` must be the `.grad` tensors of `like` (it takes them over)")
-    own = take_grads(like, scale)
+    if own is None:
+        if any(g is not p.grad for g, p in zip(grads, like)):
+            raise ValueError("exchange: `grads` must be the `.grad` tensors of `like` (it takes them over)")
+        own = take_grads(like, scale)
     sharded = dtensor.has_sharded_params(like)
     if sharded:  # FSDP2: each role is sharded over its k ranks; rank (0, i) and (1, i) hold the same shard
         own_dt, like_dt, into_dt = own, like, into
@@ -66,12 +73,12 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     meta[:n] = torch.tensor([float(g is not None) for g in own], dtype=torch.float64)
     meta[n:] = torch.tensor([float(extras.get(k, 0.0)) for k in extra_keys], dtype=torch.float64)
     meta = meta.to(plan.staging_device)
-    if plan.dp_size > 1:  # average the role's k shards first: flags (any rank's), extras, gradients
+    if plan.dp_size > 1 and average:  # average the role's k shards first: flags (any rank's), extras, gradients
         wait(dist.all_reduce(meta, group=plan.dp_group, async_op=True), plan, what)
         meta[n:] /= plan.dp_size
         if not sharded:  # FSDP2's reduce-scatter has already averaged each shard over the role's k ranks
             flags = meta[:n].tolist()
-            own = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if g is None and f > 0 else g
+            own = [torch.zeros(p.shape, dtype=work_dtype(p), device=p.device) if g is None and f > 0 else g
                    for g, p, f in zip(own, like, flags)]
             mean_([g for g in own if g is not None], plan, what, plan.dp_group, plan.dp_size)
     theirs_meta = torch.empty_like(meta)
@@ -80,16 +87,17 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
     flags = theirs_meta[:n].tolist()
     low = torch.bfloat16 if (dtype or plan.exchange_dtype) == "bf16" else None
     staging = plan.staging_device
-    wire_dtype = low or torch.float32
+    # fp32 on the wire, float64 for a float64 model (its gradients are kept in float64)
+    wire_dtype = low or (torch.float64 if any(p.dtype == torch.float64 for p in like) else torch.float32)
     small = small_ones(like)
     ops, sent, landing = [], [], []  # landing: (received tensor, where it goes) where the two differ
     theirs: list[torch.Tensor | None] = []
 
     def receive_buffer(i, p):
         buf = into[i] if into is not None and i < len(into) else None
-        if buf is None or buf.shape != p.shape or buf.dtype != torch.float32 or not buf.is_contiguous() \
+        if buf is None or buf.shape != p.shape or buf.dtype != work_dtype(p) or not buf.is_contiguous() \
                 or buf.device != p.device:
-            buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+            buf = torch.empty(p.shape, dtype=work_dtype(p), device=p.device)
         return buf
 
     with torch.no_grad():
@@ -101,7 +109,7 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
         mine_small = [g.reshape(-1) for g, s in zip(own, small) if g is not None and s]
         for i, (g, p) in enumerate(zip(own, like)):
             if g is not None and not small[i]:
-                out = g if low is None and g.device == staging else g.to(staging, wire_dtype)
+                out = g if g.dtype == wire_dtype and g.device == staging else g.to(staging, wire_dtype)
                 sent.append(out)
                 ops.append(dist.P2POp(dist.isend, out, plan.peer, tag=i + 1))
             if flags[i] > 0:
@@ -110,7 +118,7 @@ def exchange(plan: ParallelPlan, grads: list[torch.Tensor | None], like: list[to
                 if small[i]:
                     continue
                 wire = buf
-                if low is not None or buf.device != staging:
+                if buf.dtype != wire_dtype or buf.device != staging:
                     wire = torch.empty(p.shape, dtype=wire_dtype, device=staging)
                     landing.append((wire, buf))
                 ops.append(dist.P2POp(dist.irecv, wire, plan.peer, tag=i + 1))

@@ -48,14 +48,24 @@ def place_ascent_rank(optim, optim_args: str | None, ddp_backend: str | None,
     CPU rank starts gloo, and neither could reach the other."""
     if not wants_cpu_ascent(optim, optim_args):
         return False
-    if int(env.get("WORLD_SIZE", "1")) != 2:
-        return True  # SharpnessTrainer rejects it with the full explanation
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world != 2:  # refused now: on one process a gloo backend in TrainingArguments would fail inside transformers
+        raise SharpnessConfigError(cpu_ascent_world_message(world))
     if ddp_backend != "gloo":
         raise SharpnessConfigError(f"optim_args: ascent_device=cpu needs --ddp_backend gloo (NCCL cannot reach a "
                                    f"CPU rank), got {ddp_backend!r}; pass ddp_backend='gloo' to TrainingArguments")
     if int(env.get("RANK", "0")) == ASCENT_RANK:
         env["ACCELERATE_USE_CPU"] = "true"
     return True
+
+
+def cpu_ascent_world_message(world: int) -> str:
+    """The refusal of `ascent_device=cpu` on a world size other than 2 (also parallel.the layout plan's)."""
+    if world == 1:
+        return ("optim_args: ascent_device=cpu needs 2 processes (a descent rank and a CPU ascent rank), this run "
+                "has 1; launch with sam-hf launch under torchrun --nproc_per_node 2, or drop ascent_device")
+    return (f"optim_args: ascent_device=cpu needs exactly 2 processes (a descent rank and a CPU ascent rank), "
+            f"got {world}; launch 2, or drop ascent_device")
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -84,8 +94,8 @@ def place_from_argv(argv: list[str], env: MutableMapping[str, str] = os.environ)
     if backend not in (None, "gloo"):
         raise SharpnessConfigError(f"optim_args: ascent_device=cpu needs --ddp_backend gloo (NCCL cannot reach a "
                                    f"CPU rank), got --ddp_backend {backend}; use gloo or drop the flag")
+    place_ascent_rank(optim, optim_args, "gloo", env)  # refuses a world size other than 2 before gloo is added
     if backend is None:
         logger.info("sam_hf: ascent_device=cpu: adding --ddp_backend gloo (NCCL cannot reach a CPU rank)")
         argv = [*argv, "--ddp_backend", "gloo"]
-    place_ascent_rank(optim, optim_args, "gloo", env)
     return argv

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ..config import SharpnessConfigError
+from .placement import cpu_ascent_world_message
 
 SUPPORTED_BACKENDS = ("gloo", "nccl")
 
@@ -57,24 +59,49 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _destroy_process_group() -> None:
-    """At exit, tear the process group down while Python still runs: left to interpreter teardown, gloo's
-    threads can abort the process ("terminate called without an active exception") after a finished run."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def device_backend(device: torch.device) -> str:
+    """The backend of the default process group that carries `device`'s tensors.
+
+    A group started with one backend names it (`dist.get_backend()`: "gloo", "nccl"). One started without
+    (`init_process_group()`, as accelerate does where it finds no accelerator) gets torch's default of one backend
+    per device type: `get_backend()` then says "undefined" (or "cpu:gloo,cuda:nccl") and `get_backend_config()`
+    lists them, e.g. "cpu:gloo"."""
+    backend = str(dist.get_backend())
+    if backend in SUPPORTED_BACKENDS:
+        return backend
+    per_device = dict(p.strip().split(":", 1) for p in str(dist.get_backend_config()).split(",") if ":" in p)
+    return per_device.get(device.type, backend)
+
+
+def meant_several_processes(env=os.environ) -> str | None:
+    """A warning for a one-process run whose launcher was asked for several, else None: `accelerate launch
+    --num_processes N` without --multi_gpu starts one process through its simple launcher, which sets MASTER_ADDR
+    (for N > 1) but no WORLD_SIZE."""
+    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and any(k.startswith("ACCELERATE_") for k in env):
+        return ("sam_hf: this run has 1 process, but accelerate launch was asked for several (MASTER_ADDR is set, "
+                "WORLD_SIZE is not): without --multi_gpu its launcher starts one process; add --multi_gpu (on a "
+                "machine without GPUs, also --use_cpu in the script's arguments)")
+    return None
 
 
 def make_plan(device: torch.device, timeout_s: float, roles: bool = False, cpu_rank: bool = False,
-              exchange_dtype: str = "fp32") -> ParallelPlan:
+              exchange_dtype: str = "fp32", trainer_world: int | None = None) -> ParallelPlan:
     """The plan for this process: one process, data parallel over all ranks, or (`roles`) the 2 x k role mesh.
-    `cpu_rank`: rank 1 may run on the CPU beside a GPU rank 0 (Asynchronous SAM's `ascent_device=cpu`)."""
+    `cpu_rank`: rank 1 may run on the CPU beside a GPU rank 0 (Asynchronous SAM's `ascent_device=cpu`).
+    `trainer_world`: the number of processes transformers works with (TrainingArguments.world_size); it must be
+    torch.distributed's, or each process would train alone on the whole data while sam_hf pairs them up."""
     world = world_size()
+    if trainer_world is not None and trainer_world != world:
+        raise SharpnessConfigError(
+            f"sam_hf: torch.distributed runs {world} processes but transformers sees {trainer_world} (accelerate "
+            "found no GPU, and without --use_cpu it trains each process alone on the whole data): add --use_cpu "
+            "(CPU processes over gloo)")
     if world == 1:
         return ParallelPlan(timeout_s=timeout_s)
-    backend = str(dist.get_backend())
-    if not any(b in backend for b in SUPPORTED_BACKENDS):
-        raise SharpnessConfigError(f"sam_hf runs on the gloo and nccl backends, not {backend!r}; "
-                                   "use --ddp_backend gloo (CPU) or nccl (GPUs)")
+    backend = device_backend(device)
+    if backend not in SUPPORTED_BACKENDS:
+        raise SharpnessConfigError(f"sam_hf runs on the gloo and nccl backends; this run's {device.type} tensors go "
+                                   f"through {backend!r}: add --ddp_backend gloo (CPU) or nccl (GPUs)")
     atexit.unregister(_destroy_process_group)  # registered once, however many trainers a script builds
     atexit.register(_destroy_process_group)
     # TrainingArguments gives a CPU process's group no timeout (gloo's 30 min default): let --ddp_timeout bound
@@ -111,9 +138,7 @@ def check_devices(kinds: list[str], backend: str, cpu_rank: bool = False) -> boo
                 "step, so put them on one kind, or use asyncsam with ascent_device=cpu (only rank 1 on the CPU)")
         return False
     if len(kinds) != 2:
-        raise SharpnessConfigError(
-            f"optim_args: ascent_device=cpu needs exactly 2 processes (a descent rank and a CPU ascent rank), "
-            f"got {len(kinds)}; launch 2, or drop ascent_device")
+        raise SharpnessConfigError(cpu_ascent_world_message(len(kinds)))
     if "gloo" not in backend:
         raise SharpnessConfigError(f"optim_args: ascent_device=cpu needs --ddp_backend gloo (NCCL cannot reach a CPU "
                                    f"rank), this run uses {backend!r}; add --ddp_backend gloo")

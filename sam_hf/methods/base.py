@@ -22,6 +22,7 @@ run stands in `method.progress` before every step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from ..batching import Batch, Piece
 from ..config import SharpnessConfig, SharpnessConfigError
 from ..distributed.layouts.base import Layout
 from ..tensors import trainable_params
-from .rules import AscentRule
+from .rules import AscentRule, ParamInfo
 
 
 # A term a method adds to a pass's loss (SAF's and MESA's trajectory loss): given the model's outputs and the
@@ -54,7 +55,8 @@ class Progress:
 
 class GradientPasses(Protocol):
     def backward(self, batch: Batch, fraction: float = 1.0, clean: bool = True, part_of: Batch | None = None,
-                 weight: float = 1.0, loss_term: LossTerm | None = None) -> torch.Tensor:
+                 weight: float = 1.0, loss_term: LossTerm | None = None, ascent=None, last: bool = True
+                 ) -> torch.Tensor:
         """Forward + backward on `batch`, adding to `.grad`; returns the detached loss as the host reports it.
 
         For a slice of a micro-batch, `part_of` is that micro-batch and `fraction` the slice's share of its
@@ -62,6 +64,15 @@ class GradientPasses(Protocol):
         `clean=False` marks a pass at perturbed weights (BatchNorm statistics are kept). `weight` multiplies the
         pass's loss (ESAM's selected rows stand for their whole batch). `loss_term` adds a term computed from the
         model's outputs to the loss before the backward (see LossTerm); the returned loss is the model's own.
+
+        `ascent`: a rule's ascent loss (BiSAM's lower bound, methods/bisam.py), called as
+        `ascent(logits, labels) -> (sum over the scored examples, their count)` on the model's logits and the
+        batch's labels, aligned position by position (a causal LM's shifted). The pass then backpropagates that
+        sum over the micro-batch's scored examples, divided by their number (and by the accumulation steps, as a
+        mean loss), instead of the training loss; it still returns the training loss, for the logs.
+
+        `last` marks the last backward of a pass (the gradient is read after it): a layout whose engine reduces
+        gradients at an accumulation boundary (DeepSpeed) closes the pass there.
         """
 
     def forward(self, batch: Batch, clean: bool = True) -> Any:
@@ -92,6 +103,10 @@ class SharpnessMethod:
     slices_batches = False  # cuts a step's batch into samples (a plain loop must hand in a BatchClosure)
     extra_copies = 1  # copies of the trainable parameters kept beyond the base optimizer's, one process (memory)
     perturbs = True  # forms perturbations with the ascent rule (False: a loss transform such as SAF)
+    # the ascent rules (rules.py) this method runs: those that only shape e from the gradient the method hands
+    # `perturb_`; VaSSO (its average must be fed the schedule's ascent gradient once a step) and BiSAM (its ascent
+    # passes compute another loss) need a schedule that does so
+    rules = ("sam", "asam", "sam_on")
     needs_outputs = False  # reads the model's outputs of a pass (a plain loop's loss_fn must return them)
     needs_epoch = False  # reads progress.epoch (a plain loop: steps_per_epoch or set_epoch)
     needs_total_steps = False  # reads progress.total_steps (a plain loop: total_steps)
@@ -100,14 +115,16 @@ class SharpnessMethod:
     def __init__(self, config: SharpnessConfig, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0,
                  param_names: dict[int, str] | None = None, layout: Layout | None = None,
                  model: torch.nn.Module | None = None):
+        """`model` (or at least `param_names`, id(param) -> name) tells the rule what it needs of the parameters:
+        ASAM's T by name, SAM-ON's normalization layers by module type."""
         self.config = config
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.layout = layout or Layout()
         self.model = model
         self.params = trainable_params(optimizer)
-        names = None if param_names is None else [param_names.get(id(p), "") for p in self.params]
-        self.rule = AscentRule(config, self.layout, names) if self.perturbs else None
+        info = ParamInfo.of(self.params, model, param_names)
+        self.rule = AscentRule(config, self.layout, info.names, info.in_norm_layer) if self.perturbs else None
         self.last_step_seconds = 0.0
         self.progress = Progress()  # set by the host before every step
         if self.needs_model and model is None:
@@ -118,6 +135,12 @@ class SharpnessMethod:
     def check(cls, config, layout: Layout, samples_per_rank: int | None = None) -> None:
         """Refuse, before training, what this method cannot do in `layout` (raise SharpnessConfigError).
         `samples_per_rank`: one step's samples on each rank, where the host knows it."""
+
+    @classmethod
+    def copies(cls, config) -> float:
+        """Copies of the trainable parameters this configuration keeps beyond the base optimizer's, in one process
+        (the memory meter's target): the method's own, plus the rule's state (VaSSO's average)."""
+        return cls.extra_copies + (1 if getattr(config, "rule", "sam") == "vasso" else 0)
 
     @classmethod
     def example_id_column(cls, config) -> str | None:
@@ -136,6 +159,15 @@ class SharpnessMethod:
                                f"built with {len(self.params)}")
         if any(a is not b for a, b in zip(current, self.params)):
             self.params = current
+
+    def bind(self, params, names=None, in_norm_layer=None) -> None:
+        """Run on `params` instead of the base optimizer's parameters: a layout's own tensors (DeepSpeed ZeRO's
+        slices of its fp32 partitions), with their parameters' names (ASAM's T) and whether each belongs to a
+        normalization layer (SAM-ON). State indexed like `self.params` must be empty or follow the same order."""
+        self.params = list(params)
+        if self.rule is not None:
+            old, self.rule = self.rule, AscentRule(self.config, self.layout, names, in_norm_layer)
+            self.rule.d, self.rule._skip = old.d, old._skip  # VaSSO's state follows the same order
 
     def perturb_(self, directions, scale: float = 1.0, keep_x: bool = False):
         """The rule's `perturb_` over this method's parameters: (backup or None, applied, norm)."""
@@ -159,10 +191,19 @@ class SharpnessMethod:
         run on another number of processes can resume it (SAMPa's held batch, from every data shard)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return self.rule_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.load_rule_state(state)
+
+    def rule_state(self) -> dict[str, Any]:
+        """The ascent rule's state (VaSSO's average) under the key "rule", or nothing for a stateless rule."""
+        state = self.rule.state_dict() if self.rule is not None else {}
+        return {"rule": state} if state else {}
+
+    def load_rule_state(self, state: dict[str, Any]) -> None:
+        if self.rule is not None:
+            self.rule.load_state_dict(state.get("rule") or {}, self.device)
 
 
 class TwoRoleMethod(SharpnessMethod):
@@ -216,11 +257,62 @@ class TwoRoleMethod(SharpnessMethod):
         """Combine role 0's and role 1's unscaled fp32 gradients into `.grad` (scaled by `scale`); keep state."""
         raise NotImplementedError
 
+    # ---- side gradients: more than one gradient from role 1 (SAMPa with BiSAM or micro-batches) ----------------
+    side_averaged = True  # the role's k ranks average each side gradient (False: each rank's is its own)
 
-def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True) -> torch.Tensor:
-    return sum(passes.backward(p.batch, clean=clean) if p.parent is None else
-               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent) for p in pieces)
+    def side_count(self, batches) -> int:
+        """How many more gradient lists role 1 sends role 0 after the exchange this step (the same on every rank)."""
+        return 0
+
+    def side_gradients(self) -> list:
+        """Role 1: the side gradient lists, unscaled fp32, given away."""
+        return []
+
+    def receive_side(self, gradients: list) -> None:
+        """Every rank: the side gradient lists, in order, before `finish`."""
 
 
-def run_batches(passes: GradientPasses, batches: list[Batch], clean: bool = True) -> torch.Tensor:
-    return sum(passes.backward(batch, clean=clean) for batch in batches)
+def run_pieces(passes: GradientPasses, pieces: list[Piece], clean: bool = True, ascent=None) -> torch.Tensor:
+    """One pass over sample ranges (the gradient is read after it); `ascent`: the rule's ascent loss instead of
+    the training loss."""
+    kw = {} if ascent is None else {"ascent": ascent}
+    last = len(pieces) - 1
+    return sum(passes.backward(p.batch, clean=clean, last=i == last, **kw) if p.parent is None else
+               passes.backward(p.batch, p.fraction, clean=clean, part_of=p.parent, last=i == last, **kw)
+               for i, p in enumerate(pieces))
+
+
+def run_batches(passes: GradientPasses, batches: list[Batch], clean: bool = True, ascent=None) -> torch.Tensor:
+    """One pass over whole micro-batches (the gradient is read after it); `ascent`: the rule's ascent loss instead
+    of the training loss."""
+    kw = {} if ascent is None else {"ascent": ascent}
+    last = len(batches) - 1
+    return sum(passes.backward(batch, clean=clean, last=i == last, **kw) for i, batch in enumerate(batches))
+
+
+class Randomness:
+    """The random state at construction, to run a second pass with it: BiSAM's lower bound at SAMPa's lookahead
+    point is a second pass over the batch of the first, and drawing the same dropout masks makes the two passes
+    what one forward with two backward passes would be."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device.index or 0] if device.type == "cuda" else []
+        self.state = self._get()
+
+    def _get(self):
+        return torch.random.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def _set(self, state) -> None:
+        torch.random.set_rng_state(state[0])
+        for d, s in zip(self.devices, state[1]):
+            torch.cuda.set_rng_state(s, d)
+
+    @contextlib.contextmanager
+    def again(self):
+        """Run the block from the recorded state; afterwards the state is what it was before the block."""
+        now = self._get()
+        self._set(self.state)
+        try:
+            yield
+        finally:
+            self._set(now)

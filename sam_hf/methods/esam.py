@@ -76,6 +76,7 @@ class ESAMConfig(AscentOptions, SharpnessConfig):
 
 
 class ESAM(SharpnessMethod):
+    rules = ("sam", "asam")  # its random tensor mask and SAM-ON's normalization layers: no paper combines them
     extra_copies = 1  # the weight backup
 
     @classmethod
@@ -84,6 +85,11 @@ class ESAM(SharpnessMethod):
             raise SharpnessConfigError(
                 f"optim_args: sync_ascent=false (each rank perturbs by its own gradient) does not run under "
                 f"{layout.describe()}: every backward pass averages the gradients over the ranks. Drop sync_ascent")
+        if not layout.whole_params:
+            raise SharpnessConfigError(
+                f"optim=esam keeps a random share beta of the parameter tensors, drawn tensor by tensor, but under "
+                f"{layout.describe()} a rank holds slices of the parameters, not whole tensors; run ESAM under DDP "
+                "(torchrun) or FSDP2")
         if config.gamma < 1.0 and layout.distributed:
             raise SharpnessConfigError(
                 f"optim_args: gamma={config.gamma} (ESAM's data selection) picks the examples of each rank's share of "

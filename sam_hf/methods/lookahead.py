@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ..tensors import work_dtype
+
 SUPPORTED = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
 
@@ -61,7 +63,8 @@ def _adam(p: torch.Tensor, g_own: torch.Tensor, grad_scale, group: dict, state: 
     step_size = lr / (1 - b1**k)
     bias_correction2_sqrt = (1 - b2**k) ** 0.5
     x = p.detach()
-    x32 = x if x.dtype == torch.float32 else x.float()  # an fp32 p is its own x32: y is computed in p itself
+    work = work_dtype(x)  # fp32, or float64 for a float64 p (as torch's own step computes it)
+    x32 = x if x.dtype == work else x.to(work)  # an fp32 (float64) p is its own x32: y is computed in p itself
     m0, v0 = state.get("exp_avg"), state.get("exp_avg_sq")
     vmax = state.get("max_exp_avg_sq") if group.get("amsgrad", False) else None
     tensors = [x, x32, g_own] + [t for t in (m0, v0, vmax, holder) if t is not None]
@@ -82,10 +85,10 @@ def _adam(p: torch.Tensor, g_own: torch.Tensor, grad_scale, group: dict, state: 
         if wd and not decoupled:
             gc = gc + wd * xc
         # two temporaries, fused where torch has the op
-        m = torch.lerp(parts["m"][sl].float(), gc, 1 - b1) if "m" in parts else gc * (1 - b1)
-        v = (parts["v"][sl].float() * b2).addcmul_(gc, gc, value=1 - b2) if "v" in parts else gc * gc * (1 - b2)
+        m = torch.lerp(parts["m"][sl].to(work), gc, 1 - b1) if "m" in parts else gc * (1 - b1)
+        v = (parts["v"][sl].to(work) * b2).addcmul_(gc, gc, value=1 - b2) if "v" in parts else gc * gc * (1 - b2)
         if "vmax" in parts:
-            v = torch.maximum(parts["vmax"][sl].float(), v)
+            v = torch.maximum(parts["vmax"][sl].to(work), v)
         denom = v.sqrt_().div_(bias_correction2_sqrt).add_(eps)
         del gc
         if "holder" in parts:  # this part of g is spent: its buffer may now hold x
@@ -108,7 +111,7 @@ def _sgd(x: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Te
         d = d + wd * x
     if mu:
         buf = state.get("momentum_buffer")
-        b = d if buf is None else mu * buf.float() + (1 - damp) * d
+        b = d if buf is None else mu * buf.to(d.dtype) + (1 - damp) * d
         d = d + mu * b if nesterov else b
     return x - lr * d
 
@@ -142,7 +145,7 @@ def apply_lookahead_(optimizer: torch.optim.Optimizer, grads: dict[torch.nn.Para
                       holder)
                 continue
             g = g_own * grad_scale if not (isinstance(grad_scale, float) and grad_scale == 1.0) else g_own
-            x32 = x.float()
+            x32 = x.to(work_dtype(x))
             if kind == "sgd":
                 y = x32 - group["lr"] * g
             elif isinstance(optimizer, torch.optim.SGD):

@@ -3,7 +3,8 @@
 The step's batch B is split into m micro-batches B_j of sizes differing by at most one (ranges may cross
 Trainer's gradient-accumulation micro-batches):
 
-    e_j = rho grad f(x, B_j) / ||grad f(x, B_j)||        (the ascent rule: ASAM's T with adaptive=true)
+    e_j = rho grad f(x, B_j) / ||grad f(x, B_j)||        (the ascent rule: ASAM's T, SAM-ON's norm layers; BiSAM:
+                                                          the gradient of its lower bound Q(x, B_j))
     h_j = grad f(x + e_j, B_j)
     the base optimizer steps with sum_j (|B_j| / |B|) h_j
 
@@ -13,6 +14,8 @@ rho -> 0 mSAM is exactly the base optimizer for any m (DESIGN.md, "Units").
 
 m = 1 is SAM. A batch with fewer than m samples (an epoch's short last batch) uses one micro-batch per sample.
 Cost: two passes over B, in 2m smaller pieces. Memory: the weight backup and one gradient accumulator.
+rule=vasso is refused: VaSSO averages one ascent gradient per step, and mSAM has m of them (one average per
+micro-batch, or one fed m times a step, would both be inventions).
 
 Several processes: where the layout averages gradients only when asked (data parallel), each rank takes m / N of
 the micro-batches and only the final gradient is all-reduced. Where every backward averages over the ranks
@@ -29,9 +32,9 @@ import torch
 from ..batching import batch_size, split_samples
 from ..config import ScheduleOptions, SharpnessConfig, SharpnessConfigError, _bad, option
 from ..registry import Example, register_method
-from ..tensors import backup, restore, zero_grads
+from ..tensors import restore, zero_grads
 from .base import SharpnessMethod, StepResult, run_pieces
-from .rules import AscentOptions
+from .rules import RULES, AscentOptions
 
 
 @dataclass
@@ -52,12 +55,14 @@ def _ranks_sharing(layout) -> int:
 
 
 class MSAM(SharpnessMethod):
+    rules = RULES  # every ascent rule (rules.py)
     schedulable = True
     slices_batches = True
     extra_copies = 2  # the weight backup and the gradient accumulator
 
     @classmethod
     def check(cls, config, layout, samples_per_rank=None) -> None:
+        refuse_vasso_per_micro_batch(config, "msam")
         m, world = config.micro_batches, _ranks_sharing(layout)
         if m % world:
             raise SharpnessConfigError(
@@ -84,11 +89,13 @@ class MSAM(SharpnessMethod):
         norms, skipped = [], 0.0
         # An epoch's short last batch may hold fewer samples than m: then each sample is its own micro-batch.
         parts = min(self.local_micro_batches, sum(batch_size(b) for b in batches))
+        ascent = self.rule.ascent_loss
         for pieces in split_samples(batches, parts):
             zero_grads(params)
-            piece_loss = run_pieces(passes, pieces, clean=True)
+            piece_loss = run_pieces(passes, pieces, clean=True, ascent=ascent)
             if saved is None:
-                saved = backup(params)
+                saved = self.rule.backup(params)
+            self.rule.absorb([p.grad for p in params], scale)  # VaSSO (m = 1 only)
             _, applied, norm = self.perturb_([p.grad for p in params], scale)
             norms.append(norm)
             if applied:
@@ -96,6 +103,9 @@ class MSAM(SharpnessMethod):
                 perturbed_loss = perturbed_loss + run_pieces(passes, pieces, clean=False)
                 restore(params, saved)
             else:
+                if ascent is not None:  # .grad holds the lower bound's gradient: h_j is f's at x
+                    zero_grads(params)
+                    run_pieces(passes, pieces, clean=False)
                 perturbed_loss = perturbed_loss + piece_loss
                 skipped += 1
             loss = loss + piece_loss
@@ -114,5 +124,16 @@ class MSAM(SharpnessMethod):
         })
 
 
+def refuse_vasso_per_micro_batch(config, where: str) -> None:
+    if config.rule == "vasso" and config.micro_batches > 1:
+        raise SharpnessConfigError(
+            f"optim_args: rule=vasso with micro_batches={config.micro_batches} ({where}): VaSSO keeps one moving "
+            "average of the step's ascent gradient, and m micro-batches have m ascent gradients; one average per "
+            "micro-batch, or one fed m times a step, is defined by no paper. Use micro_batches=1, or another rule")
+
+
 register_method("msam", MSAM, MSAMConfig, "mSAM: one perturbation per micro-batch of the step",
-                paper="Behdin et al. 2023", examples=(Example("mSAM (m=4)", "rho=0.05,micro_batches=4"),))
+                paper="Behdin et al. 2023",
+                examples=(Example("mSAM (m=4)", "rho=0.05,micro_batches=4"),
+                          Example("mSAM (m=4) + ASAM", "rho=0.5,micro_batches=4,rule=asam"),
+                          Example("mSAM (m=4) + BiSAM", "rho=0.05,micro_batches=4,rule=bisam", bench=False)))

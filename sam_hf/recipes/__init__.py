@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import sys
 
-import yaml
-
-from .schema import Recipe, RecipeError, load_recipe, load_yaml, parse_overrides, shipped_recipes
+from .schema import Recipe, RecipeError, load_recipe, load_yaml, parse_overrides, resolve, shipped_recipes
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "main", "parse_overrides", "run", "shipped_recipes"]
 
@@ -47,7 +45,10 @@ def _list() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a recipe is needed: a usage error, as `sam-hf launch` with nothing to run
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     if argv[0] == "--list":
@@ -60,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     recipe_name, overrides = argv[0], [a for a in argv[1:] if a != "--print"]
     try:
         recipe = load_recipe(recipe_name, overrides)
-        if show:
-            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        if show:  # with the recipe files' comments: the papers' citations
+            from .render import render
+
+            try:
+                as_written = load_recipe(recipe_name) if overrides else None
+            except RecipeError:  # the overrides made it valid
+                as_written = None
+            print(render(recipe, resolve(recipe_name), as_written), end="")
             return 0
         metrics = run(recipe)
     except RecipeError as err:

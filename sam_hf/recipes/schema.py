@@ -361,8 +361,19 @@ def _build(cls, values: dict, section: str):
     for key, value in values.items():
         if key not in known:
             raise RecipeError(f"{section} has no key {key!r}{_suggest(key, known)}; keys: {', '.join(known)}")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        kwargs[key] = _coerce(_text(value, hints[key], f"{section}.{key}"), hints[key], f"{section}.{key}")
     return cls(**kwargs)
+
+
+def _text(value: Any, annotation: Any, where: str) -> Any:
+    """A field of ours that holds a string (a name, a path, a choice): YAML reads `5` as a number, which is its
+    text; a list, a mapping or a boolean is an error here, not deep inside training."""
+    if value is None or isinstance(value, str) or not set(typing.get_args(annotation) or {annotation}) <= {
+            str, type(None)}:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise RecipeError(f"{where}: expected a string (a name or a path), got {value!r}")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -397,6 +408,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise RecipeError(f"{where}: expected {kind}, got {value!r}")
     if dict in origins and not isinstance(value, dict):
         raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+    if list in origins and isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a list (or one value), got the mapping {value!r}")
     if list in origins and not isinstance(value, list):
         return [value]
     return value
@@ -441,6 +454,13 @@ def _check_data(data: DataSpec) -> None:
 
 def _check_method(recipe: Recipe) -> None:
     """Sharpness methods: SharpnessConfig checks optim_args now, not after the data has loaded."""
+    from transformers.training_args import OptimizerNames
+
+    methods = registry.names()
+    names = sorted({*methods, *(o.value for o in OptimizerNames)})
+    if recipe.method.optim not in names:
+        raise RecipeError(f"method.optim: {recipe.method.optim!r} is not an optimizer Trainer knows"
+                          f"{_suggest(recipe.method.optim, names)}; sam_hf's are {', '.join(methods)}")
     if registry.is_method(recipe.method.optim):
         try:
             SharpnessConfig.from_optim_args(recipe.method.optim, recipe.optim_args_string())

@@ -34,6 +34,25 @@ def follow_transformers_logging() -> None:
     ours.propagate = theirs.propagate
 
 
+def loss_factor_note(args, plan, loss_takes_count: bool) -> str | None:
+    """One line for multi-process runs: the factor transformers puts on the logged loss (None where it puts none).
+
+    With `average_tokens_across_devices` and a loss that takes `num_items_in_batch` (a model whose forward takes
+    **kwargs, or a compute_loss_func), Trainer divides by all ranks' items and multiplies each rank's loss by the
+    number of data-parallel replicas (sam_hf counts k of them in role mode, not 2k): right for a loss divided by
+    the count, a factor on one that is a mean."""
+    if not plan.distributed or not args.average_tokens_across_devices or not loss_takes_count:
+        return None
+    factor = plan.dp_size if plan.mode == "roles" else plan.world_size
+    if factor == 1:  # role mode on 2 processes: one replica, nothing to say
+        return None
+    return (f"sam_hf: {plan.world_size} processes: transformers multiplies each rank's training loss by {factor} "
+            f"(average_tokens_across_devices=True and a loss that takes num_items_in_batch): a loss divided by "
+            f"the count logs the global batch's mean, but one that is a plain mean (e.g. "
+            f"BertForSequenceClassification's) logs loss, and eval_loss, {factor} times too large; see "
+            f"docs/exactness.md, 'Where transformers itself surprises'")
+
+
 class MetricMeter:
     """The sam/ metrics of the steps since the last log: averaged, except the counts in COUNTED_METRICS."""
 

@@ -23,10 +23,12 @@ from ..batching import TrainerBatch
 from ..config import SharpnessConfig, SharpnessConfigError
 from ..distributed.layouts import Layout, make_layout, trainer_sharding
 from ..distributed.placement import cpu_cores
+from ..distributed.plan import meant_several_processes
+from ..methods import bisam
 from ..methods.base import Progress, StepResult, run_batches
 from ..optim import SharpnessOptimizer
 from ..tensors import batchnorms, zero_grads
-from .callbacks import MetricMeter, SkippedUpdateCallback, follow_transformers_logging
+from .callbacks import MetricMeter, SkippedUpdateCallback, follow_transformers_logging, loss_factor_note
 from .passes import _PASS_METRIC_ATTRS, TrainerPasses
 
 logger = logging.getLogger(__name__)
@@ -61,13 +63,15 @@ class SharpnessMixin:
         method_cls = registry.get(cfg.method).method
         self.sharpness_config = cfg
         self._check_trainer(cfg)
+        if getattr(cfg, "rule", None) == "bisam":  # outputs with no 0-1 loss, refused before training
+            bisam.check_model(self.model)
         self._sharpness_held: list[TrainerBatch] = []
         self._sharpness_meter = MetricMeter()
         self._sharpness_optimizer: SharpnessOptimizer | None = None
         self._sharpness_batchnorms = batchnorms(self.model)
         roles_asked = method_cls.two_roles and cfg.parallel == "on"
         layout = make_layout(cfg, method_cls, self.args.device, float(self.args.ddp_timeout),
-                             trainer_sharding(self, cfg.method, roles_asked))
+                             trainer_sharding(self, cfg.method, roles_asked), trainer_world=self.args.world_size)
         self._sharpness_layout = layout
         self._check_world(cfg, layout)
         layout.check_trainer(self)
@@ -75,6 +79,13 @@ class SharpnessMixin:
         if layout.plan.mixed_devices and layout.plan.role == 1:
             self._setup_cpu_ascent_rank(cfg)
         logger.info("sam_hf: %s runs %s", cfg.method, layout.describe())
+        hint = None if layout.distributed else meant_several_processes()
+        if hint:
+            logger.warning(hint)
+        note = loss_factor_note(self.args, layout.plan,
+                                self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+        if note:
+            logger.info(note)
         if method_cls.skips_first_update:
             self.add_callback(SkippedUpdateCallback())
 
@@ -111,9 +122,9 @@ class SharpnessMixin:
     def create_optimizer(self, model=None):
         if self.sharpness_config is None:
             return super().create_optimizer(model)
-        if self._sharpness_optimizer is not None and self._sharpness_optimizer in (
+        if self._sharpness_optimizer is not None and self._sharpness_host_optimizer() in (
                 self.optimizer, getattr(self.optimizer, "optimizer", None)):  # again, e.g. a second train()
-            self.optimizer = self._sharpness_optimizer
+            self.optimizer = self._sharpness_host_optimizer()
             return self.optimizer
         cfg = self.sharpness_config
         if self.optimizer is None:  # build the base optimizer the way Trainer builds `--optim {base}`
@@ -127,12 +138,18 @@ class SharpnessMixin:
                 super().create_optimizer(model)
             finally:
                 self.optimizer_cls_and_kwargs = user_choice
-        names = {id(p): n for n, p in (model or self.model).named_parameters()}
+        # the model tells the ascent rule its parameters' names (ASAM's T) and layers (SAM-ON's normalization layers)
         method = registry.get(cfg.method).method(cfg, self.optimizer, max_grad_norm=self.args.max_grad_norm,
-                                                 param_names=names, layout=self._sharpness_layout,
-                                                 model=model or self.model)
-        self.optimizer = self._sharpness_optimizer = SharpnessOptimizer(self.optimizer, method)
+                                                 layout=self._sharpness_layout, model=model or self.model)
+        self._sharpness_optimizer = SharpnessOptimizer(self.optimizer, method)
+        self.optimizer = self._sharpness_host_optimizer()
         return self.optimizer
+
+    def _sharpness_host_optimizer(self):
+        """What Trainer steps: the SharpnessOptimizer, or the plain base optimizer where the layout's engine steps it
+        (DeepSpeed wraps the optimizer it is given and steps it once per step, after the method's passes)."""
+        opt = self._sharpness_optimizer
+        return opt.base if self._sharpness_layout.owns_step else opt
 
     def _wrap_model(self, model, training=True, dataloader=None):
         if self.sharpness_config is None:
@@ -180,6 +197,7 @@ class SharpnessMixin:
                                    self._sharpness_num_examples())
         active = cfg.active(step, self.state.max_steps)  # always, for the methods without a schedule
         result = layout.step(method, batches, passes, step) if active else self._base_step(method, batches, passes)
+        layout.end_step(method, result)
         if method.schedulable:
             result.metrics["sam/active"] = float(active)
         layout.sync_buffers(self._sharpness_batchnorms, method.clean_role, step)

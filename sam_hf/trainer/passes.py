@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..batching import TrainerBatch
+from ..methods import bisam
 from ..tensors import frozen_running_stats
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,13 @@ class TrainerPasses:
         self.hidden = hidden  # batch columns the method reads itself (an example id): the model never sees them
 
     def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, weight: float = 1.0,
-                 loss_term=None) -> torch.Tensor:
+                 loss_term=None, ascent=None, last: bool = True) -> torch.Tensor:
+        """See methods.base.GradientPasses. With `ascent` (BiSAM's lower bound) the pass backpropagates it, from the
+        outputs' `logits` and the batch's `labels` (a causal LM's shifted), in mean-loss units: the sum over the
+        piece's scored examples / the micro-batch's scored examples / the accumulation steps."""
         t = self.trainer
+        layout = t._sharpness_layout
+        layout.before_forward()
         source = batch if part_of is None else part_of  # a slice is normalised as its micro-batch
         num_items = getattr(source, "num_items_in_batch", self.num_items_in_batch)
         # A held batch (SAMPa's B_t) is normalised by the accumulation steps of the cycle it came from.
@@ -70,7 +76,10 @@ class TrainerPasses:
         # in place before would fail autograd's version check.
         with (frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
               contextlib.nullcontext() if self._counts(batch, part_of) else _kept_pass_metrics(t)):
-            if loss_term is None:
+            if ascent is not None:  # the rule's ascent loss is backpropagated; the model's own loss is reported
+                own, outputs = self._loss(batch, num_items, return_outputs=True)
+                loss = None
+            elif loss_term is None:
                 loss, own = self._loss(batch, num_items), None
             else:  # the model's own loss is reported; the method's term joins it for the backward
                 own, outputs = self._loss(batch, num_items, return_outputs=True)
@@ -82,11 +91,26 @@ class TrainerPasses:
                 scaled_for_ga = (t.model_accepts_loss_kwargs and num_items is not None) or t.compute_loss_func is not None
             share = (self._item_share(batch, part_of, fraction)
                      if part_of is not None and not self._loss_uses_count(batch, num_items) else None)
-            loss = self._normalised(loss, world_factor, share, None if scaled_for_ga else steps, weight)
-            t.accelerator.backward(loss)
+            if ascent is not None:
+                layout.backward(self._ascent_loss(ascent, outputs, batch, part_of, steps), last, t.accelerator.backward)
+            else:
+                loss = self._normalised(loss, world_factor, share, None if scaled_for_ga else steps, weight)
+                layout.backward(loss, last, t.accelerator.backward)
             if own is not None:
                 loss = self._normalised(own, world_factor, share, None if scaled_for_ga else steps, weight)
         return loss.detach()
+
+    def _ascent_loss(self, ascent, outputs, batch, part_of, steps):
+        shift = self._shifts()
+        total, _ = ascent(*bisam.aligned(outputs, batch, shift))
+        return total / max(bisam.scored(part_of if part_of is not None else batch, shift), 1) / steps
+
+    def _shifts(self) -> bool:
+        """Whether the model is a causal LM (BiSAM's margins then pair position t with label t + 1)."""
+        t = self.trainer
+        if getattr(t, "_sharpness_shifts_labels", None) is None:
+            t._sharpness_shifts_labels = bisam.shifts_labels(t.model)
+        return t._sharpness_shifts_labels
 
     def _normalised(self, loss, world_factor, share, steps, weight):
         """Trainer's normalisation of a micro-batch's loss, in its order: the role-mode world factor, the mean over
@@ -107,6 +131,7 @@ class TrainerPasses:
         """The model's outputs on `batch` without gradients (compute_loss with return_outputs=True); the per-pass
         metrics are kept, and so are BatchNorm statistics for a pass at perturbed weights (`clean=False`)."""
         t = self.trainer
+        t._sharpness_layout.before_forward(backward=False)
         num_items, _ = t._sharpness_role_units(getattr(batch, "num_items_in_batch", self.num_items_in_batch))
         freeze = not clean and t.sharpness_config.bn_stats == "clean" and self.batchnorms
         with (torch.no_grad(), frozen_running_stats(self.batchnorms) if freeze else contextlib.nullcontext(),
@@ -200,6 +225,5 @@ class TrainerPasses:
 
     def loss_scale(self) -> float:
         scaler = getattr(self.trainer.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            return float(scaler.get_scale())
-        return 1.0
+        host = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return self.trainer._sharpness_layout.loss_scale(host)

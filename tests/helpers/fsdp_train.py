@@ -51,8 +51,11 @@ CASES = {
     # LoRA (PEFT) on the sharded model: only the adapters are trainable, the frozen weights are sharded too
     "sam_lora": ("sam", "rho=0.5,base=sgd", 0.0),
     "sampa_lora": ("sampa", "rho=0.5,lam=0.3,parallel=off,base=sgd", 0.0),
+    # VaSSO's average lives on the local shard (and is checkpointed through torch.distributed.checkpoint)
+    "sam_vasso": ("sam", "rho=0.5,rule=vasso,base=sgd", 0.0),
+    "sampa_vasso": ("sampa", "rho=0.5,lam=0.3,rule=vasso,parallel=off,base=sgd", 0.0),
 }
-STATEFUL = ("sampa", "sampa_adamw", "asyncsam", "sampa_lora")
+STATEFUL = ("sampa", "sampa_adamw", "asyncsam", "sampa_lora", "sam_vasso", "sampa_vasso")
 # Role mode (launched on 2k processes): each role sharded over its own k ranks (`fsdp2.role_mesh`), the two
 # gradients exchanged shard for shard between ranks (0, i) and (1, i)
 ROLE_CASES = {
@@ -121,7 +124,7 @@ class Passes:
     def __init__(self, model):
         self.model = model
 
-    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None) -> torch.Tensor:
+    def backward(self, batch, fraction: float = 1.0, clean: bool = True, part_of=None, last=True) -> torch.Tensor:
         loss = self.model(batch["x"], batch["labels"])
         if part_of is not None or fraction != 1.0:  # a slice contributes its share of the micro-batch's mean loss
             loss = loss * fraction
@@ -154,7 +157,7 @@ def build(name: str, world: int, sharded: bool, layout=None):
         opt = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.01)
-    method = method_cls(cfg, opt, max_grad_norm=clip, layout=layout)
+    method = method_cls(cfg, opt, max_grad_norm=clip, layout=layout, model=model)
     if layout is not None and layout.roles:
         layout.before_step(None, model, method)  # checks that each role is sharded over its own ranks
     return model, opt, method, clip

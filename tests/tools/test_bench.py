@@ -108,3 +108,21 @@ def test_a_gpu_and_a_cpu_rank_report_the_gpu_memory():
     cpu = {**_r("AsyncSAM (CPU ascent, r=auto)", 2, 1.0, rank=1, mem=4000.0), "mem_kind": "rss"}
     row = bench.summarize([_r("AdamW", 1, 1.0), _r("SAM", 1, 2.0), gpu, cpu])["rows"][-1]
     assert row["peak_mem_mb"] == 500.0 and row["ascent_batch_ratio"] == 0.25
+
+
+def test_help_gives_every_default_and_the_labels_only_takes():
+    text = " ".join(bench._parser().format_help().split())  # argparse wraps lines
+    for option, default in [("--seq", 128), ("--hidden", 256), ("--layers", 4), ("--steps", 12), ("--batch", 16)]:
+        assert f"(default: {default})" in text.split(option, 2)[2].split("--", 1)[0], option
+    for label in bench.labels():
+        assert label in text, label
+
+
+def test_only_takes_labels_whole_even_with_a_comma():
+    assert bench.parse_only("AdamW,AsyncSAM (CPU ascent, r=auto),SAMPa-0.2") == [
+        "AdamW", "AsyncSAM (CPU ascent, r=auto)", "SAMPa-0.2"]
+    with pytest.raises(ValueError, match="no configuration is labelled 'SAMPa'.*SAMPa-0.2"):
+        bench.parse_only("SAMPa")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--only", "nope", "--out", "unused"])
+    assert exit_.value.code == 2

@@ -88,3 +88,22 @@ def test_two_process_sampa_row_matches_one_process(tmp_path):
     assert [s for s, _ in one["sharpness_curve"]] == [s for s, _ in two["sharpness_curve"]] == [3, 6]
     for (_, a), (_, b) in zip(one["sharpness_curve"], two["sharpness_curve"]):
         assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_the_plot_shows_every_run(tmp_path):
+    """2-process SAMPa equals 1-process SAMPa up to round-off: its curves are dashed with hollow markers on top,
+    and the legend says they are the same, so neither hides the other."""
+    curve = {"loss_curve": [(1, 2.0), (2, 1.5), (3, 1.2)], "sharpness_curve": [(3, 40.0)]}
+    results = [{"label": "SAM", "processes": 1, "loss_curve": [(1, 2.0), (2, 1.4), (3, 1.0)],
+                "sharpness_curve": [(3, 30.0)]},
+               {"label": "SAMPa-0.2", "processes": 1, **curve},
+               {"label": "SAMPa-0.2, 2 processes", "processes": 2,
+                "loss_curve": [(s, v * (1 + 1e-6)) for s, v in curve["loss_curve"]],
+                "sharpness_curve": curve["sharpness_curve"]}]
+    sam, one, two = demo.curve_styles(results)
+    assert sam["label"] == "SAM" and one["label"] == "SAMPa-0.2"
+    assert two["label"] == "SAMPa-0.2, 2 processes (same curves as SAMPa-0.2)"
+    assert (two["linestyle"], two["markerfacecolor"]) != (one["linestyle"], one["markerfacecolor"])
+    assert two["zorder"] > one["zorder"]  # drawn over the solid line, which stays visible through it
+    demo.plot(results, tmp_path / "curves.png", samples=16)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

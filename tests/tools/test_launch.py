@@ -226,3 +226,14 @@ def test_launch_module_from_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "cwd_module", raising=False)
     assert launch.main(["-m", "cwd_module", "--optim", "msam"]) == 0
     assert json.loads(record.read_text()) == {"name": "__main__", "argv": ["--optim", "msam"]}
+
+
+@pytest.mark.parametrize("after,flag", [(["--sharpness_every", "10"], "--sharpness_every"),
+                                        (["--sharpness-samples=64"], "--sharpness_samples")])
+def test_launcher_options_after_the_script_are_refused(tmp_path, capsys, after, flag):
+    """transformers would report them as the script's unused arguments; the launcher says where they go."""
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('the script must not start')\n")
+    assert launch.main([str(script), "--output_dir", "x", *after]) == 2
+    err = capsys.readouterr().err
+    assert "launcher options go before the script" in err and f"sam-hf launch {flag} N {script}" in err

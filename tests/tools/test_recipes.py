@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from sam_hf.recipes import RecipeError, load_recipe, main, parse_overrides, shipped_recipes  # noqa: E402
+import sam_hf  # noqa: E402
+from sam_hf.recipes import USAGE, RecipeError, load_recipe, main, parse_overrides, shipped_recipes  # noqa: E402
+from sam_hf.recipes.schema import load_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "the a good bad movie film is was great awful fun boring plot actors".split()
@@ -349,3 +354,97 @@ def test_image_augmentations():
 def test_bad_data_options(argv, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_recipe("msam_vit_cifar10", argv)  # a recipe with no normalisation of its own
+
+
+def test_print_keeps_the_papers_citations(capsys):
+    """--print renders the resolved recipe with the recipe files' comments: headers (of the recipe and the ones it
+    extends) and each key's citation; an overridden key says what the recipe had. The text is still the recipe."""
+    assert main(["sampa_vit_cifar100_sampa", "--print", "--training.num_train_epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "# SAMPa paper, Table 5: ViT-B/16 on CIFAR-100 with SAMPa-0.2." in out  # this recipe's header
+    assert "# SAMPa paper (Xie, Pethick and Cevher, NeurIPS 2024)" in out  # the header of the recipe it extends
+    assert "  learning_rate: 0.0001  # Sec. 5.3: peak learning rate" in out
+    assert "  optim_args:  # Sec. 5.1: 2 x SAM's 0.1, lambda 0.2" in out  # the nearer file's comment
+    assert "  num_train_epochs: 1  # overridden; the recipe has 10 (Sec. 5.3)" in out
+    assert "  # Sec. 5.1 normalises with the training set's statistics" in out  # a comment above its key
+    assert load_yaml(out) == load_recipe("sampa_vit_cifar100_sampa", ["--training.num_train_epochs", "1"]).to_dict()
+
+
+def test_train_without_a_recipe_is_a_usage_error(capsys):
+    assert main([]) == 2  # as `sam-hf launch` with nothing to run
+    assert "usage: sam-hf train RECIPE" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
+def test_cli_version_and_usage_strings_agree(capsys):
+    from sam_hf import cli
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"sam-hf {sam_hf.__version__} (torch ")
+    train_usage = USAGE.splitlines()[0].removeprefix("usage: ")
+    assert train_usage.startswith("sam-hf train RECIPE [--section.key value ...]")
+    assert "sam-hf train RECIPE [--section.key value ...]" in cli._usage()
+
+
+# ---- any override list: a valid recipe, or a RecipeError that names a key (property-based)
+
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sam_hf.recipes.schema import SECTIONS, SPECS  # noqa: E402
+
+_KEYS = {section: [f.name for f in dataclasses.fields(spec)] for section, spec in SPECS.items()}
+_KEYS["training"] = ["num_train_epochs", "learning_rate", "seed", "bf16", "eval_strategy", "output_dir",
+                     "per_device_train_batch_size", "max_steps", "optim", "lerning_rate"]
+_PATHS = st.one_of(
+    st.sampled_from(list(_KEYS)).flatmap(lambda s: st.sampled_from(_KEYS[s]).map(lambda k: f"{s}.{k}")),
+    st.sampled_from(["model.config.hidden_size", "model.config.model_type", "method.optim_args.rho",
+                     "method.optim_args.lam", "method.optim_args.nope", "data.dataset.x", "name", "description",
+                     "name.x", "training", "nosection.key", "model", ""]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz._-", max_size=12))
+_VALUES = st.one_of(
+    st.sampled_from(["1", "0", "-1", "0.5", "1e-4", "2.0e-5", "true", "false", "null", "~", "[]", "[a, b]", "[1, 2]",
+                     "{}", "{a: 1}", "{model_type: bert}", "rho=0.1,lam=0.2", "rho=-1", "rho", "sam", "sampa", "sgd",
+                     "cifar10", "x.csv", "x.txt", "epoch", "no", "'quoted'", "[unclosed", "a: b", "-", "--x", ""]),
+    st.text(max_size=12))
+_OVERRIDE = st.one_of(
+    st.builds(lambda p, v: [f"--{p}", v], _PATHS, _VALUES),
+    st.builds(lambda s, v: [f"--{s}", v], st.sampled_from(["data", "model", "method"]).flatmap(
+        lambda s: st.sampled_from(_KEYS[s]).map(lambda k: f"{s}.{k}")), st.sampled_from(["5", "0.5", "[a]", "{a: 1}",
+                                                                                          "true", "x.csv"])),
+    st.builds(lambda p, v: [f"--{p}={v}"], _PATHS, _VALUES),
+    st.builds(lambda p: [f"--{p}"], _PATHS),
+    st.text(max_size=8).map(lambda t: [t]))
+
+
+def _assert_well_typed(recipe) -> None:
+    """Every field of the model, data and method sections holds a value of its annotated type."""
+    for section, spec in SPECS.items():
+        hints = typing.get_type_hints(spec)
+        for f in dataclasses.fields(spec):
+            value = getattr(getattr(recipe, section), f.name)
+            kinds = tuple(typing.get_origin(t) or t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)))
+            if float in kinds:
+                kinds += (int,)
+            assert value is None or isinstance(value, kinds), (section, f.name, value)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(overrides=st.lists(_OVERRIDE, max_size=4).map(lambda groups: [a for g in groups for a in g]),
+       recipe=st.sampled_from(["sampa_bert_glue", "sampa_vit_cifar100_sampa"]))
+@example(overrides=["--data.train_file", "5"], recipe="sampa_bert_glue")  # was a TypeError from pathlib
+@example(overrides=["--data.dataset", "[a]"], recipe="sampa_bert_glue")  # was accepted, a list as the dataset
+@example(overrides=["--data.text_columns", "{a: 1}"], recipe="sampa_bert_glue")  # was accepted as [{a: 1}]
+@example(overrides=["--method.optim", "adamw_nope"], recipe="sampa_bert_glue")  # was accepted until training
+def test_any_overrides_give_a_recipe_or_an_error_naming_a_key(overrides, recipe):
+    try:
+        result = load_recipe(recipe, overrides)
+    except RecipeError as err:
+        message = str(err)
+        words = {w for arg in overrides for w in re.split(r"[-.=\s]+", arg) if w} | set(SECTIONS) | {
+            "name", "description", "section"}
+        assert any(w in message or repr(w)[1:-1] in message for w in words), (overrides, message)
+        return
+    _assert_well_typed(result)
+    result.to_dict()
+    result.optim_args_string()

@@ -1,5 +1,7 @@
-"""Other back ends: torch_compile works with every method; DeepSpeed and FSDP1 fail at construction, before
-training, with a message that names them and says what to use instead (FSDP2 runs: tests/distributed/test_fsdp.py).
+"""Other back ends: torch_compile works with every method; FSDP1, and DeepSpeed without a ZeRO stage, fail at
+construction, before training, with a message that names them and says what to use instead (FSDP2 runs:
+tests/distributed/test_fsdp.py; DeepSpeed ZeRO 1-3:
+tests/distributed/test_deepspeed.py).
 
 FSDP and DeepSpeed cannot be switched on in one CPU process (Trainer refuses `fsdp` outside distributed
 training, accelerate ignores the FSDP plugin on CPU, and deepspeed is not installed), so those tests set the
@@ -80,11 +82,12 @@ def _force_fsdp1(monkeypatch):
 
 @pytest.mark.parametrize("flag,names,alternative", [
     ("fsdp1", ["FSDP1", "FlatParameter"], ["FSDP2", "fsdp_version: 2"]),
-    ("is_deepspeed_enabled", ["DeepSpeed"], ["FSDP2", "DDP"]),
+    ("is_deepspeed_enabled", ["DeepSpeed", "zero_optimization.stage=0"], ["1, 2 or 3", "torchrun"]),
 ])
 @pytest.mark.parametrize("how", ["SharpnessTrainer", "patched Trainer"])
 def test_unsupported_back_end_fails_at_construction(tmp_path, monkeypatch, flag, names, alternative, how):
-    """DeepSpeed and FSDP1 are refused before training, saying what to use (FSDP2 runs: tests/distributed/test_fsdp.py)."""
+    """FSDP1 and DeepSpeed without ZeRO are refused before training, saying what to use (FSDP2 runs:
+    tests/distributed/test_fsdp.py)."""
     _force_fsdp1(monkeypatch) if flag == "fsdp1" else _force_flag(monkeypatch, flag)
     cls = sam_hf.SharpnessTrainer if how == "SharpnessTrainer" else Trainer
     for optim in sam_hf.METHODS:
@@ -116,5 +119,6 @@ def test_trainer_sharding_directly(tmp_path, monkeypatch):
         trainer_sharding(trainer, "sampa", roles_asked=False)
     monkeypatch.undo()
     trainer.is_deepspeed_enabled = True
+    assert trainer_sharding(trainer, "sampa", roles_asked=False) == "deepspeed"
     with pytest.raises(SharpnessConfigError, match="DeepSpeed"):
-        trainer_sharding(trainer, "sampa", roles_asked=False)
+        trainer_sharding(trainer, "sampa", roles_asked=True)

@@ -54,7 +54,7 @@ def test_other_optimizers_unchanged(tmp_path, optim):
     assert_same_weights(*runs)
 
 
-@pytest.mark.parametrize("method", list(METHOD_ARGS))  # the efficient variants: tests/test_efficient.py
+@pytest.mark.parametrize("method", list(METHOD_ARGS))  # the efficient variants: tests/trainer/test_efficient.py
 @pytest.mark.parametrize("kind", ["bert", "vit"])
 def test_tiny_models_train_and_evaluate(tmp_path, method, kind):
     model, data = (tiny_bert(), text_data()) if kind == "bert" else (tiny_vit(), image_data())

@@ -86,8 +86,23 @@ def fp32(case, **kw):
     return {k: v.clone() for k, v in _fp32(case, **kw).items()}
 
 
+@functools.lru_cache(maxsize=None)
+def base_bf16_error(base: str, base_args: str | None) -> float:
+    """What bf16 does to the base optimizer's own run, on this machine's kernels: ||w_bf16 - w_fp32|| over
+    ||w_fp32 - w_0|| for a plain (non-sharpness) run of the same model, data, steps and clipping."""
+    start = weights(MeanLossModel())
+    with tempfile.TemporaryDirectory() as out:
+        w32, _ = run(out, base, base_args, max_grad_norm=CLIP)
+        w16, _ = run(out, base, base_args, bf16=True, max_grad_norm=CLIP)
+    return _norm_diff(w16, w32) / _norm_diff(w32, start)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bf16_close_to_fp32(tmp_path, case):
+    """A method under bf16 autocast ends as close to its fp32 run, relative to how far the weights moved, as the base
+    optimizer does to its own (about u = 2^-8 here, with every kernel tried): each step's gradients carry bf16's
+    round-off, and the method adds one more pass of it per step, so twice the base optimizer's relative error,
+    measured on the same kernels, bounds it. A constant would hold on the kernels it was measured on only."""
     optim, optim_args = CASES[case]
     # AdamW divides by sqrt(v): a coordinate whose gradient is near zero moves by up to lr either way, so
     # bf16 noise in it becomes an O(lr) weight difference. ASAM here has one such coordinate (3.6% of the
@@ -100,7 +115,9 @@ def test_bf16_close_to_fp32(tmp_path, case):
     assert all(torch.isfinite(v).all() for v in bf16.values())
     moved = _norm_diff(ref, start)
     assert moved > 1e-2
-    assert _norm_diff(bf16, ref) <= 2e-2 * moved
+    base = base_bf16_error("sgd", "momentum=0.9") if case == "asam" else base_bf16_error("adamw_torch", None)
+    assert 0 < base < 2 ** -6  # bf16 did round (u = 2^-8), and the base optimizer is not ill-conditioned here
+    assert _norm_diff(bf16, ref) <= 2 * base * moved
 
 
 class CastingModel(MeanLossModel):

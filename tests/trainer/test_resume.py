@@ -3,10 +3,15 @@ stopping, for every method; the method's state rides in Trainer's own optimizer.
 added to the checkpoint (no weight backups)."""
 
 import os
+import pathlib
+import pickle
 
 import pytest
 import torch
 
+from sam_hf.config import SharpnessConfigError
+from sam_hf.distributed import checkpoint as sharding
+from sam_hf.distributed.checkpoint import RANK_FILE
 from sam_hf.optim import STATE_KEY
 from tests.helpers.resume import N, StopAt, assert_bitwise, interrupted_and_resumed, make_trainer, uninterrupted
 from tests.helpers.tiny import METHOD_CASES, MeanLossModel, text_data, tiny_bert, vector_data, weights
@@ -117,3 +122,25 @@ def test_resume_sampa_on_bert(tmp_path):
     straight = uninterrupted(tmp_path, optim, optim_args, build, data)
     resumed, _, _ = interrupted_and_resumed(tmp_path, optim, optim_args, build, data)
     assert_bitwise(straight, resumed)
+
+
+# ---- method-state files (FSDP2 checkpoints): read with torch.load(weights_only=True) only
+
+class _Payload:
+    """A pickled object whose unpickling would run code (it would create `path`)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])  # torch's default; the previous format's
+def test_method_state_file_with_a_pickled_object_is_refused(tmp_path, protocol):
+    marker = tmp_path / "code_ran"
+    torch.save({"state": {"g": [_Payload(str(marker))]}, "world_size": 1}, tmp_path / RANK_FILE.format(rank=0),
+               pickle_protocol=protocol)
+    with pytest.raises(SharpnessConfigError, match="refusing to load .*a pickled .*not a tensor or a plain container"):
+        sharding.load_method_state(None, str(tmp_path))
+    assert not marker.exists()

@@ -223,6 +223,26 @@ def test_callback_logs_through_trainer(tmp_path):
     assert logged[0]["sharpness/lambda_max"] != logged[1]["sharpness/lambda_max"]
 
 
+def test_measuring_time_is_logged_apart_from_training(tmp_path):
+    """Trainer's train_runtime (and so train_steps_per_second) includes the measurements made during training:
+    their cumulative time is logged as sharpness/total_seconds, so training's own speed can be read off."""
+    callback = sam_hf.SharpnessCallback(every=2, samples=12)
+    trainer = Trainer(model=MeanLossModel(), args=args(tmp_path, max_steps=5), train_dataset=vector_data(n=40),
+                      callbacks=[callback])
+    trainer.train()
+    history = trainer.state.log_history
+    logged = [h for h in history if "sharpness/lambda_max" in h]
+    seconds = [h["sharpness/seconds"] for h in logged]
+    totals = [h["sharpness/total_seconds"] for h in logged]
+    assert totals == pytest.approx(np.cumsum(seconds), abs=2e-3)
+    runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
+    during = [h for h in logged if h["step"] < 5]  # steps 2 and 4; the one at the end runs after Trainer's figures
+    assert runtime >= during[-1]["sharpness/total_seconds"] - 2e-3
+    assert history.index(logged[-1]) > next(i for i, h in enumerate(history) if "train_runtime" in h)
+    assert "sharpness/total_seconds" in (sam_hf.SharpnessCallback.__doc__ or "")
+    assert "train_steps_per_second" in (sam_hf.SharpnessCallback.__doc__ or "")
+
+
 def test_mixed_precision_is_measured_in_full_precision(tmp_path):
     """Under bf16 Trainer's accelerate wraps model.forward in autocast; the callback measures the fp32 loss
     (a bf16 Hessian differs by ~1e-3 here)."""

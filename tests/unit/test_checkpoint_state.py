@@ -39,7 +39,7 @@ def test_a_state_file_carrying_an_object_is_refused(tmp_path, capsys):
     path = tmp_path / checkpoint.STATE_FILE
     torch.save({"state": {"g": None, "extra": _RunsCode()}, "format": 2}, path)
     method = SAMPa(sam_hf.SharpnessConfig.create("sampa"), torch.optim.AdamW(MeanLossModel().parameters()))
-    with pytest.raises(sam_hf.SharpnessConfigError, match="not loaded.*could run code"):
+    with pytest.raises(sam_hf.SharpnessConfigError, match="refusing to load .*could run code"):
         checkpoint.load_method_state(method, str(tmp_path))
     assert "this ran" not in capsys.readouterr().out
 
@@ -60,16 +60,17 @@ def test_an_older_per_rank_state_file_still_loads(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sam_hf.sharding", legacy)
     saved = {"state": {"g": [_Slot("state.g.0", (4, 3), torch.float32, (Shard(0),)), None], "held": None},
              "world_size": 1}
-    torch.save(saved, tmp_path / "sam_hf_state.rank0.pt")
+    torch.save(saved, tmp_path / "sam_hf_state.rank0.pt", pickle_protocol=5)  # as the older files were written
     monkeypatch.delitem(sys.modules, "sam_hf.sharding")
-    state = checkpoint._load_legacy(str(tmp_path / "sam_hf_state.rank0.pt"), str(tmp_path))["state"]
-    assert state["g"][0] == {checkpoint.SLOT: "state.g.0", "shape": [4, 3], "dtype": "float32", "placements": ["S0"]}
+    state = checkpoint.read_state_file(str(tmp_path / "sam_hf_state.rank0.pt"))["state"]
+    assert state["g"][0] == {checkpoint.SLOT: "state.g.0", "shape": [4, 3], "dtype": torch.float32,
+                             "placements": [Shard(0)]}
     saved["world_size"] = 2
     monkeypatch.setitem(sys.modules, "sam_hf.sharding", legacy)
-    torch.save(saved, tmp_path / "sam_hf_state.rank0.pt")
+    torch.save(saved, tmp_path / "sam_hf_state.rank0.pt", pickle_protocol=5)  # as the older files were written
     monkeypatch.delitem(sys.modules, "sam_hf.sharding")
     with pytest.raises(sam_hf.SharpnessConfigError, match="saved by 2 processes.*resume with 2"):
-        checkpoint._load_legacy(str(tmp_path / "sam_hf_state.rank0.pt"), str(tmp_path))
+        checkpoint.load_method_state(None, str(tmp_path))
 
 
 def _parts(n, count=None):

@@ -1,10 +1,16 @@
 """Every bad `optim_args` fails before the first step, naming the key, the value and what would work."""
 
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sam_hf
 from sam_hf import SharpnessConfig, SharpnessConfigError
+from sam_hf import registry
+from sam_hf.config import BASE_KEY_TYPES, parse_optim_args
 from tests.helpers.tiny import MeanLossModel, args, vector_data
 
 BAD = [
@@ -31,9 +37,9 @@ BAD = [
     ("sampa", "ascent_device=cpu", ["ascent_device=cpu", "asyncsam only"]),
     # a key another method takes would be silently ignored: refused, naming the method it belongs to
     ("sam", "rho=0.05,lam=0.2", ["lam=0.2", "applies to sampa only", "--optim sam", "drop lam"]),
-    ("sampa", "micro_batches=4", ["micro_batches=4", "msam only"]),
+    ("sampa", "micro_batches=0", ["micro_batches=0", ">= 1"]),  # mSAM + SAMPa takes micro_batches (issue 19)
     ("msam", "parallel=on", ["parallel=on", "sampa and asyncsam only"]),
-    ("sam", "rho=0.05 lam=0.2", ["'rho=0.05 lam=0.2'", "separate keys with commas"]),
+    ("sam", "rho=0.05 lam=0.2", ["'rho=0.05 lam=0.2'", "separate them with commas"]),
     ("asyncsam", "ascent_device=cpu,parallel=off", ["ascent_device='cpu'", "parallel=off"]),
     ("asyncsam", "ascent_threads=4", ["ascent_threads=4", "ascent_device=cpu"]),
     ("asyncsam", "ascent_device=cpu,ascent_threads=-1", ["ascent_threads=-1", ">= 0"]),
@@ -60,6 +66,8 @@ BAD = [
     ("sampa", "exchange_dtype=fp16", ["exchange_dtype='fp16'", "fp32", "bf16"]),
     ("sampa", "exchange_dtype=bf16", ["exchange_dtype='bf16'", "role exchange", "ignored"]),  # one process
     ("sam", "rho", ["'rho'", "key=value"]),
+    ("sampa", "rho=0.05 lam=0.2", ["'rho=0.05 lam=0.2'", "commas", '"rho=0.05,lam=0.2"']),  # not rho='0.05lam=0.2'
+    ("sampa", "rho=0.05 lam", ["'rho=0.05 lam'", "space", "comma-separated"]),
     ("sam", "rho=0.1,rho=0.2", ["'rho'", "twice"]),
 ]
 
@@ -109,3 +117,46 @@ def test_weight_decay_comes_from_training_arguments(tmp_path):
                                       args=args(tmp_path, "sam", "base=sgd,momentum=0.9", weight_decay=0.5,
                                                 max_steps=1))
     assert [g["weight_decay"] for g in trainer.create_optimizer().param_groups] == [0.5, 0.0]
+
+
+# ---- any optim_args string: a valid config, or a SharpnessConfigError that names the key (property-based)
+
+KEYS = [f.name for f in dataclasses.fields(SharpnessConfig) if f.name not in ("method", "base_optim_args")]
+KEYS += [*BASE_KEY_TYPES, "lr", "rhoo", "method"]
+VALUES = ["0", "1", "-1", "0.05", "0.5", "2.5", "1e999", "nan", "inf", "true", "false", "TRUE", "auto", "cpu", "gpu",
+          "sgd", "adamw_torch", "adagrad", "sampa", "lomo", "bf16", "fp16", "on", "off", "clean", "optimizer", "8", ""]
+PIECES = st.one_of(
+    st.builds(lambda k, sep, v: f"{k}{sep}{v}", st.one_of(st.sampled_from(KEYS), st.text(max_size=6)),
+              st.sampled_from(["=", " = ", "", "==", "= "]), st.one_of(st.sampled_from(VALUES), st.text(max_size=6))),
+    st.text(max_size=10))
+OPTIM_ARGS = st.one_of(st.none(), st.text(max_size=40),
+                       st.builds(lambda sep, ps: sep.join(ps), st.sampled_from([",", ", ", " ", " , ", ",,"]),
+                                 st.lists(PIECES, max_size=5)))
+PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
+
+
+@PROPERTY
+@given(method=st.sampled_from(registry.names()), optim_args=OPTIM_ARGS)
+def test_any_optim_args_give_a_config_or_an_error_naming_the_key(method, optim_args):
+    try:
+        cfg = SharpnessConfig.from_optim_args(method, optim_args)
+    except SharpnessConfigError as err:
+        message = str(err)
+        assert message.startswith("optim_args: "), message
+        keys = [p.strip().partition("=")[0].strip() for p in optim_args.split(",") if p.strip()]
+        # a key as the user wrote it (shown with repr, so control characters are escaped) is in the message
+        assert any(k in message or repr(k)[1:-1] in message for k in keys), (optim_args, message)
+        return
+    assert cfg.method == method
+    cfg.validate()
+    given_keys = set(parse_optim_args(optim_args))
+    assert set(cfg.base_optim_args) <= given_keys and given_keys <= {*KEYS}
+
+
+@PROPERTY
+@given(pairs=st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), st.from_regex(r"[a-z0-9.+-]{1,8}",
+                                                                                         fullmatch=True), max_size=5),
+       seps=st.sampled_from([(",", "="), (", ", "="), (" ,", " = ")]))
+def test_parse_optim_args_reads_back_what_it_is_given(pairs, seps):
+    comma, equals = seps
+    assert parse_optim_args(comma.join(f"{k}{equals}{v}" for k, v in pairs.items())) == pairs

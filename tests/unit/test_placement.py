@@ -4,6 +4,9 @@ The 2-process runs are in test_distributed.py (parity, re-sync, divergence) and 
 placing rank 1 under `accelerate launch`). Here: the placement rules and the device check, without processes.
 """
 
+import os
+import re
+
 import pytest
 
 import sam_hf
@@ -35,8 +38,7 @@ def test_placement_without_gloo_is_refused_rather_than_hanging(backend):
 @pytest.mark.parametrize("optim,optim_args,world", [
     ("asyncsam", "rho=0.05", "2"),  # ascent_device=auto
     ("adamw_torch", None, "2"),
-    ("asyncsam", CPU_ASCENT, "1"),  # one process: the trainer refuses it, with the reason
-    ("asyncsam", CPU_ASCENT, "4"),
+    ("sampa", "rho=0.05", "1"),
 ])
 def test_other_runs_are_left_alone(optim, optim_args, world):
     env = {"WORLD_SIZE": world, "RANK": "1"}
@@ -50,12 +52,33 @@ def test_launcher_adds_gloo_and_refuses_nccl():
     assert place_from_argv(argv, env) == [*argv, "--ddp_backend", "gloo"]
     assert env["ACCELERATE_USE_CPU"] == "true"
     dashed = ["--optim", "asyncsam", "--optim-args", CPU_ASCENT]  # HfArgumentParser's other spelling
-    assert place_from_argv(dashed, {}) == [*dashed, "--ddp_backend", "gloo"]
-    assert place_from_argv([*argv, "--ddp_backend", "gloo"], {}) == [*argv, "--ddp_backend", "gloo"]
+    rank0 = {"WORLD_SIZE": "2", "RANK": "0"}
+    assert place_from_argv(dashed, dict(rank0)) == [*dashed, "--ddp_backend", "gloo"]
+    assert place_from_argv([*argv, "--ddp_backend", "gloo"], dict(rank0)) == [*argv, "--ddp_backend", "gloo"]
     with pytest.raises(SharpnessConfigError, match="ascent_device=cpu needs --ddp_backend gloo.*got --ddp_backend nccl"):
         place_from_argv([*argv, "--ddp_backend=nccl"], {"WORLD_SIZE": "2", "RANK": "0"})
     plain = ["--optim", "sampa", "--optim_args", "rho=0.1"]
     assert place_from_argv(plain, env) == plain
+
+
+@pytest.mark.parametrize("world,message", [(None, "needs 2 processes.*this run has 1"), ("1", "this run has 1"),
+                                           ("4", "needs exactly 2 processes.*got 4")])
+def test_cpu_ascent_on_another_world_size_is_refused_by_the_launcher(tmp_path, capsys, monkeypatch, world, message):
+    """One process: the launcher used to add --ddp_backend gloo, and transformers then failed inside the script with
+    torch's "Default process group has not been initialized"; sam_hf's own refusal comes before the script starts."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('the script must not start')\n")
+    rc = launch.main([str(script), "--optim", "asyncsam", "--optim_args", CPU_ASCENT, "--output_dir", "x"])
+    assert rc == 2
+    assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(SharpnessConfigError, match=message):  # a script placing the rank itself hears the same
+        place_ascent_rank("asyncsam", CPU_ASCENT, "gloo", dict(os.environ))
+    assert "ACCELERATE_USE_CPU" not in os.environ
 
 
 def test_launcher_reports_a_bad_combination_before_running(tmp_path, capsys):

@@ -5,7 +5,9 @@ A layout is how one step's passes are spread over processes. It owns: how gradie
 `local`), how a step runs (`step`: the method's own step, or one role's pass and the exchange), where method
 state lives and how it is checkpointed (`save_state`, `load_state`), how the data is read per rank
 (`shard_dataloader`, `train_batch_size`), and how a Trainer's model is wrapped and prepared (`wrap_model`,
-`before_step`). Methods read its capabilities (`roles`, `sharded`, `reduces_every_pass`) and never ask which
+`before_step`), and, where an engine owns backward and the optimizer step (DeepSpeed), how one pass's
+backward runs (`before_forward`, `backward`), where its gradient appears, and how the step is taken
+(`end_step`). Methods read its capabilities (`roles`, `sharded`, `reduces_every_pass`) and never ask which
 layout they run under; the Trainer glue and the plain-PyTorch optimizer call the hooks.
 """
 
@@ -25,6 +27,8 @@ class Layout:
     reduces_every_pass = False  # every backward pass averages .grad over the data-parallel ranks by itself
     replicas = False  # ranks hold the same weights (checked every check_every steps)
     replica_fraction = 1.0  # the share of all ranks that are data-parallel replicas of each other (loss units)
+    owns_step = False  # an engine steps the base optimizer (end_step): the host is handed the plain base optimizer
+    whole_params = True  # the method's parameters are whole parameter tensors (False: slices of them, DeepSpeed's)
 
     def __init__(self, plan: ParallelPlan | None = None):
         self.plan = plan or ParallelPlan()
@@ -86,10 +90,42 @@ class Layout:
     def all_reduce_grads(self, params) -> None:
         """Average `.grad` over the data-parallel ranks, where the backward pass has not done it."""
 
+    def rank_groups(self, size: int) -> None:
+        """Create the process groups of `size` consecutive ranks (every rank calls it, in the same order)."""
+
+    def average_within(self, params, size: int) -> None:
+        """Average `.grad` within groups of `size` consecutive data-parallel ranks (all of them: `all_reduce_grads`)."""
+        if size >= self.data_parallel_size:
+            self.all_reduce_grads(params)
+
     def step(self, method, batches, passes, step: int):
         """One step of `method` on this rank's batches."""
         self.step_index = step
         return method.step(batches, passes)
+
+    def end_step(self, method, result) -> None:
+        """After the method left the step's gradient in `.grad` (`result.skip_update`: no update this step). The
+        host steps its optimizer itself; a layout that `owns_step` applies the gradient here."""
+
+    # ---- one pass (the host's forward + backward) ------------------------------------------------------------
+    def before_forward(self, backward: bool = True) -> None:
+        """Before a forward: the weights it reads are the method's parameters as they are now. `backward=False`: a
+        forward without backward (no gradient, no new pass)."""
+
+    def backward(self, loss, last: bool, backward) -> None:
+        """One backward of a pass: `backward(loss)` is the host's (Trainer: accelerator.backward). `last`: the pass's
+        last backward, after which its gradient is read from the method's parameters' `.grad`."""
+        backward(loss)
+
+    def loss_scale(self, host_scale: float) -> float:
+        """The loss scale the pass's gradients carry: the host's (a GradScaler's), unless an engine scales."""
+        return host_scale
+
+    @contextlib.contextmanager
+    def base_optimizer(self, optimizer):
+        """`optimizer` as seen from the method's parameters (its param_groups and state keyed by them), for code
+        that walks its groups (SAMPa's lookahead)."""
+        yield optimizer
 
     def check_replicas(self, params, step: int) -> None:
         """Compare the ranks' weights where they must be equal; a mismatch is an error."""

@@ -18,6 +18,26 @@ from .base import Layout
 class DataParallel(Layout):
     replicas = True
 
+    def __init__(self, plan=None):
+        super().__init__(plan)
+        self._rank_groups = {}  # size -> this rank's process group of `size` consecutive ranks
+
+    def rank_groups(self, size: int) -> None:
+        if not self.distributed or size in self._rank_groups or not 1 < size < self.world_size:
+            return
+        for start in range(0, self.world_size, size):  # collective: every rank creates every group
+            group = dist.new_group(list(range(start, start + size)))
+            if start <= self.plan.rank < start + size:
+                self._rank_groups[size] = group
+
+    def average_within(self, params, size: int) -> None:
+        if size >= self.world_size or not self.distributed:
+            return super().average_within(params, size)
+        if size > 1:
+            self.rank_groups(size)
+            collectives.all_reduce_grads_(params, self.plan, f"the ascent all-reduce within groups of {size} ranks at "
+                                          f"step {self.step_index}", group=self._rank_groups[size], size=size)
+
     def describe(self) -> str:
         return f"data parallel ({self.world_size} processes)"
 

@@ -67,6 +67,15 @@ class Roles(DataParallel):
         # the other role's gradient lands in the buffers of the method state this rank has spent
         g0, g1, merged = exchange(plan, [p.grad for p in method.params], method.params, scale, extras,
                                   method.EXTRA_KEYS, what, into=method.receive_buffers())
+        side = method.side_count(batches)
+        if side:  # gradients role 1 computed beside its own, which role 0 needs next step (one way, one per list)
+            mine = method.side_gradients() if plan.role == 1 else [None] * side
+            received = []
+            for j in range(side):
+                own = mine[j] if mine[j] is not None else [None] * len(method.params)
+                received.append(exchange(plan, [], method.params, 1.0, {}, (), f"{what}, side gradient {j + 1}",
+                                         average=method.side_averaged, own=own)[1])
+            method.receive_side(received)
         exchange_seconds = time.perf_counter() - start
         result = method.finish(g0, g1, batches, merged, scale)
         result.metrics["sam/exchange_seconds"] = exchange_seconds
