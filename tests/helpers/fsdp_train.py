@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sam_hf import registry
-from sam_hf.distributed import checkpoint, dtensor, fsdp2
+from sam_hf.distributed import dtensor, fsdp2
 from sam_hf.distributed.layouts import make_layout, trainer_sharding
 from sam_hf.batching import TrainerBatch
 from sam_hf.config import SharpnessConfig
