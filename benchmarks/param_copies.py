@@ -112,7 +112,7 @@ def _scheduled(optim: str, optim_args: str) -> bool:
 
 
 LAYOUT_ROWS = [(e.label, s.name, e.optim_args) for s in _registered() for e in s.examples
-               if e.processes == 1 and e.bench and not _scheduled(s.name, e.optim_args)]
+               if e.processes == 1 and e.bench and e.meter and not _scheduled(s.name, e.optim_args)]
 # accelerate's FSDP2 plugin as tests/helpers/fsdp_trainer.py configures it: every Linear its own FSDP unit
 FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"], "state_dict_type": "SHARDED_STATE_DICT"}
 ROLE_VARIANTS = [(0.0, 1), (1.0, 1), (0.0, 2), (1.0, 2)]  # (max_grad_norm, gradient_accumulation_steps)
@@ -536,7 +536,8 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
     two = [(b, ba, 0.0, 1, fsdp) for fsdp in (False, True) for b, ba in bases
            if ("fsdp" if fsdp else "ddp") in layouts or (fsdp and "fsdp_roles" in layouts)]
     two += [(o, with_parallel(a, "off") if o in ROLE_METHODS else a, 0.0, 1, fsdp)
-            for fsdp in (False, True) if ("fsdp" if fsdp else "ddp") in layouts for _, o, a in rows]
+            for fsdp in (False, True) if ("fsdp" if fsdp else "ddp") in layouts for _, o, a in rows
+            if _runs_in("fsdp" if fsdp else "ddp", o, a)]
     # unsharded runs first: an FSDP run leaves ACCELERATE_USE_FSDP=true and FSDP in accelerate's shared state
     two.sort(key=lambda case: case[4])
     peaks = dict(zip(two, run_ranks(two, procs=2, steps=steps, where=where))) if two else {}
@@ -549,7 +550,7 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
         import deepspeed  # noqa: F401
     except ImportError:
         zero = []
-    zero_rows = [(label, o, a) for label, o, a in rows if _runs_under_zero(o, a)] if zero else []
+    zero_rows = [(label, o, a) for label, o, a in rows if _runs_in("zero", o, a)] if zero else []
     zero_cases = [(b, ba, 0.0, 1, False, z) for z in zero for b, ba in bases]
     zero_cases += [(o, with_parallel(a, "off") if o in ROLE_METHODS else a, 0.0, 1, False, z)
                    for z in zero for _, o, a in zero_rows]
@@ -596,17 +597,19 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
     return result
 
 
-def _runs_under_zero(optim: str, optim_args: str | None) -> bool:
-    """Whether the method runs under DeepSpeed ZeRO (ESAM, drawing whole parameter tensors, does not)."""
+def _runs_in(layout: str, optim: str, optim_args: str | None) -> bool:
+    """Whether the method runs in `layout` ("ddp", "fsdp", "zero") on 2 processes: ESAM's data selection does not
+    run data parallel (it would depend on the split), ESAM does not run under ZeRO (it draws whole tensors)."""
     from sam_hf import registry
     from sam_hf.config import SharpnessConfig, SharpnessConfigError
-    from sam_hf.distributed.layouts import DeepSpeed
+    from sam_hf.distributed.layouts import FSDP2, DataParallel, DeepSpeed
     from sam_hf.distributed.plan import ParallelPlan
 
+    cls = {"ddp": DataParallel, "fsdp": FSDP2, "zero": DeepSpeed}[layout]
     cfg = SharpnessConfig.from_optim_args(optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS
                                           else optim_args)
     try:
-        registry.get(optim).method.check(cfg, DeepSpeed(ParallelPlan(mode="data", world_size=2)), BATCH)
+        registry.get(optim).method.check(cfg, cls(ParallelPlan(mode="data", world_size=2)), BATCH)
     except SharpnessConfigError:
         return False
     return True
@@ -647,8 +650,8 @@ def _layouts_table(where: bool = False) -> None:
     bases = "; ".join(f"{LAYOUT_NAMES[k]}: `{b}{' ' + ba if ba else ''}` {v:.2f}"
                       for (k, b, ba), v in res["baselines"].items())
     print(f"\nBaselines, absolute peak on the busiest rank in full copies: {bases}.")
-    print("n/a: role mode (parallel=on) applies to SAMPa and Asynchronous SAM only; the ZeRO columns need deepspeed "
-          "and a method that runs under ZeRO (not ESAM).")
+    print("n/a: role mode (parallel=on) applies to SAMPa and Asynchronous SAM only; ESAM's data selection (gamma) "
+          "runs in one process only; the ZeRO columns need deepspeed and a method that runs under ZeRO (not ESAM).")
     if where:
         print("\nAlive at the peak (count x creating op [local shape] where):\n")
         print("\n\n".join(f"{label}, {LAYOUT_NAMES[layout]}: {text}" for (label, layout), text in res["where"].items()))

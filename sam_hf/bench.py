@@ -26,8 +26,9 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .timing import step_timer  # noqa: F401  (also used as bench.step_timer by benchmarks/)
 
 # The references every row is compared with: AdamW on 1 process, and AdamW under DDP on 2, which pays the same cost
 # of two processes at once. (label, optim, optim_args, processes)
@@ -110,28 +111,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ---- one configuration (a worker process) ---------------------------------------
-def step_timer(synchronize=None):
-    """A Trainer callback holding the wall time of every optimizer step (logging and evaluation excluded);
-    `synchronize` (e.g. torch.cuda.synchronize) runs at both ends so queued GPU work is counted."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self._start = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if synchronize:
-                synchronize()
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if synchronize:
-                synchronize()
-            self.times.append(time.perf_counter() - self._start)
-
-    return StepTimer()
-
-
 def _worker(opts) -> None:
     import torch
     from datasets import Dataset

@@ -12,7 +12,7 @@ import sys
 COMMANDS = {
     "launch": ("sam_hf.launch", "run an unmodified Hugging Face training script with the sam_hf optimizer names"),
     "train": ("sam_hf.recipes", "run a YAML recipe: sam-hf train RECIPE [--section.key value ...]"),
-    "demo": ("sam_hf.demo", "offline demo: a small ViT on scikit-learn's digits with AdamW, SAM and SAMPa"),
+    "demo": ("sam_hf.demo", "offline demo: 40% label noise on scikit-learn's digits, SGD against SAM, SAMPa and more"),
     "bench": ("sam_hf.bench", "step-time and memory benchmark of every method, 1 and 2 processes"),
     "sharpness": ("sam_hf.sharpness", "Hessian lambda_max and trace of a saved text classifier on its training data"),
     "options": ("sam_hf.config", "every method's options, with defaults and help (docs/options.md)"),

@@ -458,10 +458,14 @@ class SAMPa(TwoRoleMethod):
         """This data shard's micro-batches of the saved B_t, normalised as this layout's accumulation would."""
         shards, index, total = self.layout.data_parallel_size, self.layout.data_rank, len(parts)
         if total % shards:
-            raise SharpnessConfigError(
-                f"sam_hf: the checkpoint's held batch B_t is {total} micro-batch(es) over all processes, which "
-                f"cannot be shared evenly by this run's {shards} data-parallel ranks ({self.layout.describe()}): "
-                f"resume on a number of data-parallel ranks that divides {total}, or on the layout that saved it")
+            parts = _cut_rows(parts, shards // total if shards % total == 0 else 0)
+            if parts is None:
+                raise SharpnessConfigError(
+                    f"sam_hf: the checkpoint's held batch B_t is {total} micro-batch(es) over all processes, which "
+                    f"cannot be shared evenly by this run's {shards} data-parallel ranks ({self.layout.describe()}), "
+                    f"neither whole nor cut into equal row blocks: resume on a number of data-parallel ranks that "
+                    f"divides {total}, or on the layout that saved it")
+            total = len(parts)
         per = total // shards
         held = []
         for part in parts[index * per:(index + 1) * per]:
@@ -472,6 +476,22 @@ class SAMPa(TwoRoleMethod):
                     count = count / self.layout.replica_fraction
             held.append(TrainerBatch.of(to_device(part["batch"], self.device), count, per))
         return held
+
+
+def _cut_rows(parts, k: int):
+    """Each saved micro-batch cut into `k` equal blocks of rows (None where it cannot be): the blocks k data-parallel
+    ranks would have held of it. A block keeps the micro-batch's count: under data parallelism a rank's loss is
+    normalised by the count over all ranks' rows (average_tokens_across_devices), and a mean loss needs none."""
+    if k < 2:
+        return None
+    out = []
+    for part in parts:
+        sizes = {v.shape[0] for v in part["batch"].values() if torch.is_tensor(v) and v.dim() > 0}
+        if len(sizes) != 1 or next(iter(sizes)) % k or not all(torch.is_tensor(v) for v in part["batch"].values()):
+            return None
+        n = next(iter(sizes)) // k
+        out += [dict(part, batch={key: v[i * n:(i + 1) * n] for key, v in part["batch"].items()}) for i in range(k)]
+    return out
 
 
 register_method("sampa", SAMPa, SAMPaConfig, "SAMPa-lambda: the ascent and the lookahead gradient are independent, "

@@ -257,6 +257,79 @@ def test_parallel_resume_equals_uninterrupted(two_process_runs, tmp_path):
     assert_close(torch.load(two_process_runs / "sampa_roles.pt"), torch.load(tmp_path / "sampa_roles.pt"), atol=0)
 
 
+# ---- resume on another number of processes, and an elastic restart ---------------------------------------------------
+# The method state is saved independent of the world size (SAMPa's g_t and held batch B_t gathered, Asynchronous
+# SAM's a_(t-1) whole): a run resumed on 1 process from a 2-process checkpoint, or on 2 from a 1-process one, ends
+# where the never-stopped run ends. The 2-process and 1-process runs of one configuration differ in summation order
+# only (the parity tests above): the same 1e-6.
+WORLD_RESUME = {  # name: (optim, optim_args on 2 processes, per-device batch there, the 1-process batch)
+    "sampa_roles": ("sampa", "rho=0.1,lam=0.3", 8, 8),
+    "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, 8),  # B_t: two shards of 4 saved as one batch of 8
+    "asyncsam_roles": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8, 8),
+}
+
+
+def _one_process_args(optim_args):
+    return optim_args.replace(",parallel=off", "")
+
+
+@pytest.fixture(scope="module")
+def world_resume_runs(tmp_path_factory):
+    """Three launches for every case below: 2 processes saving at step 2 (the checkpoints 2 -> 1 resumes from);
+    4 processes on a 2 x 2 mesh saving at step 2; then 2 processes resuming (`--resume last`) from the 1-process
+    and 4-process checkpoints put where each case's run keeps its own."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("world")
+    cases = [f"{n}:{o}:{a}:{b2}" for n, (o, a, b2, _) in WORLD_RESUME.items()]
+    saved = launch(out / "two", 2, "--steps", "5", "--save_steps", "2", "--cases", *cases)
+    assert saved.returncode == 0, saved.stderr[-6000:]
+    four = launch(out / "four", 4, "--steps", "5", "--save_steps", "2", "--cases", "sampa_mesh:sampa:rho=0.1,lam=0.3:4",
+                  timeout=400)
+    assert four.returncode == 0, four.stderr[-6000:]
+    resume_cases = []
+    for name in ONE_TO_TWO:
+        optim, optim_args, batch2, batch1 = WORLD_RESUME[name]
+        train(str(out / "one" / name), optim, _one_process_args(optim_args), batch=batch1, steps=2, save_steps=2)
+        shutil.copytree(out / "one" / name / "run" / "checkpoint-2", out / "resumed" / name / "run" / "checkpoint-2")
+        resume_cases.append(f"{name}:{optim}:{optim_args}:{batch2}")
+    shutil.copytree(out / "four" / "sampa_mesh" / "run" / "checkpoint-2",
+                    out / "resumed" / "sampa_mesh" / "run" / "checkpoint-2")
+    resumed = launch(out / "resumed", 2, "--steps", "5", "--resume", "last",
+                     "--cases", *resume_cases, "sampa_mesh:sampa:rho=0.1,lam=0.3:8")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    return out
+
+
+ONE_TO_TWO = ("sampa_roles", "sampa_ddp")
+
+
+def _never_stopped(tmp_path, name):
+    optim, optim_args, _, batch1 = WORLD_RESUME[name]
+    return train(str(tmp_path / "one"), optim, _one_process_args(optim_args), batch=batch1, steps=5)[1]
+
+
+@pytest.mark.parametrize("name", list(WORLD_RESUME))
+def test_a_two_process_checkpoint_resumes_on_one_process(world_resume_runs, tmp_path, name):
+    optim, optim_args, _, batch1 = WORLD_RESUME[name]
+    checkpoint = world_resume_runs / "two" / name / "run" / "checkpoint-2"
+    _, resumed = train(str(tmp_path / "resumed"), optim, _one_process_args(optim_args), batch=batch1, steps=5,
+                       resume=str(checkpoint))
+    assert_close(resumed, _never_stopped(tmp_path, name))
+    assert_close(torch.load(world_resume_runs / "two" / f"{name}.pt"), _never_stopped(tmp_path, name))
+
+
+@pytest.mark.parametrize("name", ONE_TO_TWO)
+def test_a_one_process_checkpoint_resumes_on_two_processes(world_resume_runs, tmp_path, name):
+    assert_close(torch.load(world_resume_runs / "resumed" / f"{name}.pt"), _never_stopped(tmp_path, name))
+
+
+def test_four_processes_resume_on_two(world_resume_runs, tmp_path):
+    """SAMPa on a 2 x 2 mesh (each role data parallel over 2 ranks, per-device 4) resumes in role mode on 2
+    processes (per-device 8): B_t's two shards are gathered into one batch of 8."""
+    assert_close(torch.load(world_resume_runs / "resumed" / "sampa_mesh.pt"), _never_stopped(tmp_path, "sampa_roles"))
+
+
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dead_or_silent_peer_ends_training_with_a_clear_error(tmp_path, fault):
     start = time.monotonic()

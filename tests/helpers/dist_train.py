@@ -34,6 +34,10 @@ class FaultInjection(TrainerCallback):
         if not self.active:
             return
         if state.global_step == self.opts.kill_at:
+            if self.opts.kill_once:  # an elastic restart: killed the first time only
+                if os.path.exists(self.opts.kill_once):
+                    return
+                open(self.opts.kill_once, "w").close()
             os._exit(3)
         if state.global_step == self.opts.hang_at:
             time.sleep(3600)  # alive but silent: the peers' next collective gets no answer
@@ -91,7 +95,9 @@ def main():
     p.add_argument("--out_dir", required=True)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--save_steps", type=int, default=0)
-    p.add_argument("--resume", default=None)
+    p.add_argument("--resume", default=None, help="a checkpoint folder, or 'last': the run's newest one if any "
+                                                     "(an elastic restart)")
+    p.add_argument("--kill_once", default=None, help="with --kill_at: a marker file; kill only while it is absent")
     p.add_argument("--timeout", type=int, default=60)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--kill_at", type=int, default=-1)
@@ -106,8 +112,14 @@ def main():
         slow_roles(*map(float, opts.slow_roles.split(",")))
     for case in opts.cases:
         name, optim, optim_args, batch = case.split(":")
+        resume = opts.resume
+        if resume == "last":  # what resume_from_checkpoint=True finds, or a fresh start where there is none yet
+            from transformers.trainer_utils import get_last_checkpoint
+
+            run_dir = os.path.join(opts.out_dir, name, "run")
+            resume = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
         trainer, state = train(os.path.join(opts.out_dir, name), optim, optim_args, int(batch), opts.steps,
-                               save_steps=opts.save_steps, resume=opts.resume, timeout=opts.timeout,
+                               save_steps=opts.save_steps, resume=resume, timeout=opts.timeout,
                                batchnorm=name.endswith("_bn"), callbacks=[FaultInjection(opts)],
                                model_seed=trainer_rank() if name.endswith("_rankinit") else 0, device=opts.device,
                                model=model_kind(name), compile_backend=compile_backend(name),

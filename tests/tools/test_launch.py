@@ -237,3 +237,18 @@ def test_launcher_options_after_the_script_are_refused(tmp_path, capsys, after, 
     assert launch.main([str(script), "--output_dir", "x", *after]) == 2
     err = capsys.readouterr().err
     assert "launcher options go before the script" in err and f"sam-hf launch {flag} N {script}" in err
+
+
+@pytest.mark.parametrize("optim,optim_args,words", [
+    ("sampa", "rho=-1", ["rho", "-1"]),
+    ("sam", "rho=0.05,lam=0.2", ["lam", "sampa"]),  # a key of another method: named with the methods that take it
+    ("sampa", "rho=0.05 lam=0.2", ["commas", "rho=0.05,lam=0.2"]),
+])
+def test_bad_optim_args_are_refused_before_the_script_starts(tmp_path, capsys, optim, optim_args, words):
+    """The launcher reads --optim/--optim_args itself: a bad value fails in a second, not after the script has
+    loaded its data and model."""
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('the script must not start')\n")
+    assert launch.main([str(script), "--output_dir", "x", "--optim", optim, "--optim_args", optim_args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sam-hf launch: optim_args") and all(w in err for w in words), err

@@ -89,6 +89,21 @@ def test_the_held_batch_is_shared_by_this_runs_data_shards(shards, index, want):
     assert all(b.accumulation_steps == 4 // shards and b.metrics_counted for b in method.held)
 
 
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_held_micro_batch_is_cut_into_row_blocks_for_more_data_shards(index):
+    """B_t saved by one process as one micro-batch of 2 rows, resumed on 2 data-parallel ranks: each takes its block
+    of rows (what it would have held had it run on 2 ranks), as a whole step (accumulation 1), with the count over
+    the whole micro-batch (data parallel normalises every rank's loss by the count over all ranks)."""
+    parts = [{"batch": {"x": torch.arange(12.0).view(2, 6), "labels": torch.tensor([0, 1])},
+              "num_items": torch.tensor(7)}]
+    method = SAMPa(sam_hf.SharpnessConfig.create("sampa"), torch.optim.AdamW(MeanLossModel().parameters()),
+                   layout=_Shards(2, index))
+    method.load_state_dict({"g": None, "held_parts": parts})
+    (held,) = method.held
+    assert torch.equal(held["x"], parts[0]["batch"]["x"][index:index + 1]) and held["labels"].tolist() == [index]
+    assert held.accumulation_steps == 1 and float(held.num_items_in_batch) == 7.0
+
+
 def test_a_held_batch_that_cannot_be_shared_evenly_is_refused():
     method = SAMPa(sam_hf.SharpnessConfig.create("sampa"), torch.optim.AdamW(MeanLossModel().parameters()),
                    layout=_Shards(3, 0))

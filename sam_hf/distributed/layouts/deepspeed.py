@@ -53,6 +53,7 @@ from .. import collectives
 from ...tensors import norm_parameters
 from ..checkpoint import RANK_FILE, read_state_file
 from .base import Layout
+from .data_parallel import DataParallel
 
 
 @dataclass
@@ -174,16 +175,9 @@ class DeepSpeed(Layout):
         self._exposed: list = []  # (weak reference, version) of each `.grad` the last pass left
         self._shared: dict = {}  # DeepSpeed buffers those `.grad`s are views of: (storage, use count, views)
 
-    @property
-    def data_rank(self) -> int:
-        return self.plan.rank
-
-    def gather_data_shards(self, obj) -> list:
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+    # every rank holds its own data shard, as under DDP
+    data_rank = DataParallel.data_rank
+    gather_data_shards = DataParallel.gather_data_shards
 
     def describe(self) -> str:
         stage = self.stage if self.stage is not None else _get(self.config, "zero_optimization.stage", "?")

@@ -1,0 +1,260 @@
+"""The studies' machinery: label noise (SAMPa §5.4's protocol), the summary maths and the resume logic.
+
+Not the accuracies: no training here, no GLUE data; everything runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sam_hf.label_noise import corrupt_labels, method_optim, rho_for
+from studies import runner
+from studies.summary import Summary, cell, grid_table, group, paired_differences, summarize
+
+# ---------------------------------------------------------------- label noise
+
+
+@pytest.mark.parametrize("n,rate", [(1437, 0.2), (1437, 0.4), (1437, 0.6), (1437, 0.8), (4000, 0.4), (7, 0.5),
+                                    (10, 0.25), (100, 0.0), (100, 1.0)])
+def test_exactly_round_n_rate_labels_change_and_never_to_the_true_one(n, rate):
+    labels = np.random.default_rng(123).integers(0, 10, size=n)
+    noisy, changed = corrupt_labels(labels, 10, rate, seed=3)
+    assert changed.sum() == round(n * rate)  # exact fraction, Python's round (7 * 0.5 = 3.5 -> 4 (even))
+    assert np.array_equal(noisy != labels, changed)  # every chosen label moved to another class, no other did
+    assert noisy.min() >= 0 and noisy.max() < 10 and noisy.dtype == labels.dtype
+    assert np.array_equal(labels, np.random.default_rng(123).integers(0, 10, size=n))  # input left as it was
+
+
+def test_binary_noise_flips_the_label():
+    labels = np.array([0, 1] * 50)
+    noisy, changed = corrupt_labels(labels, 2, 0.4, seed=0)
+    assert changed.sum() == 40 and np.array_equal(noisy[changed], 1 - labels[changed])
+
+
+def test_noise_is_seeded():
+    labels = np.arange(1000) % 10
+    a, b = corrupt_labels(labels, 10, 0.4, seed=7), corrupt_labels(labels, 10, 0.4, seed=7)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    other = corrupt_labels(labels, 10, 0.4, seed=8)
+    assert not np.array_equal(a[1], other[1])  # another seed, another corrupted set
+
+
+def test_the_new_class_is_uniform_over_the_other_classes():
+    """Each (true, new) pair of the 9 x 10 off-diagonal ones is equally likely: with n = 90,000 labels all
+    corrupted, each count is Binomial(90000, 1/90): mean 1000, std 31.4. A fixed seed makes this deterministic;
+    the bound is 5 std (a failure means a biased draw, not bad luck)."""
+    labels = np.arange(90_000) % 10
+    noisy, _ = corrupt_labels(labels, 10, 1.0, seed=0)
+    counts = np.zeros((10, 10), dtype=int)
+    np.add.at(counts, (labels, noisy), 1)
+    assert np.all(np.diag(counts) == 0)
+    off = counts[~np.eye(10, dtype=bool)]
+    std = math.sqrt(90_000 * (1 / 90) * (1 - 1 / 90))
+    assert np.all(np.abs(off - 1000) < 5 * std), off
+
+
+@pytest.mark.parametrize("kwargs,match", [({"rate": 1.5}, "rate"), ({"rate": -0.1}, "rate"),
+                                          ({"num_classes": 1}, "num_classes"), ({"labels": [0, 10]}, r"\[0, 10\)"),
+                                          ({"labels": [0.5, 1.0]}, "class ids")])
+def test_bad_noise_arguments_are_errors(kwargs, match):
+    args = {"labels": [0, 1, 2], "num_classes": 10, "rate": 0.4, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        corrupt_labels(**args)
+
+
+def test_digits_test_set_is_untouched_and_train_noise_is_exact():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    from sam_hf.label_noise import digits_splits
+
+    target = load_digits().target
+    clean = digits_splits(0.0, seed=1)
+    for noise, seed in ((0.4, 1), (0.8, 2)):
+        data = digits_splits(noise, seed)
+        # the test set: the same images and the same (true) labels whatever the noise and seed
+        assert np.array_equal(data.test.y.numpy(), clean.test.y.numpy())
+        assert np.array_equal(data.test.x.numpy(), clean.test.x.numpy())
+        assert np.array_equal(data.train.x.numpy(), clean.train.x.numpy())
+        n = len(data.train)
+        assert (n, len(data.test)) == (1437, 360)
+        assert data.changed.sum() == round(n * noise)
+        assert np.array_equal(data.train.y.numpy() != data.true_train_labels, data.changed)
+        assert np.array_equal(data.true_train_labels, clean.train.y.numpy())
+    # the clean labels are scikit-learn's own: the split is a permutation of all 1,797 images
+    assert sorted(np.concatenate([clean.train.y.numpy(), clean.test.y.numpy()])) == sorted(target)
+
+
+def test_text_study_corrupts_training_labels_only(tmp_path):
+    """SST-2's loader (studies.text_noise) on a made-up GLUE-style folder: dev untouched, train exactly
+    round(n * rate) flipped, the same training subset for every seed."""
+    pytest.importorskip("datasets")
+    from transformers import BertConfig, BertTokenizerFast
+
+    from studies.text_noise import noisy_sst2
+
+    # sentences of 2 to 5 words, so sorting dev by length reorders it
+    rows = [{"sentence": "sentence" + " number" * (i % 4) + f" {i}", "label": i % 2, "idx": i} for i in range(60)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps({**r, "label": 1 - r["label"]}) for r in rows[:20]))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "sentence", "number"] + [str(i) for i in range(60)]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert tokenizer.unk_token_id not in tokenizer(rows[7]["sentence"])["input_ids"]  # every word is known
+    config = BertConfig(vocab_size=70, max_position_embeddings=32)
+    train0, dev0, _, changed0 = noisy_sst2(str(tmp_path), 40, 16, 0.0, 1, tokenizer, config)
+    train, dev, _, changed = noisy_sst2(str(tmp_path), 40, 16, 0.4, 1, tokenizer, config)
+    assert len(train) == 40 and changed.sum() == 16 and changed0.sum() == 0
+    # dev: the same sentences with their own labels (sorted by length for cheap evaluation, never relabelled)
+    assert sorted(zip(map(tuple, dev["input_ids"]), dev["labels"])) == sorted(
+        zip(map(tuple, dev0["input_ids"]), dev0["labels"]))
+    texts = {tokenizer.decode(ids, skip_special_tokens=True): y for ids, y in zip(dev["input_ids"], dev["labels"])}
+    assert texts == {r["sentence"]: 1 - r["label"] for r in rows[:20]}
+    assert train["input_ids"] == train0["input_ids"]  # the same subset, in the same order
+    flipped = [a != b for a, b in zip(train["labels"], train0["labels"])]
+    assert flipped == changed.tolist()
+    train2, _, _, other = noisy_sst2(str(tmp_path), 40, 16, 0.4, 2, tokenizer, config)
+    assert not np.array_equal(other, changed) and train2["input_ids"] == train0["input_ids"]
+
+
+def test_rho_follows_section_5_4():
+    assert [rho_for(n) for n in (0.0, 0.2, 0.4, 0.6, 0.8)] == [0.1, 0.1, 0.1, 0.1, 0.01]
+    # SAMPa-0.2 gets SAM's rho under label noise (not twice it, as in §5.1)
+    assert method_optim("sampa", 0.4)[2] == "rho=0.1,lam=0.2,base=sgd,momentum=0.9"
+    assert method_optim("sam", 0.8)[2] == "rho=0.01,base=sgd,momentum=0.9"
+    assert method_optim("sampa2rho", 0.8)[2] == "rho=0.02,lam=0.2,base=sgd,momentum=0.9"  # the §5.1 ablation
+    assert method_optim("sgd", 0.4)[1:] == ("sgd", "momentum=0.9")
+
+
+# ---------------------------------------------------------------- summary maths
+
+
+def test_mean_and_sample_std_match_statistics():
+    values = [0.91, 0.87, 0.95, 0.90, 0.89]
+    s = summarize(values)
+    assert s.n == 5
+    assert s.mean == pytest.approx(statistics.fmean(values), abs=1e-15)
+    assert s.std == pytest.approx(statistics.stdev(values), rel=1e-12)  # n - 1 in the denominator
+    assert summarize([1.0, 2.0, 3.0, 4.0]).std == pytest.approx(math.sqrt(5 / 3), rel=1e-15)
+
+
+def test_summary_edge_cases():
+    one = summarize([0.5])
+    assert (one.mean, one.n) == (0.5, 1) and math.isnan(one.std)
+    none = summarize([])
+    assert none.n == 0 and math.isnan(none.mean)
+    assert summarize([1.0, float("nan"), 3.0, None]) == Summary(2.0, math.sqrt(2.0), 2)  # unmeasured: left out
+    assert cell(summarize([0.9, 0.8]), 100) == "85.00 ± 7.07"
+    assert cell(one, 100, 1) == "50.0" and cell(none) == "-"
+
+
+def test_group_paired_differences_and_table():
+    rows = [{"method": m, "noise": n, "seed": s, "acc": base + (0.05 if m == "sam" else 0) + 0.01 * s}
+            for m in ("sgd", "sam") for n, base in ((0.0, 0.9), (0.4, 0.7)) for s in (1, 2, 3)]
+    rows.append({"method": "sam", "noise": 0.4, "seed": 4, "acc": 0.0})  # no sgd partner: not paired
+    cells = group(rows, lambda r: (r["method"], r["noise"]), "acc")
+    assert cells[("sgd", 0.4)].mean == pytest.approx(0.72) and cells[("sam", 0.4)].n == 4
+    gain = paired_differences(rows, "acc", "sam", "sgd")
+    assert gain[0.4].n == 3 and gain[0.4].mean == pytest.approx(0.05) and gain[0.4].std == pytest.approx(0, abs=1e-12)
+    table = grid_table(rows, ["sgd", "sam"], {"sgd": "SGD", "sam": "SAM"}, "acc", 100,
+                       annotate=lambda m, n: " [x]" if m == "sgd" else "")
+    assert table.splitlines()[0] == "| noise | SGD | SAM |"
+    assert table.splitlines()[2] == "| 0% | 92.00 ± 1.00 [x] | 97.00 ± 1.00 |"
+
+
+# ---------------------------------------------------------------- resume logic
+
+SETTINGS = {"epochs": 20, "batch": 128}
+WRITE_RESULTS = textwrap.dedent("""
+    import json, os, sys
+    runs, out, fail = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    with open(os.path.join(out, "launched.txt"), "a") as f:
+        f.write(" ".join(r["name"] for r in runs) + "\\n")
+    for r in runs:
+        if r["name"] == fail:
+            sys.exit(3)
+        path = os.path.join(out, "runs", r["name"] + ".json")
+        with open(path, "w") as f:
+            json.dump({"method": r["method"], "noise": r["noise"], "seed": r["seed"], "status": "done",
+                       "settings": %r, "value": 1.0}, f)
+""" % SETTINGS)
+
+
+def fake_command(out, fail=""):
+    def command(chunk):
+        runs = [{"name": r.name, "method": r.method, "noise": r.noise, "seed": r.seed} for r in chunk]
+        return [sys.executable, "-c", WRITE_RESULTS, json.dumps(runs), str(out), fail]
+
+    return command
+
+
+def test_grid_is_seed_first_with_one_name_per_run():
+    runs = runner.grid(["sgd", "sam"], [0.0, 0.4], [2, 1])
+    assert [r.name for r in runs[:4]] == ["sgd-noise00-seed1", "sam-noise00-seed1", "sgd-noise40-seed1",
+                                          "sam-noise40-seed1"]
+    assert len({r.name for r in runs}) == 8
+
+
+def test_finished_runs_are_skipped_and_partial_ones_rerun(tmp_path):
+    runs = runner.grid(["sgd", "sam"], [0.4], [1, 2])
+    done, truncated, unfinished, leftover = runs
+    runner.write_result(runner.result_path(tmp_path, done), {"method": "sgd", "noise": 0.4, "seed": 1,
+                                                             "settings": SETTINGS, "value": 0.5})
+    before = runner.result_path(tmp_path, done).read_text()
+    runner.result_path(tmp_path, truncated).write_text('{"method": "sam", "noise": 0.4, "se')  # died mid-write
+    runner.result_path(tmp_path, unfinished).write_text(json.dumps(
+        {"method": "sgd", "noise": 0.4, "seed": 2, "settings": SETTINGS}))  # no "status": "done"
+    runner.result_path(tmp_path, leftover).with_name(leftover.name + ".json.tmp").write_text("{")
+    assert runner.pending(runs, tmp_path, SETTINGS) == [truncated, unfinished, leftover]
+
+    status = runner.run_pending(runs, tmp_path, SETTINGS, fake_command(tmp_path), jobs=2, echo=lambda _: None)
+    assert status == {r.name: True for r in (truncated, unfinished, leftover)}
+    launched = (tmp_path / "launched.txt").read_text().split()
+    assert sorted(launched) == sorted(r.name for r in (truncated, unfinished, leftover))  # `done` not rerun
+    assert runner.result_path(tmp_path, done).read_text() == before
+    assert runner.pending(runs, tmp_path, SETTINGS) == []
+    assert not list(tmp_path.glob("runs/*.tmp"))
+    # a second invocation launches nothing
+    assert runner.run_pending(runs, tmp_path, SETTINGS, fake_command(tmp_path), jobs=2, echo=lambda _: None) == {}
+
+
+def test_chunks_share_a_process_and_a_failed_run_is_reported_and_rerun_next_time(tmp_path):
+    runs = runner.grid(["sgd", "sam", "sampa"], [0.0, 0.4], [1])
+    failing = runs[4]  # sam-noise40-seed1: its process exits before writing it and sampa-noise40
+    status = runner.run_pending(runs, tmp_path, SETTINGS, fake_command(tmp_path, fail=failing.name), jobs=2,
+                                chunk_key=lambda r: (r.seed, r.noise), echo=lambda _: None)
+    assert (tmp_path / "launched.txt").read_text().count("\n") == 2  # one process per (seed, noise)
+    assert [name for name, ok in status.items() if not ok] == [failing.name, runs[5].name]
+    assert runner.pending(runs, tmp_path, SETTINGS) == [failing, runs[5]]
+    status = runner.run_pending(runs, tmp_path, SETTINGS, fake_command(tmp_path), jobs=2,
+                                chunk_key=lambda r: (r.seed, r.noise), echo=lambda _: None)
+    assert status == {failing.name: True, runs[5].name: True}
+
+
+def test_a_run_finished_with_other_settings_is_an_error(tmp_path):
+    run = runner.Run(1, 0.4, "sgd")
+    runner.write_result(runner.result_path(tmp_path, run), {"method": "sgd", "noise": 0.4, "seed": 1,
+                                                            "settings": {**SETTINGS, "epochs": 40}})
+    with pytest.raises(runner.SettingsMismatch, match="epochs: 40 there, 20 now"):
+        runner.pending([run], tmp_path, SETTINGS)
+
+
+def test_vision_tables_give_each_method_paired_against_sam():
+    """The 'Difference from SAM' table holds, per noise rate, the mean ± std over seeds of the per-seed
+    differences (not the difference of the means' cells), with the paper's difference of Table 7's means."""
+    from studies import vision_noise
+
+    acc = {("sgd", 1): 0.80, ("sgd", 2): 0.82, ("sam", 1): 0.90, ("sam", 2): 0.95,
+           ("sampa", 1): 0.91, ("sampa", 2): 0.93}
+    results = [{"method": m, "noise": 0.4, "seed": s, "test_accuracy": a, "lambda_max": 1.0, "memorized": 0.1,
+                "sec_per_step": 0.1} for (m, s), a in acc.items()]
+    text = vision_noise.tables(results, ["sgd", "sam", "sampa"])
+    section = text.split("**Difference from SAM (points)**")[1].split("**")[0]
+    # per seed: +1 and -2 points; mean -0.5, sample std sqrt(((1.5)^2 + (1.5)^2) / 1) = 2.12; paper 90.01 - 89.78
+    assert "| 40% | -0.50 ± 2.12 [+0.23] |" in section
