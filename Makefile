@@ -1,10 +1,11 @@
-# `make test` sets itself up on a fresh machine and runs the test suite;
+# `make test` sets itself up on a fresh machine and runs the whole test suite (what CI runs); `make test-fast`
+# leaves out the tests marked slow (process launches, the tools end to end: docs/testing.md);
 # `make demo` runs the main job offline on its embedded default.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .setup.stamp
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 $(STAMP): setup.py
 	@# The CPU wheel first where no GPU is present: a plain `torch` pulls gigabytes of CUDA packages.
@@ -17,8 +18,13 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
 test: $(STAMP)
-	SAM_HF_SLOW_TESTS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PYTHON) -m pytest tests -q
+	$(TEST_ENV) $(PYTHON) -m pytest tests -q
+
+test-fast: $(STAMP)
+	$(TEST_ENV) $(PYTHON) -m pytest tests -q -m "not slow"
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m sam_hf.cli demo

@@ -1,10 +1,12 @@
 """Extra fp32 copies of the trainable parameters each method keeps, beyond the base optimizer's own.
 
-    python benchmarks/param_copies.py             # the README table (one process)
-    python benchmarks/param_copies.py --where     # also list what is alive at each method's peak
-    python benchmarks/param_copies.py --roles     # role mode: each rank of 2-process SAMPa / Asynchronous SAM
-    python benchmarks/param_copies.py --layouts   # per-rank extra copies: 1 process, DDP, FSDP2, FSDP2 role mode,
+    python -m benchmarks.param_copies             # the README table (one process)
+    python -m benchmarks.param_copies --where     # also list what is alive at each method's peak
+    python -m benchmarks.param_copies --roles     # role mode: each rank of 2-process SAMPa / Asynchronous SAM
+    python -m benchmarks.param_copies --layouts   # per-rank extra copies: 1 process, DDP, FSDP2, FSDP2 role mode,
                                                   # DeepSpeed ZeRO-1/2/3 (deepspeed installed)
+
+(from the repository root: the FSDP2 layouts borrow tests/helpers/fsdp_trainer.py's CPU set-up)
 
 CPU has no allocator statistics, so allocations are counted directly: a
 `TorchDispatchMode`, active for the whole of `trainer.train()`, looks at the
@@ -42,7 +44,7 @@ Layouts (`--layouts`, `measure_layouts`): each method's extra copies on the
 busiest rank, in units of one FULL copy of the trainable parameters, in one
 process, data parallel on 2 processes (DDP), FSDP2 data parallel on 2 processes
 (accelerate's FSDP2 plugin, turned on for CPU processes as
-tests/scripts/fsdp_trainer.py does) and FSDP2 role mode on 4 processes (2 roles
+tests/helpers/fsdp_trainer.py does) and FSDP2 role mode on 4 processes (2 roles
 x 2 ranks, `parallel=on`). SAMPa and Asynchronous SAM run with `parallel=off`
 in the data-parallel layouts. With FSDP2 the parameters are DTensors: the meter
 counts a DTensor output by its local shard's storage, and its threshold is half
@@ -111,7 +113,7 @@ def _scheduled(optim: str, optim_args: str) -> bool:
 
 LAYOUT_ROWS = [(e.label, s.name, e.optim_args) for s in _registered() for e in s.examples
                if e.processes == 1 and e.bench and e.meter and not _scheduled(s.name, e.optim_args)]
-# accelerate's FSDP2 plugin as tests/scripts/fsdp_trainer.py configures it: every Linear its own FSDP unit
+# accelerate's FSDP2 plugin as tests/helpers/fsdp_trainer.py configures it: every Linear its own FSDP unit
 FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Linear"], "state_dict_type": "SHARDED_STATE_DICT"}
 ROLE_VARIANTS = [(0.0, 1), (1.0, 1), (0.0, 2), (1.0, 2)]  # (max_grad_norm, gradient_accumulation_steps)
 
@@ -325,8 +327,8 @@ class Run:
 
 @contextlib.contextmanager
 def _cheap_gc():
-    """Trainer.train() starts with a full gc.collect(); freezing what exists makes it cheap (see tests/fastgc.py)."""
-    if gc.get_freeze_count():  # frozen already (tests/fastgc.py): leave it to its owner
+    """Trainer.train() starts with a full gc.collect(); freezing what exists makes it cheap (see tests/conftest.py)."""
+    if gc.get_freeze_count():  # frozen already (tests/conftest.py): leave it to its owner
         yield
         return
     gc.freeze()
@@ -418,12 +420,9 @@ def measure(optim: str, optim_args: str | None = None, **kw) -> float:
 
 # ---- role mode: 2 processes, every rank metered ------------------------------------------------------
 def _fsdp_on_cpu() -> None:
-    """accelerate turns FSDP on for accelerators only: tests/scripts/fsdp_trainer.py's `force_fsdp_on_cpu` sets the
+    """accelerate turns FSDP on for accelerators only: tests/helpers/fsdp_trainer.py's `force_fsdp_on_cpu` sets the
     FSDP2 plugin on the accelerator state after Trainer built it (what accelerate does on GPUs)."""
-    scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    from fsdp_trainer import FSDP_CONFIG as script_config, force_fsdp_on_cpu
+    from tests.helpers.fsdp_trainer import FSDP_CONFIG as script_config, force_fsdp_on_cpu
 
     assert script_config == FSDP_CONFIG, (script_config, FSDP_CONFIG)
     force_fsdp_on_cpu()
@@ -456,20 +455,17 @@ def run_ranks(cases: list[tuple], procs: int = 2, steps: int = STEPS, timeout: f
     (optim, optim_args, max_grad_norm, ga[, fsdp[, zero]]) case, trained on `procs` processes in one torchrun
     launch."""
     import json
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.helpers.processes import ROOT, torchrun
+
     spec = json.dumps([[c[0], c[1], c[2], c[3], steps, bool(c[4]) if len(c) > 4 else False,
                         int(c[5]) if len(c) > 5 else 0] for c in cases])
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(port), __file__, "--role_worker", spec, "--out", out]
+        cmd = torchrun(procs, "-m", "benchmarks.param_copies", "--role_worker", spec, "--out", out)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PARAM_COPIES_WHERE": "1" if where else "0",
                "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{procs}-process memory run failed:\n{proc.stderr[-4000:]}")
         per_rank = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(procs)]

@@ -48,7 +48,8 @@ def _worker(opts) -> None:
                               TrainingArguments)
 
     import sam_hf
-    from sam_hf import bench, parallel
+    from sam_hf import bench
+    from sam_hf.distributed.layouts import roles
     from sam_hf.methods import AsyncSAM, SAMPa
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "glue_scripts"))
@@ -69,7 +70,7 @@ def _worker(opts) -> None:
 
     for cls in (SAMPa, AsyncSAM):
         cls.role_pass = timed(cls.role_pass, "pass")
-    parallel.exchange = timed(parallel.exchange, "exchange")
+    roles.exchange = timed(roles.exchange, "exchange")  # the name role mode's step calls (layouts/roles.py)
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

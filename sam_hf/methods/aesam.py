@@ -13,7 +13,7 @@ Optimizer step t of T (Trainer's max_steps), g_t = grad f(x_t, B_t):
 The decision is made after the clean pass, so a non-SAM step costs one pass and its gradient is the clean one.
 mu and sigma2 start at 0 (the paper's initial values are not stated; with delta = 0.9 they are forgotten within
 ~20 steps). No code from the authors was found; the rule is the paper's, as transcribed in
-tests/family_reference/aesam.py. Defaults: rho = 0.2 and delta = 0.9 (SAMPa paper, Appendix B.4);
+tests/helpers/family_reference/aesam.py. Defaults: rho = 0.2 and delta = 0.9 (SAMPa paper, Appendix B.4);
 lambda_1 = -1, lambda_2 = 1 (the AE-SAM paper's setting, also in the Asynchronous SAM paper's Table A.2): c falls
 from 1 to -1, so SAM runs on about 16% of the steps early and 84% late, about half overall.
 
