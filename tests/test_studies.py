@@ -359,4 +359,6 @@ def test_variants_resume_runs_nothing_finished_and_reports_both_tables(tmp_path,
     # mSAM + SAMPa minus mSAM, paired by seed: +1 point on both seeds (std 0); the paper's 94.28 -> 94.71
     assert "| mSAM (m=4) | 82.15 ± 0.07 | 83.15 ± 0.07 | 1.00 ± 0.00 | 94.28 → 94.71 (+0.43) |" in text
     assert "| SAM | 81.15 ± 0.07 | 1.00 ± 0.00 | 94.26 |" in text and "2.00 (2.00–2.00)" in text
+    # lambda_max 10, 9, 8 for sgd, sam, msam on both seeds: mSAM Theorem 3.2's ordering holds
+    assert "holds in 2 of 2 seeds (seed 1: 10 / 9 / 8; seed 2: 10 / 9 / 8)" in text
     assert (tmp_path / "figure2.png").stat().st_size > 0 and (tmp_path / "variants.csv").exists()
