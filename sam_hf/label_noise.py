@@ -81,6 +81,8 @@ METHODS = {
     "sampa2rho": ("SAMPa-0.2, 2ρ", "sampa", "lam=0.2"),
 }
 RHO_FACTOR = {"sampa2rho": 2.0}
+# methods with no ascent step, hence no rho (SAF and MESA add a trajectory loss instead)
+NO_ASCENT = ("saf", "mesa")
 
 
 def rho_for(noise: float, method: str = "sam") -> float:
@@ -95,6 +97,8 @@ def method_optim(method: str, noise: float, extra: str = "") -> tuple[str, str, 
     label, optim, own = METHODS[method]
     if optim == "sgd":
         parts = ["momentum=0.9"]
+    elif optim in NO_ASCENT:
+        parts = [own, BASE]
     else:
         parts = [f"rho={rho_for(noise, method):g}", own, BASE]
     return label, optim, ",".join(p for p in [*parts, extra] if p)
@@ -104,16 +108,20 @@ def method_optim(method: str, noise: float, extra: str = "") -> tuple[str, str, 
 
 
 class DigitsDataset:
-    """8x8 images in [-1, 1] and labels, as Trainer feeds a vision model: {"pixel_values", "labels"}."""
+    """8x8 images in [-1, 1] and labels, as Trainer feeds a vision model: {"pixel_values", "labels"}; with
+    `id_column` set, also the example's index under that key (SAF's per-example memory reads it)."""
 
-    def __init__(self, x, y):
-        self.x, self.y = x, y
+    def __init__(self, x, y, id_column: str | None = None):
+        self.x, self.y, self.id_column = x, y, id_column
 
     def __len__(self):
         return len(self.y)
 
     def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
+        item = {"pixel_values": self.x[i], "labels": self.y[i]}
+        if self.id_column:
+            item[self.id_column] = i
+        return item
 
 
 @dataclass
@@ -240,6 +248,9 @@ def train_digits(run: DigitsRun, output_dir: Path, distributed: bool = False) ->
     torch.set_num_threads(1)
     label, optim, optim_args = method_optim(run.method, run.noise, run.extra_optim_args)
     data = digits_splits(run.noise, run.seed, run.tiny)
+    if sam_hf.registry.is_method(optim):  # a method with a per-example memory (SAF) reads the example's index
+        data.train.id_column = sam_hf.registry.get(optim).method.example_id_column(
+            sam_hf.SharpnessConfig.from_optim_args(optim, optim_args or None))
     set_seed(run.seed)
     model = small_cnn(run.width, run.label_smoothing)  # the same seed: every method starts from the same weights
 
@@ -275,11 +286,12 @@ def train_digits(run: DigitsRun, output_dir: Path, distributed: bool = False) ->
     steady = sorted(timer.times[min(3, len(timer.times) - 1):])  # skip warm-up steps
     return {
         **asdict(run), "label": label, "optim": optim, "optim_args": optim_args,
-        "rho": 0.0 if optim == "sgd" else rho_for(run.noise, run.method), "processes": args.world_size,
+        "rho": 0.0 if optim == "sgd" or optim in NO_ASCENT else rho_for(run.noise, run.method), "processes": args.world_size,
         "steps": trainer.state.global_step,
         "corrupted": int(data.changed.sum()), "train_examples": len(data.train), **final,
         "lambda_max": sharp["lambda_max"], "sharpness_seconds": sharp["seconds"],
         "hessian_vector_products": sharp["hessian_vector_products"],
-        "sec_per_step": statistics.median(steady), "train_seconds": sum(timer.times),
+        "sec_per_step": statistics.median(steady), "sec_per_step_mean": statistics.fmean(steady),
+        "train_seconds": sum(timer.times),
         "curve": curve, "loss_curve": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
     }
