@@ -34,7 +34,8 @@ class TrajectoryOptions(SharpnessConfig):
     temperature: float = option(5.0, "temperature tau of the trajectory loss's softmax (the authors' --temperature default)",
                         example=5.0)
     start_epoch: int = option(5, "the trajectory loss is active in the epochs after start_epoch (epoch > "
-                              "start_epoch, epochs counted from 0; Appendix B.4: 5; -1: from the first)", example=5)
+                              "start_epoch, epochs counted from 0; Appendix B.4: 5; MESA: -1 from the first; SAF: at least "
+                              "epochs_back - 1, the first epoch with logits from E epochs earlier)", example=5)
 
     def validate(self) -> None:
         super().validate()
