@@ -50,7 +50,6 @@ PARITY = {
     "sampa_roles_compile": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),
     "asyncsam_roles_compile": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8,
                                ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5", 8)),
-    "sampa_roles_inductor": ("sampa", "rho=0.1,lam=0.3", 8, ("sampa", "rho=0.1,lam=0.3", 8)),  # compiles ~20 s
     "sam_nosync_is_msam2": ("sam", "rho=0.1,sync_ascent=false", 4, ("msam", "rho=0.1,micro_batches=2", 8)),
     # data-parallel SAMPa: each rank holds its shard of B_t; the all-reduced halves are the global-batch rule
     "sampa_ddp": ("sampa", "rho=0.1,parallel=off", 4, ("sampa", "rho=0.1", 8)),
@@ -192,7 +191,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("nproc,dtype", [(2, "fp32"), (2, "bf16"), (4, "fp32")])
+@pytest.mark.parametrize("nproc,dtype", [(2, "bf16"), (4, "fp32")])  # fp32 on 2: every parity case
 def test_the_exchange_delivers_each_roles_gradient_in_place(tmp_path, nproc, dtype):
     """Each role's gradient (unscaled, dp-averaged) reaches every rank, the other role's landing in the buffers
     handed in; a parameter without a gradient stays None; the small gradients' shared message; identical on all."""
@@ -207,11 +206,10 @@ def test_the_exchange_delivers_each_roles_gradient_in_place(tmp_path, nproc, dty
 
 
 @pytest.mark.parametrize("slow,expected", [
-    # descent 0.16 s per step; ascent 0.04 s per sample on a batch of 8: r = 0.16 / (0.04 * 8) = 0.5
-    ("0.16,0.04", 0.5),
-    # the ascent rank's optimizer step costs 0.08 s more (a CPU rank's AdamW): r = (0.16 - 0.08) / 0.32 = 0.25
+    # descent 0.16 s per step; ascent 0.04 s per sample on a batch of 8, and the ascent rank's optimizer step
+    # 0.08 s more (a CPU rank's AdamW): r = (0.16 - 0.08) / (0.04 * 8) = 0.25 (the passes alone would give 0.5)
     ("0.16,0.04,0.08", 0.25),
-], ids=["passes", "passes-and-optimizer-step"])
+], ids=["passes-and-optimizer-step"])
 def test_auto_ascent_ratio_hides_the_ascent_behind_the_descent(tmp_path, slow, expected):
     proc = launch(tmp_path, 2, "--steps", "7", "--slow_roles", slow,
                   "--cases", "auto:asyncsam:rho=0.1,ascent_batch_ratio=auto:8")
@@ -374,12 +372,6 @@ def test_cpu_ascent_rank_round_off_is_resynced_from_rank_0(tmp_path):
                   "--cases", "n:asyncsam:rho=0.1,ascent_batch_ratio=0.5,ascent_device=cpu,check_every=2:8")
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert_close(torch.load(tmp_path / "n.rank0.pt"), torch.load(tmp_path / "n.rank1.pt"), atol=0)
-
-
-def test_odd_world_size_with_parallel_on_fails_before_training(tmp_path):
-    proc = launch(tmp_path, 3, "--cases", "odd:sampa:parallel=on:8")
-    assert proc.returncode != 0
-    assert "world size is 3 (odd); use 2 or 4 processes, or parallel=off" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("optim,optim_args,message", [

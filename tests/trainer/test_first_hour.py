@@ -83,6 +83,15 @@ def test_sampa_on_an_odd_world_size_warns_once(monkeypatch, rank):
     assert ("runs data parallel" in log.getvalue()) == (rank == 0), log.getvalue()
 
 
+def test_parallel_on_an_odd_world_size_fails_before_training(monkeypatch):
+    """parallel=on splits the ranks into two roles: on 3 processes it is refused, saying what works."""
+    _ThreeRanks(monkeypatch, 0)
+    cfg = SharpnessConfig.from_optim_args("sampa", "parallel=on")
+    with pytest.raises(sam_hf.SharpnessConfigError, match=r"world size is 3 \(odd\); use 2 or 4 processes, or "
+                                                          "parallel=off"):
+        make_layout(cfg, registry.get("sampa").method, torch.device("cpu"), 60.0)
+
+
 def test_the_loss_factor_on_several_processes_is_stated_once():
     args_ = SimpleNamespace(average_tokens_across_devices=True)
     data = parallel.ParallelPlan(mode="data", world_size=2, dp_size=1)
