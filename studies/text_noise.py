@@ -22,15 +22,13 @@ Writes OUT/runs/<method>-noise<NN>-seed<k>.json per run, and OUT/text_noise.{csv
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 
-from . import runner
+from . import report, runner
 from .summary import cell, grid_table, group, markdown, paired_differences
 
 HERE = Path(__file__).resolve().parent
@@ -291,34 +289,20 @@ def plot(results: list[dict], methods: list[str], path: Path) -> None:
     ax.set_ylabel("final dev accuracy (%)")
     ax.set_title("accuracy against sharpness (o: 0%, s: noisy)", fontsize="medium")
     ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save(fig, path)
 
 
 def write_report(args, results: list[dict], seconds: float | None) -> Path:
-    import torch
-    import transformers
-
     out = Path(args.out)
     methods = [m for m in args.methods if any(r["method"] == m for r in results)]
     keep = ("method", "label", "noise", "seed", "optim", "optim_args", "steps", "corrupted", "dev_accuracy",
             "best_dev_accuracy", "lambda_max", "hessian_vector_products", "sharpness_seconds", "sec_per_step",
             "train_seconds")
-    with open(out / "text_noise.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(keep))
-        writer.writeheader()
-        writer.writerows({k: r.get(k) for k in keep} for r in results)
+    report.write_csv(out / "text_noise.csv", [{k: r.get(k) for k in keep} for r in results])
     plot(results, methods, out / "text_noise.png")
     s = settings_of(args)
-    runs_seconds = sum(r.get("train_seconds", 0) + r.get("sharpness_seconds", 0) for r in results)
     text = [
-        "# Label noise in fine-tuning: all-MiniLM-L6-v2 on SST-2", "",
-        "Command: `python -m studies.text_noise " + " ".join(args.argv) + "`", "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other jobs, one thread per run"
-        + ("" if args.report_only else f", {args.jobs} runs at once") + f"; torch {torch.__version__}, transformers {transformers.__version__}."
-        + (f" This invocation took {seconds / 60:.0f} min." if seconds else ""), "",
-        f"{len(results)} runs; training and measuring took {runs_seconds / 60:.0f} min of run time in all.", "",
+        *report.header("Label noise in fine-tuning: all-MiniLM-L6-v2 on SST-2", "text_noise", args, results, seconds),
         f"Settings: {s['train_samples']} SST-2 training sentences (a fixed subset), {s['epochs']:g} epochs, batch "
         f"{s['batch']}{' grouped by length' if s['group_by_length'] else ''}, AdamW lr {s['learning_rate']} "
         f"linear to 0, no warm-up, clipping at 1, max length {s['max_length']}; ρ = {RHO} for every "

@@ -22,17 +22,15 @@ Writes OUT/runs/<row>-noise40-seed<k>.json, OUT/timing.json and OUT/variants.{cs
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runner
+from . import report, runner
 from .summary import cell, group, markdown, paired_differences, summarize
 
 HERE = Path(__file__).resolve().parent
@@ -315,14 +313,10 @@ def plot(results: list[dict], timing: dict | None, methods: list[str], path: Pat
         ax.set_xlabel("time per epoch ÷ SGD's (median over interleaved rounds; bars: range)")
         ax.set_ylabel("test accuracy (%), 40% label noise (bars: std over seeds)")
         ax.set_title(f"Table {table} rows, CNN on digits, one CPU thread", fontsize="medium")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save(fig, path)
 
 
 def write_report(args, results: list[dict], seconds: float | None) -> Path:
-    import torch
-
     out = Path(args.out)
     methods = [m for m in args.methods if any(r["method"] == m for r in results)]
     timing = load_timing(out)
@@ -332,26 +326,19 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
     ratios = (timing or {}).get("ratios", {})
     rows = [{**{k: r.get(k) for k in keep}, "time_ratio_to_sgd": ratios.get(r["method"], {}).get("median")}
             for r in results]
-    with open(out / "variants.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    report.write_csv(out / "variants.csv", rows)
     plot(results, timing, methods, out / "figure2.png")
     table4, table8 = tables(results, timing, methods)
     seeds = sorted({r["seed"] for r in results})
     s = settings_of(args)
-    runs_seconds = sum(r.get("train_seconds", 0) + r.get("sharpness_seconds", 0) for r in results)
     timing_text = ("no timing pass yet" if not timing else
                    f"{len(timing['rounds'])} interleaved rounds of {timing['epochs']:g} epoch(s) "
                    f"({12 * timing['epochs']:.0f} steps, the first 3 dropped) per configuration; cell: median "
                    "ratio of mean step times to SGD's in the same round (range over rounds)")
     text = [
-        "# Efficient variants and combinations (SAMPa Tables 4 and 8) on the label-noise digits task", "",
-        "Command: `python -m studies.variants " + " ".join(args.argv) + "`", "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other jobs, one thread per run; "
-        f"torch {torch.__version__}." + (f" This invocation took {seconds / 60:.0f} min." if seconds else ""), "",
-        f"{len(results)} runs (seeds {', '.join(map(str, seeds))}); training and measuring took "
-        f"{runs_seconds / 60:.0f} min of run time. Timing: {timing_text}.", "",
+        *report.header("Efficient variants and combinations (SAMPa Tables 4 and 8) on the label-noise digits task",
+                       "variants", args, results, seconds,
+                       f" Seeds {', '.join(map(str, seeds))}. Timing: {timing_text}."),
         f"Settings: 40% label noise, {s['epochs']:g} epochs (batch {s['batch']}), SGD momentum 0.9 under every "
         f"method, lr {s['learning_rate']} cosine, weight decay {s['weight_decay']}, label smoothing "
         f"{s['label_smoothing']}; ρ = 0.1 (the vision study's SAM), × the row's factor: AE-SAM 0.2, ASAM and "

@@ -17,15 +17,13 @@ Writes OUT/runs/<method>-noise<NN>-seed<k>.json per run, and OUT/vision_noise.{c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 
-from . import runner
+from . import report, runner
 from .summary import cell, grid_table, group, markdown, paired_differences, summarize
 
 HERE = Path(__file__).resolve().parent
@@ -215,32 +213,18 @@ def plot(results: list[dict], methods: list[str], path: Path, curve_noise: float
     curve_ax.set_title(f"test accuracy during training, {curve_noise:.0f}% noise (mean over seeds)",
                        fontsize="medium")
     curve_ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save(fig, path)
 
 
 def write_report(args, results: list[dict], seconds: float | None) -> Path:
-    import torch
-    import transformers
-
     out = Path(args.out)
     methods = [m for m in args.methods if any(r["method"] == m for r in results)]
-    rows = rows_of(results)
-    with open(out / "vision_noise.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    report.write_csv(out / "vision_noise.csv", rows_of(results))
     plot(results, methods, out / "vision_noise.png", args.curve_noise)
     s = settings_of(args)
-    runs_seconds = sum(r.get("train_seconds", 0) + r.get("sharpness_seconds", 0) for r in results)
     text = [
-        "# Label noise from scratch: a small CNN on scikit-learn's digits (SAMPa Table 7's protocol)", "",
-        "Command: `python -m studies.vision_noise " + " ".join(args.argv) + "`", "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other jobs, one thread per run"
-        + ("" if args.report_only else f", {args.jobs} runs at once") + f"; torch {torch.__version__}, transformers {transformers.__version__}."
-        + (f" This invocation took {seconds / 60:.0f} min." if seconds else ""), "",
-        f"{len(results)} runs; training and measuring took {runs_seconds / 60:.0f} min of run time in all.", "",
+        *report.header("Label noise from scratch: a small CNN on scikit-learn's digits (SAMPa Table 7's protocol)",
+                       "vision_noise", args, results, seconds),
         f"Settings: {s['epochs']:g} epochs of the 1,437 training images (batch {s['batch']}), SGD momentum 0.9, "
         f"lr {s['learning_rate']} cosine, weight decay {s['weight_decay']}, label smoothing "
         f"{s['label_smoothing']}, CNN width {s['width']}; ρ = 0.1 for every sharpness-aware method, 0.01 at 80% "
