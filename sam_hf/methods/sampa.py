@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import TrainerBatch, batch_size, split_samples
+from ..batching import TrainerBatch, batch_size, slice_batch, split_samples
 from ..config import RoleOptions, SharpnessConfig, SharpnessConfigError, _bad, option
 from ..registry import Example, register_method
 from ..tensors import as_tensor, backup, restore, set_grads, take_grads, to_device, zero_grads
@@ -490,7 +490,7 @@ def _cut_rows(parts, k: int):
         if len(sizes) != 1 or next(iter(sizes)) % k or not all(torch.is_tensor(v) for v in part["batch"].values()):
             return None
         n = next(iter(sizes)) // k
-        out += [dict(part, batch={key: v[i * n:(i + 1) * n] for key, v in part["batch"].items()}) for i in range(k)]
+        out += [dict(part, batch=slice_batch(part["batch"], i * n, (i + 1) * n)) for i in range(k)]
     return out
 
 
