@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import sam_hf
+from tests.helpers.processes import save_cases_on_gloo
 from tests.helpers.tiny import MeanLossModel, args as make_args, vector_data
 
 N, GLOBAL_BATCH, STEPS = 16, 8, 6
@@ -64,17 +65,14 @@ def plain(optim: str, optim_args: str) -> dict:
 
 def main() -> None:
     out, cases = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
-    try:
-        for case in cases:
-            name, kind, optim, optim_args = case.split(":", 3)
-            weights = (plain(optim, optim_args) if kind == "plain" else
-                       train(optim, optim_args, GLOBAL_BATCH // dist.get_world_size(), kind == "trainer_sequential"))
-            if dist.get_rank() == 0:
-                torch.save(weights, os.path.join(out, f"{name}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+    def one(case):
+        _, kind, optim, optim_args = case.split(":", 3)
+        if kind == "plain":
+            return plain(optim, optim_args)
+        return train(optim, optim_args, GLOBAL_BATCH // dist.get_world_size(), kind == "trainer_sequential")
+
+    save_cases_on_gloo(out, {case.split(":", 1)[0]: (lambda case=case: one(case)) for case in cases})
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ saves each one's weights as OUT/NAME.pt:
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
 import sam_hf
+from tests.helpers.processes import save_cases_on_gloo
 from tests.helpers.tiny import MeanLossModel, vector_data
 
 GLOBAL_BATCH, STEPS = 8, 4
@@ -73,17 +73,8 @@ def train(optim: str, optim_args: str, steps: int = STEPS, closure: str = "batch
 
 def main() -> None:
     out, names = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
-    try:
-        for name in names:
-            optim, optim_args = CASES[name]
-            # every rank starts from a different model: the optimizer gives them rank 0's weights, as DDP would
-            weights = train(optim, optim_args, seed=dist.get_rank())
-            if dist.get_rank() == 0:
-                torch.save(weights, os.path.join(out, f"{name}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    # every rank starts from a different model: the optimizer gives them rank 0's weights, as DDP would
+    save_cases_on_gloo(out, {name: (lambda name=name: train(*CASES[name], seed=dist.get_rank())) for name in names})
 
 
 if __name__ == "__main__":

@@ -53,3 +53,20 @@ def tool(name: str) -> str | None:
     """The console script installed beside this Python (not a pyenv shim, which costs a second), else PATH's."""
     here = Path(sys.executable).with_name(name)
     return str(here) if here.exists() else shutil.which(name)
+
+
+def save_cases_on_gloo(out: str, cases: dict) -> None:
+    """A worker's side: in one gloo process group, train every case (name -> a function returning its weights),
+    rank 0 saving each case's weights to OUT/NAME.pt; the group is torn down however the cases end."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        for name, train in cases.items():
+            weights = train()
+            if dist.get_rank() == 0:
+                torch.save(weights, os.path.join(out, f"{name}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -6,13 +6,13 @@ one's weights as OUT/NAME.pt. `train(optim, optim_args)` is the same loop in one
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
 import sam_hf
+from tests.helpers.processes import save_cases_on_gloo
 from tests.helpers.plain_loop import GLOBAL_BATCH, STEPS, global_batch
 from tests.helpers.tiny import MeanLossModel
 
@@ -45,15 +45,7 @@ def train(optim: str, optim_args: str, dtype: torch.dtype = torch.float32, steps
 
 def main() -> None:
     out, names = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
-    try:
-        for name in names:
-            weights = train(*CASES[name], seed=dist.get_rank())
-            if dist.get_rank() == 0:
-                torch.save(weights, os.path.join(out, f"{name}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    save_cases_on_gloo(out, {name: (lambda name=name: train(*CASES[name], seed=dist.get_rank())) for name in names})
 
 
 if __name__ == "__main__":

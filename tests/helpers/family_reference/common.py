@@ -86,21 +86,6 @@ def frozen_bn(model: nn.Module, enabled: bool = True):
 
 
 @contextlib.contextmanager
-def perturbed(params: Sequence[Tensor], e: Sequence[Tensor]):
-    """x <- x + e inside the block; x copied back afterwards (exact restore)."""
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, u in zip(params, e):
-            p.add_(u)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
-
-
-@contextlib.contextmanager
 def placed(params: Sequence[Tensor], values: Sequence[Tensor]):
     """x <- values inside the block (e.g. SAMPa's y_{t+1}); x copied back afterwards."""
     saved = [p.detach().clone() for p in params]
@@ -113,6 +98,11 @@ def placed(params: Sequence[Tensor], values: Sequence[Tensor]):
         with torch.no_grad():
             for p, v in zip(params, saved):
                 p.copy_(v)
+
+
+def perturbed(params: Sequence[Tensor], e: Sequence[Tensor]):
+    """x <- x + e inside the block; x copied back afterwards (exact restore). x + e rounds as x.add_(e) would."""
+    return placed(params, [p.detach() + u for p, u in zip(params, e)])
 
 
 def gradient_at(model, loss_fn, batch, params, e, freeze_bn: bool = True) -> Vector:
