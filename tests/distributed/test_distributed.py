@@ -79,10 +79,15 @@ def assert_close(a, b, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
+# exchange_dtype=bf16, in the same launch as the parity cases: name -> (optim, optim_args without the dtype)
+BF16 = {"bf16_sampa": ("sampa", "rho=0.1,lam=0.3"), "bf16_asyncsam": ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5")}
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
     cases = [f"{name}:{o}:{a}:{b}" for name, (o, a, b, _) in PARITY.items()]
+    cases += [f"{name}:{o}:{a},exchange_dtype=bf16:8" for name, (o, a) in BF16.items()]
     proc = launch(out, 2, "--steps", "7", "--cases", *cases)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out
@@ -136,16 +141,16 @@ def test_data_parallel_sampa_runs_both_passes_on_every_rank(two_process_runs):
     assert any("sam/grad_cosine" in h for h in log) and all("sam/exchange_seconds" not in h for h in log)
 
 
-@pytest.mark.parametrize("optim,optim_args", [("sampa", "rho=0.1,lam=0.3"), ("asyncsam", "rho=0.1,ascent_batch_ratio=0.5")])
-def test_bf16_exchange_keeps_replicas_identical_and_close_to_fp32(tmp_path, optim, optim_args):
+@pytest.mark.parametrize("name", list(BF16))
+def test_bf16_exchange_keeps_replicas_identical_and_close_to_fp32(two_process_runs, tmp_path, name):
     """exchange_dtype=bf16 sends half the bytes; each rank rounds its own gradient as the peer receives it, so the
     ranks still take the same step (bit for bit), and the result is the fp32 one up to bf16 rounding."""
-    proc = launch(tmp_path, 2, "--steps", "7", "--cases", f"b:{optim}:{optim_args},exchange_dtype=bf16:8")
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert_close(torch.load(tmp_path / "b.rank0.pt"), torch.load(tmp_path / "b.rank1.pt"), atol=0)
+    optim, optim_args = BF16[name]
+    assert_close(torch.load(two_process_runs / f"{name}.rank0.pt"), torch.load(two_process_runs / f"{name}.rank1.pt"),
+                 atol=0)
     start = MODELS["mean"]().state_dict()
     _, one = train(str(tmp_path / "one"), optim, optim_args, batch=8, steps=7)
-    two = torch.load(tmp_path / "b.pt")
+    two = torch.load(two_process_runs / f"{name}.pt")
     moved = sum(float((one[k] - start[k]).pow(2).sum()) for k in one) ** 0.5
     off = sum(float((two[k] - one[k]).pow(2).sum()) for k in one) ** 0.5
     assert 0 < off <= 0.02 * moved, (off, moved)
@@ -232,28 +237,19 @@ def test_gpu_descent_with_a_cpu_ascent_rank_matches_one_gpu_process(tmp_path):
     assert_close(torch.load(tmp_path / "het.rank0.pt"), torch.load(tmp_path / "het.rank1.pt"), atol=1e-4)
 
 
-def test_sampa_and_asyncsam_on_a_2x2_mesh_equal_one_process(tmp_path):
-    # Asynchronous SAM on 2k ranks is asked for with parallel=on (auto takes role mode on 2 processes only)
-    proc = launch(tmp_path, 4, "--steps", "3", "--cases", "mesh:sampa:rho=0.1:4",
-                  "mesh_async:asyncsam:rho=0.1,parallel=on:4")
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    _, one = train(str(tmp_path / "one"), "sampa", "rho=0.1", batch=8, steps=3)
-    assert_close(one, torch.load(tmp_path / "mesh.pt"))
-    _, one = train(str(tmp_path / "one_async"), "asyncsam", "rho=0.1", batch=8, steps=3)
-    assert_close(one, torch.load(tmp_path / "mesh_async.pt"))
-    assert any("sam/exchange_seconds" in h for h in torch.load(tmp_path / "mesh_async.log"))
+# 4 processes, a 2 x 2 mesh (each role data parallel over 2 ranks, per-device batch 4), in conftest's shared
+# `five_step_runs` launch (which also saves sampa_mesh at step 2 for the resume on 2 processes below). Asynchronous SAM
+# on 2k ranks is asked for with parallel=on (auto takes role mode on 2 processes only).
+MESH = {"sampa_mesh": ("sampa", "rho=0.1,lam=0.3", 4), "async_mesh": ("asyncsam", "rho=0.1,parallel=on", 4)}
 
 
-def test_parallel_resume_equals_uninterrupted(two_process_runs, tmp_path):
-    first = launch(tmp_path, 2, "--steps", "7", "--save_steps", "2", "--kill_at", "3",
-                   "--cases", "sampa_roles:sampa:rho=0.1,lam=0.3:8")
-    assert first.returncode != 0  # killed after the checkpoint at step 2
-    checkpoint = tmp_path / "sampa_roles" / "run" / "checkpoint-2"
-    assert (checkpoint / "optimizer.pt").exists()
-    resumed = launch(tmp_path, 2, "--steps", "7", "--resume", str(checkpoint),
-                     "--cases", "sampa_roles:sampa:rho=0.1,lam=0.3:8")
-    assert resumed.returncode == 0, resumed.stderr[-6000:]
-    assert_close(torch.load(two_process_runs / "sampa_roles.pt"), torch.load(tmp_path / "sampa_roles.pt"), atol=0)
+def test_sampa_and_asyncsam_on_a_2x2_mesh_equal_one_process(five_step_runs, tmp_path):
+    four = five_step_runs / "four"
+    _, one = train(str(tmp_path / "one"), "sampa", "rho=0.1,lam=0.3", batch=8, steps=5)
+    assert_close(one, torch.load(four / "sampa_mesh.pt"))
+    _, one = train(str(tmp_path / "one_async"), "asyncsam", "rho=0.1", batch=8, steps=5)
+    assert_close(one, torch.load(four / "async_mesh.pt"))
+    assert any("sam/exchange_seconds" in h for h in torch.load(four / "async_mesh.log"))
 
 
 # ---- resume on another number of processes, and an elastic restart ---------------------------------------------------
@@ -272,35 +268,16 @@ def _one_process_args(optim_args):
     return optim_args.replace(",parallel=off", "")
 
 
-@pytest.fixture(scope="module")
-def world_resume_runs(tmp_path_factory):
-    """Three launches for every case below: 2 processes saving at step 2 (the checkpoints 2 -> 1 resumes from);
-    4 processes on a 2 x 2 mesh saving at step 2; then 2 processes resuming (`--resume last`) from the 1-process
-    and 4-process checkpoints put where each case's run keeps its own."""
-    import shutil
-
-    out = tmp_path_factory.mktemp("world")
-    cases = [f"{n}:{o}:{a}:{b2}" for n, (o, a, b2, _) in WORLD_RESUME.items()]
-    saved = launch(out / "two", 2, "--steps", "5", "--save_steps", "2", "--cases", *cases)
-    assert saved.returncode == 0, saved.stderr[-6000:]
-    four = launch(out / "four", 4, "--steps", "5", "--save_steps", "2", "--cases", "sampa_mesh:sampa:rho=0.1,lam=0.3:4",
-                  timeout=400)
-    assert four.returncode == 0, four.stderr[-6000:]
-    resume_cases = []
-    for name in ONE_TO_TWO:
-        optim, optim_args, batch2, batch1 = WORLD_RESUME[name]
-        train(str(out / "one" / name), optim, _one_process_args(optim_args), batch=batch1, steps=2, save_steps=2)
-        shutil.copytree(out / "one" / name / "run" / "checkpoint-2", out / "resumed" / name / "run" / "checkpoint-2")
-        resume_cases.append(f"{name}:{optim}:{optim_args}:{batch2}")
-    shutil.copytree(out / "four" / "sampa_mesh" / "run" / "checkpoint-2",
-                    out / "resumed" / "sampa_mesh" / "run" / "checkpoint-2")
-    resumed = launch(out / "resumed", 2, "--steps", "5", "--resume", "last",
-                     "--cases", *resume_cases, "sampa_mesh:sampa:rho=0.1,lam=0.3:8")
-    assert resumed.returncode == 0, resumed.stderr[-6000:]
-    return out
-
-
+# conftest's `five_step_runs` trains these on 2 processes (two/, saving at step 2) and resumes them on 2 processes
+# (resumed/) from a checkpoint-2 of `source`: one process (one: its optim_args and batch), the 2 x 2 mesh (four/),
+# or the same 2-process layout (two/; the name ends in _again).
 ONE_TO_TWO = ("sampa_roles", "sampa_ddp")
+RESUMED_ON_TWO = {  # name: (source, optim, optim_args, per-device batch on 2 processes, one process's (args, batch))
+    **{n: ("one", WORLD_RESUME[n][0], WORLD_RESUME[n][1], WORLD_RESUME[n][2],
+           (_one_process_args(WORLD_RESUME[n][1]), WORLD_RESUME[n][3])) for n in ONE_TO_TWO},
+    "sampa_mesh": ("four", "sampa", "rho=0.1,lam=0.3", 8, None),
+    "sampa_roles_again": ("two", "sampa", "rho=0.1,lam=0.3", 8, None),
+}
 
 
 def _never_stopped(tmp_path, name):
@@ -309,24 +286,32 @@ def _never_stopped(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", list(WORLD_RESUME))
-def test_a_two_process_checkpoint_resumes_on_one_process(world_resume_runs, tmp_path, name):
+def test_a_two_process_checkpoint_resumes_on_one_process(five_step_runs, tmp_path, name):
     optim, optim_args, _, batch1 = WORLD_RESUME[name]
-    checkpoint = world_resume_runs / "two" / name / "run" / "checkpoint-2"
+    checkpoint = five_step_runs / "two" / name / "run" / "checkpoint-2"
     _, resumed = train(str(tmp_path / "resumed"), optim, _one_process_args(optim_args), batch=batch1, steps=5,
                        resume=str(checkpoint))
-    assert_close(resumed, _never_stopped(tmp_path, name))
-    assert_close(torch.load(world_resume_runs / "two" / f"{name}.pt"), _never_stopped(tmp_path, name))
+    never_stopped = _never_stopped(tmp_path, name)
+    assert_close(resumed, never_stopped)
+    assert_close(torch.load(five_step_runs / "two" / f"{name}.pt"), never_stopped)
 
 
 @pytest.mark.parametrize("name", ONE_TO_TWO)
-def test_a_one_process_checkpoint_resumes_on_two_processes(world_resume_runs, tmp_path, name):
-    assert_close(torch.load(world_resume_runs / "resumed" / f"{name}.pt"), _never_stopped(tmp_path, name))
+def test_a_one_process_checkpoint_resumes_on_two_processes(five_step_runs, tmp_path, name):
+    assert_close(torch.load(five_step_runs / "resumed" / f"{name}.pt"), _never_stopped(tmp_path, name))
 
 
-def test_four_processes_resume_on_two(world_resume_runs, tmp_path):
+def test_parallel_resume_equals_uninterrupted(five_step_runs):
+    """SAMPa in role mode resumed on the same 2 processes from its own checkpoint: bit for bit the run that never
+    stopped."""
+    assert_close(torch.load(five_step_runs / "two" / "sampa_roles.pt"),
+                 torch.load(five_step_runs / "resumed" / "sampa_roles_again.pt"), atol=0)
+
+
+def test_four_processes_resume_on_two(five_step_runs, tmp_path):
     """SAMPa on a 2 x 2 mesh (each role data parallel over 2 ranks, per-device 4) resumes in role mode on 2
     processes (per-device 8): B_t's two shards are gathered into one batch of 8."""
-    assert_close(torch.load(world_resume_runs / "resumed" / "sampa_mesh.pt"), _never_stopped(tmp_path, "sampa_roles"))
+    assert_close(torch.load(five_step_runs / "resumed" / "sampa_mesh.pt"), _never_stopped(tmp_path, "sampa_roles"))
 
 
 def test_an_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):

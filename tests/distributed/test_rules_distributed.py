@@ -1,6 +1,7 @@
 """The ascent rules on several processes (gloo on CPU): the result does not depend on how many processes computed it.
 
-Trainer cases run in one torchrun launch of tests/helpers/dist_train.py (2 processes: data parallel, and role mode
+Trainer cases run in one torchrun launch of tests/helpers/dist_train.py (shared with test_distributed.py: conftest's
+`five_step_runs`; 2 processes: data parallel, and role mode
 for SAMPa and Asynchronous SAM, where SAMPa's side gradients, BiSAM's q and mSAM's per-micro-batch gradients,
 travel from role 1 to role 0) and one of 4 processes (google-research/sam's ascent_group_size against mSAM on the
 equivalent partition; SAMPa's micro-batches and BiSAM on a 2 x 2 mesh). Plain loops (SharpnessOptimizer) run
@@ -48,23 +49,22 @@ FOUR = {
 }
 
 
+# Each rank's held micro-batch gradients are its own: the checkpoint gathers them from every data shard (beside the
+# gathered B_t), and every rank resumes with its own. Resumed on the same 2 processes from step 2 by conftest's
+# `five_step_runs` (see test_distributed.RESUMED_ON_TWO).
+RESUMED_ON_TWO = {"sampa_msam2_ddp_again": ("two", "sampa", "rho=0.1,micro_batches=2,parallel=off", 4, None)}
+
+
 def launch(worker, nproc, *args, timeout=600):
     """`nproc` processes of the worker module tests.helpers.`worker`."""
     return processes.run(processes.torchrun(nproc, "-m", f"tests.helpers.{worker}", *args), timeout=timeout)
 
 
-def cases(table):
-    return [f"{name}:{o}:{a}:{b}" for name, (o, a, b, _) in table.items()]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rules")
-    two = launch("dist_train", 2, "--out_dir", str(out), "--steps", str(STEPS), "--cases", *cases(TWO))
-    assert two.returncode == 0, two.stderr[-6000:]
-    four = launch("dist_train", 4, "--out_dir", str(out), "--steps", "3", "--cases", *cases(FOUR))
-    assert four.returncode == 0, four.stderr[-6000:]
-    return out
+@pytest.fixture
+def runs(five_step_runs):
+    """NAME -> the folder its multi-process run wrote to (the TWO and FOUR cases: one launch each, shared with
+    test_distributed.py in conftest's `five_step_runs`)."""
+    return lambda name: five_step_runs / ("two" if name in TWO else "four")
 
 
 def assert_close(a, b, atol=1e-6):
@@ -75,22 +75,22 @@ def assert_close(a, b, atol=1e-6):
 @pytest.mark.parametrize("name", list(TWO) + list(FOUR))
 def test_processes_equal_one(runs, tmp_path, name):
     optim, optim_args, batch = {**TWO, **FOUR}[name][3]
-    steps = STEPS if name in TWO else 3
-    trainer, one = train(str(tmp_path), optim, optim_args, batch=batch, steps=steps, batchnorm=name.endswith("_bn"),
-                         model=model_kind(name))
-    two = torch.load(runs / f"{name}.pt")
+    _, one = train(str(tmp_path), optim, optim_args, batch=batch, steps=STEPS, batchnorm=name.endswith("_bn"),
+                   model=model_kind(name))
+    two = torch.load(runs(name) / f"{name}.pt")
     diff = max(float((one[k] - two[k]).abs().max()) for k in one)
     print(f"RULES {name}: max |diff| = {diff:.3g}")
     assert_close(one, two)
-    assert_close(torch.load(runs / f"{name}.rank0.pt"), torch.load(runs / f"{name}.rank1.pt"), atol=0)  # replicas
+    assert_close(torch.load(runs(name) / f"{name}.rank0.pt"), torch.load(runs(name) / f"{name}.rank1.pt"),
+                 atol=0)  # replicas
     if "_roles" in name or "_mesh" in name:  # the two passes really ran on two ranks
-        assert any("sam/exchange_seconds" in h for h in torch.load(runs / f"{name}.log"))
+        assert any("sam/exchange_seconds" in h for h in torch.load(runs(name) / f"{name}.log"))
 
 
 def test_ascent_groups_differ_from_global_sam(runs, tmp_path):
     """The 4-process group case is not plain SAM: the per-group perturbation matters at this scale."""
-    _, sam = train(str(tmp_path), "sam", "rho=0.1", batch=8, steps=3)
-    group = torch.load(runs / "sam_group2.pt")
+    _, sam = train(str(tmp_path), "sam", "rho=0.1", batch=8, steps=STEPS)
+    group = torch.load(runs("sam_group2") / "sam_group2.pt")
     assert max(float((sam[k] - group[k]).abs().max()) for k in sam) > 1e-4
 
 
@@ -124,17 +124,11 @@ def test_impossible_groups_are_refused(layout, optim_args, message):
         SAM.check(SharpnessConfig.from_optim_args("sam", optim_args), made)
 
 
-def test_sampa_micro_batches_data_parallel_resume_equals_uninterrupted(runs, tmp_path):
-    """Each rank's held micro-batch gradients are its own: the checkpoint gathers them from every data shard (beside
-    the gathered B_t), and every rank resumes with its own."""
-    case = "sampa_msam2_ddp:sampa:rho=0.1,micro_batches=2,parallel=off:4"
-    first = launch("dist_train", 2, "--out_dir", str(tmp_path), "--steps", str(STEPS), "--save_steps", "2",
-                   "--kill_at", "3", "--cases", case, timeout=300)
-    assert first.returncode != 0  # killed after the checkpoint at step 2
-    checkpoint = tmp_path / "sampa_msam2_ddp" / "run" / "checkpoint-2"
+def test_sampa_micro_batches_data_parallel_resume_equals_uninterrupted(five_step_runs):
+    """SAMPa with micro_batches=2 in data parallel, resumed on its 2 processes from its checkpoint at step 2: bit for
+    bit the run that never stopped (RESUMED_ON_TWO above)."""
+    checkpoint = five_step_runs / "two" / "sampa_msam2_ddp" / "run" / "checkpoint-2"
     state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["sam_hf"]
     assert len(state["a_parts"]) == 2 and all(len(a) == 1 for a in state["a_parts"])  # one micro-batch per rank
-    resumed = launch("dist_train", 2, "--out_dir", str(tmp_path), "--steps", str(STEPS), "--resume", str(checkpoint),
-                     "--cases", case, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-6000:]
-    assert_close(torch.load(runs / "sampa_msam2_ddp.pt"), torch.load(tmp_path / "sampa_msam2_ddp.pt"), atol=0)
+    assert_close(torch.load(five_step_runs / "two" / "sampa_msam2_ddp.pt"),
+                 torch.load(five_step_runs / "resumed" / "sampa_msam2_ddp_again.pt"), atol=0)
