@@ -11,7 +11,7 @@ Each run also measures the sharpness of its final model: lambda_max, the
 largest eigenvalue of the Hessian of the training loss, on a fixed sample of
 --sharpness_samples training examples (drawn with seed 0 from the task's
 training set: the same examples for every method and seed), reported beside
-the scores. It changes nothing in training; it costs about 21 Hessian-vector
+the scores. It changes nothing in training; it costs 8 to 12 Hessian-vector
 products over the sample per run (--sharpness_samples 0 turns it off).
 
     python glue_scripts/accuracy_study.py --dry_run
@@ -84,9 +84,9 @@ def cost_note(grid: paper_grid.Grid, args) -> str:
         steps += task_steps * len(args.methods)
         passes += task_steps * sum(1 if m == "adamw" else 2 for m in args.methods)  # the SAM family: 2 gradients
     note = f"Cost: {steps:.0f} optimizer steps, {passes:.0f} forward+backward passes of batch {args.batch_size}"
-    if args.sharpness_samples:  # Lanczos: ~21 products, each a forward and two backward passes over the sample
+    if args.sharpness_samples:  # Lanczos: 8-12 products, each a forward and two backward passes over the sample
         runs = len(args.tasks) * len(args.methods) * len(args.seeds)
-        note += (f", plus {runs} lambda_max measurements of about 21 Hessian-vector products over "
+        note += (f", plus {runs} lambda_max measurements of 8 to 12 Hessian-vector products over "
                  f"{args.sharpness_samples} examples (each about 2-3x a forward+backward pass over them)")
     return note + "."
 

@@ -20,7 +20,7 @@ sample of S training examples (drawn with --sharpness_seed from the training
 set, so every method and training seed of a grid sees the same examples), with
 sam_hf.SharpnessCallback; --sharpness_every N also measures every N optimizer
 steps. It goes to output_dir/sharpness_results.json and changes nothing in
-training (same weights, bitwise). Cost: about 21 Hessian-vector products
+training (same weights, bitwise). Cost: 8 to 12 Hessian-vector products
 (each a forward and two backward passes over the sample) per measurement.
 """
 

@@ -24,12 +24,18 @@ def header(title: str, module: str, args, results: list[dict], seconds: float | 
     at_once = "" if args.report_only or not hasattr(args, "jobs") else f", {args.jobs} runs at once"
     return [
         f"# {title}", "",
-        f"Command: `python -m studies.{module} " + " ".join(args.argv) + "`", "",
+        f"Command: `{study_command(module, args.argv)}`"
+        + (" (this report rewritten from its runs with `--report_only`)" if args.report_only else ""), "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores shared with other jobs, one thread per run"
         f"{at_once}; torch {torch.__version__}, transformers {transformers.__version__}."
         + (f" This invocation took {seconds / 60:.0f} min." if seconds else ""), "",
         f"{len(results)} runs; training and measuring took {runs_seconds / 60:.0f} min of run time in all.{extra}", "",
     ]
+
+
+def study_command(module: str, argv: list[str]) -> str:
+    """The command that runs the study (resuming it), whatever options this invocation added to only report."""
+    return " ".join(["python -m studies." + module, *(a for a in argv if a != "--report_only")])
 
 
 def save(fig, path: Path) -> None:
