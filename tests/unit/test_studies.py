@@ -245,6 +245,15 @@ def test_a_run_finished_with_other_settings_is_an_error(tmp_path):
         runner.pending([run], tmp_path, SETTINGS)
 
 
+def test_a_report_names_the_command_that_runs_the_study():
+    from studies.report import study_command
+
+    # a report rewritten with --report_only names the study's own command, its other options kept
+    assert study_command("text_noise", ["--jobs", "1", "--report_only", "--seeds", "1,2"]) == \
+        "python -m studies.text_noise --jobs 1 --seeds 1,2"
+    assert study_command("vision_noise", []) == "python -m studies.vision_noise"
+
+
 def test_vision_tables_give_each_method_paired_against_sam():
     """The 'Difference from SAM' table holds, per noise rate, the mean ± std over seeds of the per-seed
     differences (not the difference of the means' cells), with the paper's difference of Table 7's means."""
