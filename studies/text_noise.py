@@ -43,6 +43,8 @@ METHODS = {  # name -> (label, optim, optim_args)
     "msam": ("mSAM (m=8)", "msam", f"rho={RHO},micro_batches=8"),
     "sampa0": ("SAMPa-0", "sampa", f"rho={RHO},lam=0"),
     "asyncsam": ("Async SAM", "asyncsam", f"rho={RHO},ascent_batch_ratio=1"),
+    # a diagnostic: SAM at a fifth of the GLUE rho (the rho of SAMPa §5.4 at 80% noise)
+    "sam_rho01": ("SAM, ρ = 0.01", "sam", "rho=0.01"),
 }
 DEFAULT_METHODS = ("adamw", "sam", "sampa", "msam")
 # Published SST-2 dev accuracy without label noise: SAMPa Table 6 (BERT-base) and mSAM Table 3 (RoBERTa-base).
@@ -292,6 +294,18 @@ def plot(results: list[dict], methods: list[str], path: Path) -> None:
     report.save(fig, path)
 
 
+def other_runs(out: Path, methods: list[str]) -> list[str]:
+    """Finished runs in the folder of methods outside this report's (diagnostics), one line each."""
+    lines = []
+    for path in sorted((out / "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        if r.get("status") == "done" and r["method"] not in methods:
+            lines.append(f"* {r['label']}, {r['noise']:.0%} noise, seed {r['seed']}: dev accuracy "
+                         f"{100 * r['dev_accuracy']:.2f}%, λ_max {r['lambda_max']:.1f} (made with `--methods "
+                         f"{r['method']} --seeds {r['seed']} --noise {100 * r['noise']:.0f}`)")
+    return lines
+
+
 def write_report(args, results: list[dict], seconds: float | None) -> Path:
     out = Path(args.out)
     methods = [m for m in args.methods if any(r["method"] == m for r in results)]
@@ -311,6 +325,9 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
         tables(results, methods), "",
         "![dev-accuracy curves and accuracy against λ_max](text_noise.png)", "",
     ]
+    others = other_runs(out, methods)
+    if others:
+        text += ["**Other runs in this folder** (not in the tables above):", "", *others, ""]
     (out / "text_noise.md").write_text("\n".join(text))
     return out / "text_noise.md"
 
