@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -327,7 +328,7 @@ def write(opts, path, batchings, solvers, names, rounds, rows, load_start, start
     lines = [
         "# lambda_max of all-MiniLM-L6-v2 on 64 SST-2 sentences: before, after, PyHessian, curvlinops (CPU, 2 cores)",
         "", "Command (from the repository root):", "",
-        "    nice python benchmarks/sharpness_speed.py " + " ".join(sys.argv[1:]), "",
+        "    nice python benchmarks/sharpness_speed.py " + shlex.join(sys.argv[1:]), "",
         f"Machine: {os.cpu_count()} cores ({cpu}), no GPU, torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads), transformers {transformers.__version__}, scipy {scipy.__version__}, curvlinops "
         f"{getattr(curvlinops, '__version__', '3.0.1')}, PyHessian 0.1. Started {started}; 1-minute load average "
