@@ -167,6 +167,23 @@ def python_module(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def study_args(argv: list[str] | None, parse_args: Callable[[list[str]], object]):
+    """A study's parsed command line (argv: sys.argv[1:] when None), with args.argv kept for its report, and the
+    offline switches set for it and the runs it starts (the studies read only packaged models and local data)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(name, value)
+    return args
+
+
+def by_cell(run: Run) -> tuple[int, float]:
+    """The chunk key that makes the methods of one (seed, noise) share a process: the imports and the data are
+    loaded once per cell."""
+    return run.seed, run.noise
+
+
 def run_study(args, settings: dict, command: Callable[[list[Run]], list[str]],
               write_report: Callable[[object, list[dict], float | None], Path],
               chunk_key: Callable[[Run], object] = lambda run: run) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -356,10 +355,7 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    args.argv = argv
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = runner.study_args(argv, parse_args)
     if args.worker:
         return worker(args)
     out = Path(args.out)
@@ -373,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.timing == "only":
         return 0
     return runner.run_study(args, settings_of(args), command_for(args), write_report,
-                            chunk_key=lambda r: (r.seed, r.noise))
+                            chunk_key=runner.by_cell)
 
 
 if __name__ == "__main__":

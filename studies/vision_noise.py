@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -239,15 +238,11 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    args.argv = argv
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = runner.study_args(argv, parse_args)
     if args.worker:
         return worker(args)
-    # the methods of one (seed, noise) share a process: torch and transformers are imported once per cell
     return runner.run_study(args, settings_of(args), command_for(args), write_report,
-                            chunk_key=lambda r: (r.seed, r.noise))
+                            chunk_key=runner.by_cell)
 
 
 if __name__ == "__main__":

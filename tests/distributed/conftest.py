@@ -28,16 +28,13 @@ def five_step_runs(tmp_path_factory):
 
     from tests.distributed import test_distributed as dist
     from tests.distributed import test_rules_distributed as rules
-    from tests.helpers import processes
     from tests.helpers.dist_train import train
 
     out = tmp_path_factory.mktemp("five_steps")
 
     def launch(folder, nproc, cases, *args):
         specs = [f"{name}:{optim}:{optim_args}:{batch}" for name, (optim, optim_args, batch, *_) in cases.items()]
-        cmd = processes.torchrun(nproc, "-m", "tests.helpers.dist_train", "--out_dir", out / folder, "--steps", "5",
-                                 *args, "--cases", *specs)
-        proc = processes.run(cmd, timeout=600)
+        proc = dist.launch(out / folder, nproc, "--steps", "5", *args, "--cases", *specs, timeout=600)
         assert proc.returncode == 0, f"{folder}: " + proc.stderr[-6000:]
 
     launch("two", 2, {**dist.WORLD_RESUME, **rules.TWO}, "--save_steps", "2")
