@@ -32,15 +32,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from .label_noise import METHODS as TASK_METHODS
-from .label_noise import DigitsRun, method_optim, train_digits
 from .distributed.placement import cpu_cores
+from .label_noise import METHODS as TASK_METHODS
+from .label_noise import DigitsRun, method_optim, train_digits, train_digits_torchrun
 
 # name -> (task method, extra optim_args, processes)
 METHODS = {name: (name, "", 1) for name in TASK_METHODS}
@@ -66,7 +65,6 @@ def parse_args(argv):
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seed", type=int, default=None, help="corrupted labels, initial weights, batches (default 1)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one method inside torchrun
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -83,13 +81,11 @@ def parse_args(argv):
 # ---------------------------------------------------------------- one method
 
 
-def train_one(method: str, args, output_dir: Path) -> dict | None:
-    """Train one method in this process (or in each of torchrun's); rank 0 returns its results."""
+def train_one(method: str, args, output_dir: Path) -> dict:
+    """Train one method in this process."""
     task, extra, _ = METHODS[method]
-    result = train_digits(replace(args.run, method=task, extra_optim_args=extra), output_dir / "runs" / method,
-                          distributed=bool(args.worker))
-    if result is not None:
-        result.update(method=method, label=label_of(method))
+    result = train_digits(replace(args.run, method=task, extra_optim_args=extra), output_dir / "runs" / method)
+    result.update(method=method, label=label_of(method))
     return result
 
 
@@ -97,23 +93,14 @@ def run_two_processes(method: str, args, output_dir: Path) -> tuple[dict | None,
     """Run one method under torchrun with 2 processes; (result, why-skipped)."""
     if cpu_cores() < 2:
         return None, f"needs 2 CPU cores, this machine has {cpu_cores()}"
-    result_file, error_file = output_dir / f"{method}.json", output_dir / f"{method}.error"
-    result_file.unlink(missing_ok=True)
-    error_file.unlink(missing_ok=True)
-    r = args.run
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sam_hf.demo", "--worker", method, "--output_dir", str(output_dir), "--seed", str(r.seed),
-           "--epochs", str(r.epochs), "--noise", str(100 * r.noise)] + (["--tiny"] if args.tiny else [])
+    task, extra, procs = METHODS[method]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return None, "torchrun did not finish within 600 s"
-    if proc.returncode != 0 or not result_file.is_file():
-        if error_file.is_file():
-            return None, error_file.read_text()
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        return None, f"torchrun exited with code {proc.returncode}:\n{tail}"
-    return json.loads(result_file.read_text()), ""
+        result = train_digits_torchrun(replace(args.run, method=task, extra_optim_args=extra),
+                                       output_dir / "runs" / method, processes=procs)
+    except RuntimeError as err:
+        return None, str(err)
+    result.update(method=method, label=label_of(method))
+    return result, ""
 
 
 # ---------------------------------------------------------------- report
@@ -244,16 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
-    if args.worker:  # inside torchrun: rank 0 writes the result (or any rank the error) for the parent
-        try:
-            result = train_one(args.worker, args, output_dir)
-        except Exception as err:
-            (output_dir / f"{args.worker}.error").write_text(f"{type(err).__name__}: {err}")
-            raise
-        if result is not None:
-            (output_dir / f"{args.worker}.json").write_text(json.dumps(result))
-        return 0
-
     start, args.load_before = time.perf_counter(), _load()
     results, skipped = [], {}
     for method in args.methods:

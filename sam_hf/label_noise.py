@@ -28,8 +28,12 @@ in the repository runs the whole grid of SAMPa Table 7 with this code.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -295,3 +299,53 @@ def train_digits(run: DigitsRun, output_dir: Path, distributed: bool = False) ->
         "train_seconds": sum(timer.times),
         "curve": curve, "loss_curve": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
     }
+
+
+# ---------------------------------------------------------------- on several processes
+
+
+def train_digits_torchrun(run: DigitsRun, output_dir: Path, processes: int = 2, module: str = "sam_hf.label_noise",
+                          timeout: float = 600) -> dict:
+    """`train_digits` on `processes` processes (torchrun, gloo): rank 0's result. `module` is the entry point
+    torchrun runs (its main must hand `--digits_worker` to `digits_worker`): a study that adds methods to
+    METHODS names itself, so that they exist in the workers too. RuntimeError with the workers' error (or the
+    tail of their output) when the launch fails."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result_file, error_file = output_dir / "result.json", output_dir / "error.txt"
+    result_file.unlink(missing_ok=True)
+    error_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", module, "--digits_worker", json.dumps(asdict(run)), "--output_dir", str(output_dir)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"torchrun with {processes} processes did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0 or not result_file.is_file():
+        if error_file.is_file():
+            raise RuntimeError(error_file.read_text())
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise RuntimeError(f"torchrun exited with code {proc.returncode}:\n{tail}")
+    return json.loads(result_file.read_text())
+
+
+def digits_worker(argv: list[str]) -> int:
+    """One process of `train_digits_torchrun`: trains, then rank 0 writes result.json (any failing rank writes
+    error.txt) into --output_dir."""
+    p = argparse.ArgumentParser(prog="digits worker (under torchrun)")
+    p.add_argument("--digits_worker", required=True, help="the DigitsRun as JSON")
+    p.add_argument("--output_dir", required=True)
+    args = p.parse_args(argv)
+    out = Path(args.output_dir)
+    try:
+        result = train_digits(DigitsRun(**json.loads(args.digits_worker)), out / "trainer", distributed=True)
+    except Exception as err:
+        (out / "error.txt").write_text(f"{type(err).__name__}: {err}")
+        raise
+    if result is not None:
+        (out / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(digits_worker(sys.argv[1:]))

@@ -9,7 +9,11 @@ Time is not read from the runs (they ran one after the other on a machine shared
 load changed between them). A separate timing pass (`--timing`) trains every configuration for a short while,
 round-robin, several rounds; in each round each configuration's mean step time is divided by SGD's of the
 same round, and the table gives the median of these ratios over rounds (`paired_ratios`). A step is one
-batch of 128, so the ratio per step is the ratio per epoch.
+batch of 128, so the ratio per step is the ratio per epoch. Every process runs one thread, so it stands for
+one device: the 2-process rows (SAMPa-0.2 and Asynchronous SAM in role mode, under torchrun) are also divided
+by SGD with DDP on 2 processes (batch 128 on each) of the same round, which pays the same cost of two
+processes and is the limit they can reach (`sgd_ddp`, a time reference only; per epoch it takes half the
+steps). timing.json is reused only when it holds every requested row: ratios are paired within rounds.
 
     python -m studies.variants --jobs 1                 # timing pass and every run, resumable
     python -m studies.variants --report_only            # tables and figure from what is finished
@@ -47,6 +51,8 @@ class Row:
     table: int = 4
     paper: float | None = None  # the paper's test accuracy (Table 4 or Table 8), ResNet-56 on CIFAR-10
     paper_time: float | None = None  # Table 4's time per epoch (s), 2 GPUs for SAMPa
+    processes: int = 1  # > 1: torchrun, one thread per process (a process stands for a device)
+    timed_only: bool = False  # a time reference: in the timing pass, not trained for accuracy
 
 
 # SAF and MESA: B.4 starts their trajectory loss after epoch 5 (of 200 there, of 20 here).
@@ -54,9 +60,17 @@ TRAJ_START = "start_epoch=5"  # B.4
 ROWS = (
     # Table 4 (§5.2): efficient variants
     Row("sgd", "SGD", "sgd", "", table=4, paper=94.20),  # Table 1 (ResNet-56, 400 epochs)
+    # what two processes cost without any sharpness method: the limit of the 2-process rows (batch 128 each)
+    Row("sgd_ddp", "SGD, DDP on 2 processes", "sgd", "", table=4, processes=2, timed_only=True),
     Row("sam", "SAM", "sam", "", table=4, paper=94.26, paper_time=18.81),
     Row("sam_k2", "SAM, k = 2", "sam", "interval=2", table=4),
-    Row("sampa2rho", "SAMPa-0.2 (2ρ)", "sampa", "lam=0.2", 2.0, table=4, paper=94.62, paper_time=10.94),
+    Row("sampa2rho", "SAMPa-0.2 (2ρ)", "sampa", "lam=0.2", 2.0, table=4, paper=94.62),
+    # Table 4's time is SAMPa-0.2 on 2 GPUs (Table 11): role mode, one gradient per process
+    Row("sampa2rho_2proc", "SAMPa-0.2 (2ρ), 2 processes", "sampa", "lam=0.2,parallel=on", 2.0, table=4, paper=94.62,
+        paper_time=10.94, processes=2),
+    # not in Table 4: the stale ascent on the second process, on the whole batch (r = 1), SAM's rho
+    Row("asyncsam_2proc", "Asynchronous SAM, 2 processes", "asyncsam", "ascent_batch_ratio=1,parallel=on", table=4,
+        processes=2),
     Row("looksam", "LookSAM", "looksam", "k=5,alpha=0.7", table=4, paper=91.42, paper_time=16.28),  # B.4
     Row("aesam", "AE-SAM", "aesam", "delta=0.9", 2.0, table=4, paper=94.46, paper_time=13.47),  # B.4: rho 0.2
     Row("esam", "ESAM (SWP)", "esam", "beta=0.5,gamma=1", table=4, paper=94.21, paper_time=15.97),  # B.4, no SDS
@@ -135,32 +149,51 @@ def paired_ratios(rounds: list[dict[str, float]], base: str = "sgd") -> dict[str
 TIMING_ARGS = {"mesa": "start_epoch=-1", "saf": "start_epoch=0,epochs_back=1"}
 
 
+def train_row(name: str, run, output_dir: Path) -> dict:
+    """Train a row's DigitsRun in this process, or under torchrun on the row's processes (whose workers start
+    in this module, so they know the rows: main hands them to `digits_worker`)."""
+    from sam_hf.label_noise import train_digits, train_digits_torchrun
+
+    processes = BY_NAME[name].processes
+    if processes == 1:
+        return train_digits(run, output_dir)
+    return train_digits_torchrun(run, output_dir, processes, module="studies.variants")
+
+
 def timing_pass(args) -> dict:
     """Every row for `timing_epochs` epochs, round-robin (the order rotates by one each round), `timing_rounds`
-    rounds; SAF and MESA with their trajectory loss on early (TIMING_ARGS)."""
+    rounds; SAF and MESA with their trajectory loss on early (TIMING_ARGS). A 2-process row's time is rank 0's
+    mean step (the roles meet at the exchange every step); torchrun's start is not in it."""
     from sam_hf import label_noise
-    from sam_hf.label_noise import DigitsRun, train_digits
+    from sam_hf.label_noise import DigitsRun
 
     register()
-    names = [n for n in args.methods]
+    names = list(args.rows)
     rounds = []
     for k in range(args.timing_rounds):
         order = names[k % len(names):] + names[:k % len(names)]
         times = {}
         for name in order:
             label, optim, own = label_noise.METHODS[name]
-            if optim in TIMING_ARGS:
+            if optim in TIMING_ARGS:  # in this process only: such a row must not run under torchrun
+                assert BY_NAME[name].processes == 1, f"{name}: TIMING_ARGS would not reach its torchrun workers"
                 label_noise.METHODS[name] = (label, optim, own.replace(TRAJ_START, TIMING_ARGS[optim]))
             try:
-                result = train_digits(DigitsRun(method=name, noise=NOISE, seed=1, epochs=args.timing_epochs,
-                                                sharpness_samples=0, curves=False),
-                                      Path(args.out) / "runs" / "trainer" / f"timing-{name}")
+                result = train_row(name, DigitsRun(method=name, noise=NOISE, seed=1, epochs=args.timing_epochs,
+                                                   sharpness_samples=0, curves=False),
+                                   Path(args.out) / "runs" / "trainer" / f"timing-{name}")
             finally:
                 label_noise.METHODS[name] = (label, optim, own)
             times[name] = result["sec_per_step_mean"]
             print(f"[timing] round {k + 1} {name}: {1000 * times[name]:.0f} ms/step", flush=True)
         rounds.append(times)
-    return {"rounds": rounds, "epochs": args.timing_epochs, "ratios": paired_ratios(rounds)}
+    return {"rounds": rounds, "epochs": args.timing_epochs, **timing_ratios(rounds)}
+
+
+def timing_ratios(rounds: list[dict[str, float]]) -> dict:
+    """Every row's paired ratios to SGD; the multi-process rows' also to SGD with DDP (their limit)."""
+    many = [{n: t for n, t in r.items() if BY_NAME[n].processes > 1} for r in rounds]
+    return {"ratios": paired_ratios(rounds), "ratios_to_ddp": paired_ratios(many, "sgd_ddp")}
 
 
 # ---------------------------------------------------------------- runs
@@ -184,14 +217,19 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.noises = [NOISE]
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in BY_NAME]
+    args.rows = [m.strip() for m in args.methods.split(",") if m.strip()]  # timed and reported
+    unknown = [m for m in args.rows if m not in BY_NAME]
     if unknown:
         p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(ORDER)}")
-    if "sgd" not in args.methods:
+    if "sgd" not in args.rows:
         p.error("--methods must include sgd: times and gains are relative to it")
+    many = [m for m in args.rows if BY_NAME[m].processes > 1 and m != "sgd_ddp"]
+    if many and "sgd_ddp" not in args.rows:
+        p.error(f"--methods: the 2-process rows ({', '.join(many)}) are timed against SGD with DDP on 2 "
+                "processes: add sgd_ddp")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    args.methods = [m for m in args.rows if not BY_NAME[m].timed_only]  # trained for accuracy
     return args
 
 
@@ -205,14 +243,14 @@ def settings_of(args) -> dict:
 
 
 def worker(args) -> int:
-    from sam_hf.label_noise import DigitsRun, train_digits
+    from sam_hf.label_noise import DigitsRun
 
     register()
     settings, out = settings_of(args), Path(args.out)
     for spec in json.loads(args.worker):
         run = runner.Run(spec["seed"], spec["noise"], spec["method"])
-        result = train_digits(DigitsRun(method=run.method, noise=run.noise, seed=run.seed, **settings),
-                              out / "runs" / "trainer" / run.name)
+        result = train_row(run.method, DigitsRun(method=run.method, noise=run.noise, seed=run.seed, **settings),
+                           out / "runs" / "trainer" / run.name)
         runner.write_result(runner.result_path(out, run), {**result, "settings": settings})
     return 0
 
@@ -237,9 +275,30 @@ def load_timing(out: Path) -> dict | None:
         return None
 
 
-def _ratio(timing, name) -> str:
-    r = (timing or {}).get("ratios", {}).get(name)
+def timing_holds(out: Path, args) -> bool:
+    """Whether OUT/timing.json holds every requested row at the requested length (else the pass reruns whole:
+    a row timed in other rounds would not be paired with the rest)."""
+    timing = load_timing(out)
+    if timing is None:
+        return False
+    missing = [m for m in args.rows if m not in timing.get("ratios", {})]
+    if missing or timing.get("epochs") != args.timing_epochs:
+        why = f"no {', '.join(missing)}" if missing else f"{timing.get('epochs')} epochs per row"
+        print(f"[timing] {Path(out) / 'timing.json'} has {why}: timing every row again")
+        return False
+    return True
+
+
+def _ratio(timing, name, key: str = "ratios") -> str:
+    r = (timing or {}).get(key, {}).get(name)
     return f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})" if r else "-"
+
+
+def reported_rows(args, results: list[dict], timing: dict | None) -> list[str]:
+    """The rows of the tables: the requested rows with finished runs, and the timed-only references timed."""
+    ratios = (timing or {}).get("ratios", {})
+    return [m for m in args.rows if any(r["method"] == m for r in results) or (BY_NAME[m].timed_only
+                                                                                and m in ratios)]
 
 
 def tables(results: list[dict], timing: dict | None, methods: list[str]) -> tuple[str, str]:
@@ -254,14 +313,16 @@ def tables(results: list[dict], timing: dict | None, methods: list[str]) -> tupl
         return f"{row.paper_time:.2f} s ({row.paper_time / sam.paper_time:.2f}× SAM)" if row.paper_time else "-"
 
     sam_ratio = (timing or {}).get("ratios", {}).get("sam")
-    t4 = [[BY_NAME[m].label, cell(acc.get((m,), none), 100), "" if m == "sgd" else cell(gain[m], 100),
+    t4 = [[BY_NAME[m].label,
+           "(time reference)" if BY_NAME[m].timed_only else cell(acc.get((m,), none), 100),
+           "" if m == "sgd" or BY_NAME[m].timed_only else cell(gain[m], 100),
            f"{BY_NAME[m].paper:.2f}" if BY_NAME[m].paper else "-", cell(lmax.get((m,), none), 1, 1),
            cell(mem.get((m,), none), 100, 1), _ratio(timing, m),
            (f"{timing['ratios'][m]['median'] / sam_ratio['median']:.2f}" if sam_ratio and m in timing["ratios"]
-            else "-"), paper_ratio(m)]
+            else "-"), _ratio(timing, m, "ratios_to_ddp") if BY_NAME[m].processes > 1 else "-", paper_ratio(m)]
           for m in methods if BY_NAME[m].table == 4]
     table4 = markdown(["row", "test acc. (%)", "gain over SGD (pts)", "paper acc.", "λ_max", "memorized (%)",
-                       "time/epoch ÷ SGD", "÷ SAM", "paper time/epoch"], t4)
+                       "time/step ÷ SGD", "÷ SAM", "÷ SGD, DDP on 2", "paper time/epoch"], t4)
     t8 = []
     for alone, combo in TABLE8_PAIRS:
         if alone not in methods or combo not in methods:
@@ -304,27 +365,29 @@ def plot(results: list[dict], timing: dict | None, methods: list[str], path: Pat
             if (BY_NAME[m].table != table and m not in ("sgd", "sam")) or m not in ratios or (m,) not in acc:
                 continue
             s, r = acc[(m,)], ratios[m]
+            many = BY_NAME[m].processes > 1  # hollow: two processes (two devices)
             ax.errorbar(r["median"], 100 * s.mean, yerr=100 * s.std if s.n > 1 else 0,
                         xerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], marker="o", capsize=3,
-                        linestyle="none", label=BY_NAME[m].label)
+                        linestyle="none", label=BY_NAME[m].label, markerfacecolor="none" if many else None)
             ax.annotate(BY_NAME[m].label, (r["median"], 100 * s.mean), fontsize="x-small",
                         xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("time per epoch ÷ SGD's (median over interleaved rounds; bars: range)")
+        ax.set_xlabel("time per step ÷ SGD's on 1 process (median over interleaved rounds; bars: range)")
         ax.set_ylabel("test accuracy (%), 40% label noise (bars: std over seeds)")
-        ax.set_title(f"Table {table} rows, CNN on digits, one CPU thread", fontsize="medium")
+        ax.set_title(f"Table {table} rows, CNN on digits, one CPU thread per process", fontsize="medium")
     report.save(fig, path)
 
 
 def write_report(args, results: list[dict], seconds: float | None) -> Path:
     out = Path(args.out)
-    methods = [m for m in args.methods if any(r["method"] == m for r in results)]
     timing = load_timing(out)
+    methods = reported_rows(args, results, timing)
     keep = ("method", "label", "noise", "seed", "optim", "optim_args", "rho", "epochs", "steps", "test_accuracy",
             "train_fit", "memorized", "corrupted", "lambda_max", "sec_per_step", "sec_per_step_mean",
             "train_seconds")
-    ratios = (timing or {}).get("ratios", {})
-    rows = [{**{k: r.get(k) for k in keep}, "time_ratio_to_sgd": ratios.get(r["method"], {}).get("median")}
-            for r in results]
+    ratios, to_ddp = (timing or {}).get("ratios", {}), (timing or {}).get("ratios_to_ddp", {})
+    rows = [{**{k: r.get(k) for k in keep}, "processes": BY_NAME[r["method"]].processes,
+             "time_ratio_to_sgd": ratios.get(r["method"], {}).get("median"),
+             "time_ratio_to_sgd_ddp": to_ddp.get(r["method"], {}).get("median")} for r in results]
     report.write_csv(out / "variants.csv", rows)
     plot(results, timing, methods, out / "figure2.png")
     table4, table8 = tables(results, timing, methods)
@@ -333,7 +396,8 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
     timing_text = ("no timing pass yet" if not timing else
                    f"{len(timing['rounds'])} interleaved rounds of {timing['epochs']:g} epoch(s) "
                    f"({12 * timing['epochs']:.0f} steps, the first 3 dropped) per configuration; cell: median "
-                   "ratio of mean step times to SGD's in the same round (range over rounds)")
+                   "ratio of mean step times to SGD's in the same round (range over rounds); 2-process rows "
+                   "also to SGD with DDP on 2 processes, batch 128 on each")
     text = [
         *report.header("Efficient variants and combinations (SAMPa Tables 4 and 8) on the label-noise digits task",
                        "variants", args, results, seconds,
@@ -355,11 +419,24 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--digits_worker" in (sys.argv[1:] if argv is None else argv):  # one process of a torchrun row
+        from sam_hf.label_noise import digits_worker
+
+        register()
+        return digits_worker(sys.argv[1:] if argv is None else argv)
     args = runner.study_args(argv, parse_args)
     if args.worker:
         return worker(args)
     out = Path(args.out)
-    if not (args.report_only or args.dry_run) and args.timing != "skip" and load_timing(out) is None:
+    if not (args.report_only or args.dry_run) and args.timing != "skip" and not timing_holds(out, args):
+        from sam_hf.distributed.placement import cpu_cores
+
+        crowded = [m for m in args.rows if BY_NAME[m].processes > cpu_cores()]
+        if crowded:  # their processes would share cores: the time would not be two devices'
+            print(f"error: the timing pass of {', '.join(crowded)} needs {BY_NAME[crowded[0]].processes} CPU "
+                  f"cores, this machine has {cpu_cores()}: leave them out of --methods, or --timing skip",
+                  file=sys.stderr)
+            return 2
         start = time.perf_counter()
         timing = timing_pass(args)
         timing["seconds"] = time.perf_counter() - start

@@ -298,6 +298,94 @@ def test_every_variant_row_builds_a_valid_config_with_appendix_b4_settings():
         SharpnessConfig.from_optim_args(optim, timing_args)
 
 
+def test_two_process_rows_are_their_one_process_configuration_in_role_mode():
+    """Table 4's SAMPa-0.2 time is on 2 GPUs (SAMPa Table 11): the 2-process row is the 1-process row with
+    parallel=on (role mode), and the paper's time sits on it; Asynchronous SAM runs its ascent on the whole
+    batch (r = 1) at SAM's rho; SGD with DDP is only a time reference."""
+    import dataclasses
+
+    from studies import variants
+
+    by = variants.BY_NAME
+    assert variants.config_of("sampa2rho_2proc") == dataclasses.replace(variants.config_of("sampa2rho"),
+                                                                         parallel="on")
+    assert by["sampa2rho_2proc"].paper_time == 10.94 and by["sampa2rho"].paper_time is None
+    asyncsam = variants.config_of("asyncsam_2proc")
+    assert asyncsam.parallel == "on" and asyncsam.ascent_batch_ratio == 1 and math.isclose(asyncsam.rho, 0.1)
+    assert {r.name for r in variants.ROWS if r.processes == 2} == {"sgd_ddp", "sampa2rho_2proc", "asyncsam_2proc"}
+    assert [r.name for r in variants.ROWS if r.timed_only] == ["sgd_ddp"] and variants.optim_of("sgd_ddp")[0] == "sgd"
+
+
+def test_two_process_rows_need_their_ddp_reference_and_the_reference_is_not_trained():
+    from studies import variants
+
+    with pytest.raises(SystemExit):
+        variants.parse_args(["--methods", "sgd,sam,sampa2rho_2proc"])
+    args = variants.parse_args(["--methods", "sgd,sgd_ddp,sampa2rho_2proc"])
+    assert args.rows == ["sgd", "sgd_ddp", "sampa2rho_2proc"] and args.methods == ["sgd", "sampa2rho_2proc"]
+
+
+def test_timing_pass_runs_two_process_rows_under_torchrun_and_pairs_them_with_ddp(tmp_path, monkeypatch):
+    """1-process rows train here, 2-process rows under torchrun started in this module (so its workers know
+    the rows); ratios to SGD and, for the 2-process rows, to SGD with DDP are paired within each round."""
+    from sam_hf import label_noise
+    from studies import variants
+
+    # round 2 on a machine twice as slow: every time doubles, no ratio moves
+    times = {"sgd": 0.010, "sam": 0.020, "sgd_ddp": 0.011, "sampa2rho_2proc": 0.0121}
+    calls = []
+
+    def here(run, output_dir, distributed=False):
+        calls.append((run.method, 1, None))
+        return {"sec_per_step_mean": times[run.method] * (1 + sum(c[0] == run.method for c in calls) // 2)}
+
+    def torchrun(run, output_dir, processes=2, module="sam_hf.label_noise", timeout=600):
+        calls.append((run.method, processes, module))
+        return {"sec_per_step_mean": times[run.method] * (1 + sum(c[0] == run.method for c in calls) // 2)}
+
+    monkeypatch.setattr(label_noise, "train_digits", here)
+    monkeypatch.setattr(label_noise, "train_digits_torchrun", torchrun)
+    args = variants.parse_args(["--out", str(tmp_path), "--methods", "sgd,sam,sgd_ddp,sampa2rho_2proc",
+                                "--timing_rounds", "2"])
+    timing = variants.timing_pass(args)
+    assert sorted(set(calls)) == [("sam", 1, None), ("sampa2rho_2proc", 2, "studies.variants"),
+                                  ("sgd", 1, None), ("sgd_ddp", 2, "studies.variants")]
+    assert len(calls) == 8 and [c[0] for c in calls[4:]] == ["sam", "sgd_ddp", "sampa2rho_2proc", "sgd"]  # rotated
+    assert [r["sgd"] for r in timing["rounds"]] == [0.010, 0.020]
+    assert math.isclose(timing["ratios"]["sampa2rho_2proc"]["median"], 1.21)
+    assert math.isclose(timing["ratios_to_ddp"]["sampa2rho_2proc"]["median"], 1.1)
+    assert timing["ratios_to_ddp"]["sgd_ddp"]["max"] == 1.0 and set(timing["ratios_to_ddp"]) == {
+        "sgd_ddp", "sampa2rho_2proc"}
+
+
+def test_a_timing_pass_without_a_requested_row_is_run_again_whole(tmp_path, monkeypatch):
+    from studies import variants
+
+    runner.write_result(tmp_path / "timing.json", {"rounds": [{"sgd": 0.1, "sam": 0.2}], "epochs": 2,
+                                                   "ratios": variants.paired_ratios([{"sgd": 0.1, "sam": 0.2}])})
+    args = variants.parse_args(["--out", str(tmp_path), "--methods", "sgd,sam"])
+    assert variants.timing_holds(tmp_path, args)
+    assert not variants.timing_holds(tmp_path, variants.parse_args(["--out", str(tmp_path), "--methods",
+                                                                    "sgd,sam,sam_k2"]))
+    assert not variants.timing_holds(tmp_path, variants.parse_args(["--out", str(tmp_path), "--methods", "sgd,sam",
+                                                                    "--timing_epochs", "1"]))
+    passes = []
+    monkeypatch.setattr(variants, "timing_pass", lambda args: passes.append(args.rows) or {"rounds": [], "epochs": 2,
+                                                                                           "ratios": {}})
+    assert variants.main(["--out", str(tmp_path), "--methods", "sgd,sam,sam_k2", "--timing", "only"]) == 0
+    assert passes == [["sgd", "sam", "sam_k2"]]
+
+
+def test_the_two_process_timing_needs_two_cores(tmp_path, monkeypatch, capsys):
+    from sam_hf.distributed import placement
+    from studies import variants
+
+    monkeypatch.setattr(placement, "cpu_cores", lambda: 1)
+    monkeypatch.setattr(variants, "timing_pass", lambda args: pytest.fail("refused before timing"))
+    assert variants.main(["--out", str(tmp_path), "--methods", "sgd,sgd_ddp,asyncsam_2proc"]) == 2
+    assert "sgd_ddp, asyncsam_2proc needs 2 CPU cores, this machine has 1" in capsys.readouterr().err
+
+
 def test_a_row_may_not_redefine_a_label_noise_method():
     from sam_hf import label_noise
     from studies import variants
@@ -371,3 +459,27 @@ def test_variants_resume_runs_nothing_finished_and_reports_both_tables(tmp_path,
     # lambda_max 10, 9, 8 for sgd, sam, msam on both seeds: mSAM Theorem 3.2's ordering holds
     assert "holds in 2 of 2 seeds (seed 1: 10 / 9 / 8; seed 2: 10 / 9 / 8)" in text
     assert (tmp_path / "figure2.png").stat().st_size > 0 and (tmp_path / "variants.csv").exists()
+
+
+def test_variants_report_the_two_process_rows_against_sgd_and_ddp(tmp_path):
+    """The DDP reference is a timed row without accuracy; a 2-process row has both ratios, the paper's 2-GPU
+    time (Table 4, SAMPa Table 11) and the paired gain of its runs."""
+    import csv
+
+    from studies import variants
+
+    methods = ["sgd", "sampa2rho_2proc"]
+    fake_variant_results(tmp_path, [1, 2], methods)
+    rounds = [{"sgd": 0.10, "sgd_ddp": 0.11, "sampa2rho_2proc": 0.121}]
+    runner.write_result(tmp_path / "timing.json", {"rounds": rounds, "epochs": 2, **variants.timing_ratios(rounds)})
+    assert variants.main(["--out", str(tmp_path), "--seeds", "1,2", "--methods", "sgd,sgd_ddp,sampa2rho_2proc",
+                          "--report_only"]) == 0
+    text = (tmp_path / "variants.md").read_text()
+    assert "| SGD, DDP on 2 processes | (time reference) |  | - | - | - | 1.10 (1.10–1.10) | - | 1.00 (1.00–1.00) | - |" \
+        in text
+    assert ("| SAMPa-0.2 (2ρ), 2 processes | 81.15 ± 0.07 | 1.00 ± 0.00 | 94.62 | 9.0 ± 0.0 | 10.0 ± 0.0 | "
+            "1.21 (1.21–1.21) | - | 1.10 (1.10–1.10) | 10.94 s (0.58× SAM) |") in text
+    rows = list(csv.DictReader(open(tmp_path / "variants.csv")))
+    assert [(r["method"], r["processes"]) for r in rows if r["seed"] == "1"] == [("sgd", "1"), ("sampa2rho_2proc", "2")]
+    assert [float(r["time_ratio_to_sgd_ddp"] or "nan") for r in rows if r["seed"] == "1"] == pytest.approx(
+        [math.nan, 1.1], nan_ok=True)
