@@ -23,7 +23,9 @@ paper gives SGD twice SAM's epochs), no augmentation (no flips for digits),
 and the final model is reported (the paper selects on a validation split).
 
 `sam-hf demo` runs one noise rate with a few methods; `studies/vision_noise.py`
-in the repository runs the whole grid of SAMPa Table 7 with this code.
+in the repository runs the whole grid of SAMPa Table 7 with this code. A run on
+several processes (role mode, DDP) goes through `train_digits_torchrun`, whose
+workers start in `python -m sam_hf.label_noise` (or a study's own module).
 """
 
 from __future__ import annotations
@@ -307,38 +309,56 @@ def train_digits(run: DigitsRun, output_dir: Path, distributed: bool = False) ->
 def train_digits_torchrun(run: DigitsRun, output_dir: Path, processes: int = 2, module: str = "sam_hf.label_noise",
                           timeout: float = 600) -> dict:
     """`train_digits` on `processes` processes (torchrun, gloo): rank 0's result. `module` is the entry point
-    torchrun runs (its main must hand `--digits_worker` to `digits_worker`): a study that adds methods to
-    METHODS names itself, so that they exist in the workers too. RuntimeError with the workers' error (or the
-    tail of their output) when the launch fails."""
+    torchrun runs (its main must hand `--digits_run` to `digits_worker`): a study that adds methods to
+    METHODS names itself, so that they exist in the workers too. RuntimeError naming the run, with the workers'
+    error and the tail of their output, when the launch fails. Interrupted (Ctrl-C, a timeout, SIGTERM turned
+    into KeyboardInterrupt), it stops torchrun, which stops its workers: they run in a session of their own and
+    would otherwise outlive this process."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     result_file, error_file = output_dir / "result.json", output_dir / "error.txt"
     result_file.unlink(missing_ok=True)
     error_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", module, "--digits_worker", json.dumps(asdict(run)), "--output_dir", str(output_dir)]
+           "-m", module, "--digits_run", json.dumps(asdict(run)), "--output_dir", str(output_dir)]
+    what = f"{run.method} on {processes} processes ({output_dir})"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"torchrun with {processes} processes did not finish within {timeout:.0f} s") from None
+        _stop(proc)
+        raise RuntimeError(f"{what}: torchrun did not finish within {timeout:.0f} s") from None
+    except BaseException:
+        _stop(proc)
+        raise
     if proc.returncode != 0 or not result_file.is_file():
-        if error_file.is_file():
-            raise RuntimeError(error_file.read_text())
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        raise RuntimeError(f"torchrun exited with code {proc.returncode}:\n{tail}")
+        error = error_file.read_text() if error_file.is_file() else ""
+        tail = "\n".join(output.strip().splitlines()[-8:])
+        raise RuntimeError(f"{what}: torchrun exited with code {proc.returncode}"
+                           + (f": {error}" if error else "") + f"\n{tail}")
     return json.loads(result_file.read_text())
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM to torchrun (it ends its workers), then SIGKILL after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def digits_worker(argv: list[str]) -> int:
     """One process of `train_digits_torchrun`: trains, then rank 0 writes result.json (any failing rank writes
     error.txt) into --output_dir."""
     p = argparse.ArgumentParser(prog="digits worker (under torchrun)")
-    p.add_argument("--digits_worker", required=True, help="the DigitsRun as JSON")
+    p.add_argument("--digits_run", required=True, help="the DigitsRun as JSON")
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     try:
-        result = train_digits(DigitsRun(**json.loads(args.digits_worker)), out / "trainer", distributed=True)
+        result = train_digits(DigitsRun(**json.loads(args.digits_run)), out / "trainer", distributed=True)
     except Exception as err:
         (out / "error.txt").write_text(f"{type(err).__name__}: {err}")
         raise

@@ -114,7 +114,7 @@ def run_pending(runs: list[Run], out: Path, settings: dict, command: Callable[[l
     logs = Path(out) / "runs"
     logs.mkdir(parents=True, exist_ok=True)
     status: dict[str, bool] = {}
-    _stop_on_sigterm()
+    stop_on_sigterm()
     active: list[tuple[list[Run], subprocess.Popen, float, object]] = []
     start = time.perf_counter()
     try:
@@ -151,7 +151,7 @@ def run_pending(runs: list[Run], out: Path, settings: dict, command: Callable[[l
     return status
 
 
-def _stop_on_sigterm() -> None:
+def stop_on_sigterm() -> None:
     """`kill PID` of the study stops its runs as Ctrl-C does (their processes are ended, nothing is written)."""
     import signal
     import threading

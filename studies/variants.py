@@ -175,13 +175,14 @@ def timing_pass(args) -> dict:
         times = {}
         for name in order:
             label, optim, own = label_noise.METHODS[name]
-            if optim in TIMING_ARGS:  # in this process only: such a row must not run under torchrun
-                assert BY_NAME[name].processes == 1, f"{name}: TIMING_ARGS would not reach its torchrun workers"
+            if optim in TIMING_ARGS:  # in this process only (a test checks no such row runs under torchrun)
                 label_noise.METHODS[name] = (label, optim, own.replace(TRAJ_START, TIMING_ARGS[optim]))
             try:
                 result = train_row(name, DigitsRun(method=name, noise=NOISE, seed=1, epochs=args.timing_epochs,
                                                    sharpness_samples=0, curves=False),
                                    Path(args.out) / "runs" / "trainer" / f"timing-{name}")
+            except RuntimeError as err:
+                raise RuntimeError(f"timing pass, round {k + 1}, row {name}: {err}") from None
             finally:
                 label_noise.METHODS[name] = (label, optim, own)
             times[name] = result["sec_per_step_mean"]
@@ -202,7 +203,8 @@ def timing_ratios(rounds: list[dict[str, float]]) -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m studies.variants", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(HERE / "results" / "variants"), help="results folder (resumes from it)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once, one process (one thread) each")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, one process (one thread) each; a 2-process row takes two")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--methods", default=",".join(ORDER), help=f"a subset of {','.join(ORDER)}")
     p.add_argument("--epochs", type=float, default=20)
@@ -245,6 +247,7 @@ def settings_of(args) -> dict:
 def worker(args) -> int:
     from sam_hf.label_noise import DigitsRun
 
+    runner.stop_on_sigterm()  # the study's `kill` reaches a torchrun row's workers too
     register()
     settings, out = settings_of(args), Path(args.out)
     for spec in json.loads(args.worker):
@@ -275,18 +278,19 @@ def load_timing(out: Path) -> dict | None:
         return None
 
 
-def timing_holds(out: Path, args) -> bool:
-    """Whether OUT/timing.json holds every requested row at the requested length (else the pass reruns whole:
-    a row timed in other rounds would not be paired with the rest)."""
+def timing_mismatch(out: Path, args) -> str:
+    """Why OUT/timing.json cannot serve this command ("" when it can): no file, or made for other rows,
+    lengths or rounds. The pass then reruns whole: a row timed in other rounds would not be paired with the rest."""
     timing = load_timing(out)
     if timing is None:
-        return False
+        return "no timing pass yet"
     missing = [m for m in args.rows if m not in timing.get("ratios", {})]
-    if missing or timing.get("epochs") != args.timing_epochs:
-        why = f"no {', '.join(missing)}" if missing else f"{timing.get('epochs')} epochs per row"
-        print(f"[timing] {Path(out) / 'timing.json'} has {why}: timing every row again")
-        return False
-    return True
+    if missing:
+        return f"timing.json has no {', '.join(missing)}"
+    if timing.get("epochs") != args.timing_epochs or len(timing.get("rounds", [])) != args.timing_rounds:
+        return (f"timing.json has {len(timing.get('rounds', []))} rounds of {timing.get('epochs')} epochs, "
+                f"asked: {args.timing_rounds} of {args.timing_epochs:g}")
+    return ""
 
 
 def _ratio(timing, name, key: str = "ratios") -> str:
@@ -385,7 +389,7 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
             "train_fit", "memorized", "corrupted", "lambda_max", "sec_per_step", "sec_per_step_mean",
             "train_seconds")
     ratios, to_ddp = (timing or {}).get("ratios", {}), (timing or {}).get("ratios_to_ddp", {})
-    rows = [{**{k: r.get(k) for k in keep}, "processes": BY_NAME[r["method"]].processes,
+    rows = [{**{k: r.get(k) for k in keep}, "processes": r.get("processes", 1),
              "time_ratio_to_sgd": ratios.get(r["method"], {}).get("median"),
              "time_ratio_to_sgd_ddp": to_ddp.get(r["method"], {}).get("median")} for r in results]
     report.write_csv(out / "variants.csv", rows)
@@ -395,9 +399,10 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
     s = settings_of(args)
     timing_text = ("no timing pass yet" if not timing else
                    f"{len(timing['rounds'])} interleaved rounds of {timing['epochs']:g} epoch(s) "
-                   f"({12 * timing['epochs']:.0f} steps, the first 3 dropped) per configuration; cell: median "
-                   "ratio of mean step times to SGD's in the same round (range over rounds); 2-process rows "
-                   "also to SGD with DDP on 2 processes, batch 128 on each")
+                   f"({12 * timing['epochs']:.0f} steps of 128, the first 3 dropped) per configuration; cell: "
+                   "median ratio of mean step times to SGD's in the same round (range over rounds)"
+                   + ("; 2-process rows also to SGD with DDP on 2 processes (batch 128 on each, so "
+                      f"{6 * timing['epochs']:.0f} steps)" if timing.get("ratios_to_ddp") else ""))
     text = [
         *report.header("Efficient variants and combinations (SAMPa Tables 4 and 8) on the label-noise digits task",
                        "variants", args, results, seconds,
@@ -412,23 +417,25 @@ def write_report(args, results: list[dict], seconds: float | None) -> Path:
         "## Table 4: efficient variants", "", table4, "",
         msam_ordering(results), "",
         "## Table 8: with SAMPa-0.2", "", table8, "",
-        "![time per epoch relative to SGD against test accuracy](figure2.png)", "",
+        "![time per step relative to SGD against test accuracy](figure2.png)", "",
     ]
     (out / "variants.md").write_text("\n".join(text))
     return out / "variants.md"
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "--digits_worker" in (sys.argv[1:] if argv is None else argv):  # one process of a torchrun row
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--digits_run" in argv:  # one process of a torchrun row
         from sam_hf.label_noise import digits_worker
 
         register()
-        return digits_worker(sys.argv[1:] if argv is None else argv)
+        return digits_worker(argv)
     args = runner.study_args(argv, parse_args)
     if args.worker:
         return worker(args)
     out = Path(args.out)
-    if not (args.report_only or args.dry_run) and args.timing != "skip" and not timing_holds(out, args):
+    why = "" if args.report_only or args.dry_run or args.timing == "skip" else timing_mismatch(out, args)
+    if why:
         from sam_hf.distributed.placement import cpu_cores
 
         crowded = [m for m in args.rows if BY_NAME[m].processes > cpu_cores()]
@@ -437,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"cores, this machine has {cpu_cores()}: leave them out of --methods, or --timing skip",
                   file=sys.stderr)
             return 2
+        print(f"[timing] {why}: timing every row, {args.timing_rounds} interleaved rounds", flush=True)
         start = time.perf_counter()
         timing = timing_pass(args)
         timing["seconds"] = time.perf_counter() - start

@@ -314,13 +314,31 @@ def test_two_process_rows_are_their_one_process_configuration_in_role_mode():
     assert asyncsam.parallel == "on" and asyncsam.ascent_batch_ratio == 1 and math.isclose(asyncsam.rho, 0.1)
     assert {r.name for r in variants.ROWS if r.processes == 2} == {"sgd_ddp", "sampa2rho_2proc", "asyncsam_2proc"}
     assert [r.name for r in variants.ROWS if r.timed_only] == ["sgd_ddp"] and variants.optim_of("sgd_ddp")[0] == "sgd"
+    # the timing pass's early trajectory loss is set in this process: it would not reach torchrun's workers
+    assert not [r.name for r in variants.ROWS if r.processes > 1 and r.optim in variants.TIMING_ARGS]
 
 
-def test_two_process_rows_need_their_ddp_reference_and_the_reference_is_not_trained():
+def test_a_torchrun_worker_started_in_the_study_knows_its_rows(tmp_path, monkeypatch):
+    """torchrun starts `python -m studies.variants --digits_run ...`: main hands it to label_noise's worker
+    after registering the rows, so a row that exists only here (asyncsam_2proc) can train."""
+    from sam_hf import label_noise
+    from studies import variants
+
+    seen = []
+    monkeypatch.setattr(label_noise, "METHODS", {k: v for k, v in label_noise.METHODS.items()
+                                                 if k not in variants.BY_NAME or k == "sgd"})
+    monkeypatch.setattr(label_noise, "digits_worker",
+                        lambda argv: seen.append((argv, "asyncsam_2proc" in label_noise.METHODS)) or 0)
+    argv = ["--digits_run", '{"method": "asyncsam_2proc"}', "--output_dir", str(tmp_path)]
+    assert variants.main(argv) == 0 and seen == [(argv, True)]
+
+
+def test_two_process_rows_need_their_ddp_reference_and_the_reference_is_not_trained(capsys):
     from studies import variants
 
     with pytest.raises(SystemExit):
         variants.parse_args(["--methods", "sgd,sam,sampa2rho_2proc"])
+    assert "(sampa2rho_2proc) are timed against SGD with DDP on 2 processes: add sgd_ddp" in capsys.readouterr().err
     args = variants.parse_args(["--methods", "sgd,sgd_ddp,sampa2rho_2proc"])
     assert args.rows == ["sgd", "sgd_ddp", "sampa2rho_2proc"] and args.methods == ["sgd", "sampa2rho_2proc"]
 
@@ -364,15 +382,21 @@ def test_a_timing_pass_without_a_requested_row_is_run_again_whole(tmp_path, monk
     runner.write_result(tmp_path / "timing.json", {"rounds": [{"sgd": 0.1, "sam": 0.2}], "epochs": 2,
                                                    "ratios": variants.paired_ratios([{"sgd": 0.1, "sam": 0.2}])})
     args = variants.parse_args(["--out", str(tmp_path), "--methods", "sgd,sam"])
-    assert variants.timing_holds(tmp_path, args)
-    assert not variants.timing_holds(tmp_path, variants.parse_args(["--out", str(tmp_path), "--methods",
-                                                                    "sgd,sam,sam_k2"]))
-    assert not variants.timing_holds(tmp_path, variants.parse_args(["--out", str(tmp_path), "--methods", "sgd,sam",
-                                                                    "--timing_epochs", "1"]))
+    assert variants.timing_mismatch(tmp_path, variants.parse_args(["--out", str(tmp_path), "--methods", "sgd,sam",
+                                                                   "--timing_rounds", "1"])) == ""
+
+    def why(*more):
+        return variants.timing_mismatch(tmp_path, variants.parse_args(["--out", str(tmp_path), *more]))
+
+    assert why("--methods", "sgd,sam,sam_k2", "--timing_rounds", "1") == "timing.json has no sam_k2"
+    assert why("--methods", "sgd,sam", "--timing_rounds", "1", "--timing_epochs", "1") == \
+        "timing.json has 1 rounds of 2 epochs, asked: 1 of 1"
+    assert why("--methods", "sgd,sam") == "timing.json has 1 rounds of 2 epochs, asked: 3 of 2"  # default 3 rounds
     passes = []
     monkeypatch.setattr(variants, "timing_pass", lambda args: passes.append(args.rows) or {"rounds": [], "epochs": 2,
                                                                                            "ratios": {}})
-    assert variants.main(["--out", str(tmp_path), "--methods", "sgd,sam,sam_k2", "--timing", "only"]) == 0
+    assert variants.main(["--out", str(tmp_path), "--methods", "sgd,sam,sam_k2", "--timing", "only",
+                          "--timing_rounds", "1"]) == 0
     assert passes == [["sgd", "sam", "sam_k2"]]
 
 
@@ -437,7 +461,7 @@ def fake_variant_results(out, seeds, methods):
             runner.write_result(runner.result_path(out, run), {
                 "method": m, "noise": variants.NOISE, "seed": seed, "test_accuracy": 0.8 + 0.01 * i + 0.001 * seed,
                 "lambda_max": 10.0 - i, "memorized": 0.1, "train_seconds": 1.0, "sharpness_seconds": 1.0,
-                "settings": settings})
+                "processes": variants.BY_NAME[m].processes, "settings": settings})
 
 
 def test_variants_resume_runs_nothing_finished_and_reports_both_tables(tmp_path, monkeypatch):
@@ -451,7 +475,8 @@ def test_variants_resume_runs_nothing_finished_and_reports_both_tables(tmp_path,
                                                        "sgd": 0.1, "sam": 0.2, "msam": 0.21, "msam_sampa": 0.12}])})
     monkeypatch.setattr(variants, "timing_pass", lambda args: pytest.fail("timing.json holds the timing pass"))
     monkeypatch.setattr(variants, "command_for", lambda args: lambda chunk: pytest.fail("every run is finished"))
-    assert variants.main(["--out", str(tmp_path), "--seeds", "1,2", "--methods", ",".join(methods)]) == 0
+    assert variants.main(["--out", str(tmp_path), "--seeds", "1,2", "--methods", ",".join(methods),
+                          "--timing_rounds", "1"]) == 0
     text = (tmp_path / "variants.md").read_text()
     # mSAM + SAMPa minus mSAM, paired by seed: +1 point on both seeds (std 0); the paper's 94.28 -> 94.71
     assert "| mSAM (m=4) | 82.15 ± 0.07 | 83.15 ± 0.07 | 1.00 ± 0.00 | 94.28 → 94.71 (+0.43) |" in text
@@ -479,7 +504,7 @@ def test_variants_report_the_two_process_rows_against_sgd_and_ddp(tmp_path):
         in text
     assert ("| SAMPa-0.2 (2ρ), 2 processes | 81.15 ± 0.07 | 1.00 ± 0.00 | 94.62 | 9.0 ± 0.0 | 10.0 ± 0.0 | "
             "1.21 (1.21–1.21) | - | 1.10 (1.10–1.10) | 10.94 s (0.58× SAM) |") in text
-    rows = list(csv.DictReader(open(tmp_path / "variants.csv")))
+    rows = list(csv.DictReader((tmp_path / "variants.csv").read_text().splitlines()))
     assert [(r["method"], r["processes"]) for r in rows if r["seed"] == "1"] == [("sgd", "1"), ("sampa2rho_2proc", "2")]
     assert [float(r["time_ratio_to_sgd_ddp"] or "nan") for r in rows if r["seed"] == "1"] == pytest.approx(
         [math.nan, 1.1], nan_ok=True)
