@@ -5,6 +5,7 @@
     python -m benchmarks.param_copies --roles     # role mode: each rank of 2-process SAMPa / Asynchronous SAM
     python -m benchmarks.param_copies --layouts   # per-rank extra copies: 1 process, DDP, FSDP2, FSDP2 role mode,
                                                   # DeepSpeed ZeRO-1/2/3 (deepspeed installed)
+    python -m benchmarks.param_copies --layouts --rows SAMPa-0.2 gsam --only zero1   # some rows and layouts
 
 (from the repository root: the FSDP2 layouts borrow tests/helpers/fsdp_trainer.py's CPU set-up)
 
@@ -554,6 +555,9 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
     zero_cases = [(b, ba, 0.0, 1, False, z) for z in zero for b, ba in bases]
     zero_cases += [(o, with_parallel(a, "off") if o in ROLE_METHODS else a, 0.0, 1, False, z)
                    for z in zero for _, o, a in zero_rows]
+    # stage by stage, baseline first: a ZeRO-3 run leaves DeepSpeed's ZeRO-3 linear (zero.Init's patch of
+    # torch.nn.functional.linear) in place for the runs after it in the same process
+    zero_cases.sort(key=lambda case: case[5])
     peaks.update(zip(zero_cases, run_ranks(zero_cases, procs=2, steps=steps, where=where)) if zero_cases else {})
 
     def busiest(case):
@@ -689,7 +693,8 @@ def main(argv=None) -> None:
     p.add_argument("--roles", action="store_true",
                    help="role mode: 2-process SAMPa and Asynchronous SAM, each rank counted (torchrun, gloo)")
     p.add_argument("--layouts", action="store_true",
-                   help="per-rank extra copies in 1 process, DDP (2), FSDP2 (2) and FSDP2 role mode (4 processes)")
+                   help="per-rank extra copies in 1 process, DDP (2), FSDP2 (2), FSDP2 role mode (4 processes) and "
+                        "DeepSpeed ZeRO-1/2/3 (2)")
     p.add_argument("--rows", nargs="+", default=None, metavar="LABEL_OR_METHOD",
                    help="with --layouts: only these rows (a label such as 'SAMPa-0.2', or a method name: all its rows)")
     p.add_argument("--only", nargs="+", default=None, choices=list(LAYOUT_NAMES), metavar="LAYOUT",
