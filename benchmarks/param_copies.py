@@ -5,6 +5,7 @@
     python -m benchmarks.param_copies --roles     # role mode: each rank of 2-process SAMPa / Asynchronous SAM
     python -m benchmarks.param_copies --layouts   # per-rank extra copies: 1 process, DDP, FSDP2, FSDP2 role mode,
                                                   # DeepSpeed ZeRO-1/2/3 (deepspeed installed)
+    python -m benchmarks.param_copies --layouts --rows SAMPa-0.2 gsam --only zero1   # some rows and layouts
 
 (from the repository root: the FSDP2 layouts borrow tests/helpers/fsdp_trainer.py's CPU set-up)
 
@@ -554,6 +555,9 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
     zero_cases = [(b, ba, 0.0, 1, False, z) for z in zero for b, ba in bases]
     zero_cases += [(o, with_parallel(a, "off") if o in ROLE_METHODS else a, 0.0, 1, False, z)
                    for z in zero for _, o, a in zero_rows]
+    # stage by stage, baseline first: a ZeRO-3 run leaves DeepSpeed's ZeRO-3 linear (zero.Init's patch of
+    # torch.nn.functional.linear) in place for the runs after it in the same process
+    zero_cases.sort(key=lambda case: case[5])
     peaks.update(zip(zero_cases, run_ranks(zero_cases, procs=2, steps=steps, where=where)) if zero_cases else {})
 
     def busiest(case):
@@ -578,6 +582,8 @@ def measure_layouts(rows=LAYOUT_ROWS, steps: int = STEPS,
             if where:
                 result["where"][(label, f"zero{z}")] = (f"busiest rank {rank}: peak {peak / full:.2f} copies "
                                                         f"(baseline {b} {ba or ''}: {base[0] / full:.2f})\n{alive}")
+                result["where"][("baseline " + b + " " + (ba or ""), f"zero{z}")] = \
+                    f"busiest rank {base[1]}: peak {base[0] / full:.2f} copies\n{base[2]}"
         for layout, case in (("ddp", (optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS else optim_args,
                                       0.0, 1, False)),
                              ("fsdp", (optim, with_parallel(optim_args, "off") if optim in ROLE_METHODS else optim_args,
@@ -620,8 +626,22 @@ LAYOUT_NAMES = {"one": "1 process", "ddp": "DDP, 2 processes", "fsdp": "FSDP2, 2
                 "zero1": "ZeRO-1, 2 processes", "zero2": "ZeRO-2, 2 processes", "zero3": "ZeRO-3, 2 processes"}
 
 
-def _layouts_table(where: bool = False) -> None:
-    res = measure_layouts(where=where)
+def _select_rows(names=None) -> list[tuple]:
+    """LAYOUT_ROWS whose label or method name is one of `names` (all of them for none)."""
+    if not names:
+        return LAYOUT_ROWS
+    rows = [r for r in LAYOUT_ROWS if r[0] in names or r[1] in names]
+    unknown = set(names) - {r[0] for r in rows} - {r[1] for r in rows}
+    if unknown:
+        raise SystemExit(f"--rows {sorted(unknown)}: no such row; labels: {[r[0] for r in LAYOUT_ROWS]}, "
+                         f"methods: {sorted({r[1] for r in LAYOUT_ROWS})}")
+    return rows
+
+
+def _layouts_table(where: bool = False, rows=None, layouts=None) -> None:
+    rows = rows or LAYOUT_ROWS
+    layouts = list(layouts or LAYOUT_NAMES)
+    res = measure_layouts(rows=rows, layouts=layouts, where=where)
     print(f"Model: {LAYERS} x Linear({DIM}, {DIM}, bias=False), per-device batch {BATCH}, gloo on CPU processes; "
           f"peak over steps {WARMUP + 1}-{STEPS}. Extra fp32 copies beyond the base optimizer (AdamW) on the "
           "busiest rank (the max over ranks of the method's peak minus the max over ranks of the baseline's), in "
@@ -640,10 +660,9 @@ def _layouts_table(where: bool = False) -> None:
           "- ZeRO-1/2/3, 2 processes: DeepSpeed (`--deepspeed`, `--use_cpu`, gloo) with the base optimizer under the "
           "same stage; SAMPa and Asynchronous SAM data parallel (the only mode under ZeRO). The methods work on "
           "each rank's fp32 partitions.\n")
-    layouts = list(LAYOUT_NAMES)
     print("| method | optim_args | " + " | ".join(LAYOUT_NAMES[k] for k in layouts) + " |")
     print("|---|---|" + "---:|" * len(layouts))
-    for label, optim, optim_args in LAYOUT_ROWS:
+    for label, optim, optim_args in rows:
         cells = res["rows"][label]
         print(f"| {label} | `{optim_args}` | " + " | ".join(f"{cells[k]:.2f}" if k in cells else "n/a"
                                                             for k in layouts) + " |")
@@ -674,7 +693,12 @@ def main(argv=None) -> None:
     p.add_argument("--roles", action="store_true",
                    help="role mode: 2-process SAMPa and Asynchronous SAM, each rank counted (torchrun, gloo)")
     p.add_argument("--layouts", action="store_true",
-                   help="per-rank extra copies in 1 process, DDP (2), FSDP2 (2) and FSDP2 role mode (4 processes)")
+                   help="per-rank extra copies in 1 process, DDP (2), FSDP2 (2), FSDP2 role mode (4 processes) and "
+                        "DeepSpeed ZeRO-1/2/3 (2)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="LABEL_OR_METHOD",
+                   help="with --layouts: only these rows (a label such as 'SAMPa-0.2', or a method name: all its rows)")
+    p.add_argument("--only", nargs="+", default=None, choices=list(LAYOUT_NAMES), metavar="LAYOUT",
+                   help=f"with --layouts: only these layouts ({', '.join(LAYOUT_NAMES)})")
     p.add_argument("--role_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -686,7 +710,7 @@ def main(argv=None) -> None:
         _roles_table()
         return
     if opts.layouts:
-        _layouts_table(where=opts.where)
+        _layouts_table(where=opts.where, rows=_select_rows(opts.rows), layouts=opts.only)
         return
     clips = opts.max_grad_norm
     head = "| method | optim_args | target | " + " | ".join(

@@ -376,3 +376,66 @@ def test_two_role_methods_run_data_parallel_under_zero():
         assert not wants_roles(cfg, registry.get(method).method, 2, "deepspeed")
     layout = DeepSpeed(ParallelPlan(mode="data", world_size=2))
     registry.get("msam").method.check(SharpnessConfig.from_optim_args("msam", "micro_batches=3"), layout, 4)
+
+
+# ---- memory: what the layout itself holds (one process, DeepSpeed's buffers stood in by plain tensors) --------------
+def _zero1_layout_on(buffer: torch.Tensor, layers: int, n: int) -> DeepSpeed:
+    """A ZeRO-1 layout bound to one fp32 partition of `layers` parameters of `n` elements whose reduced gradient
+    lies, as DeepSpeed's contiguous-gradient buffer holds it, in `buffer`: each parameter's `.grad` a [n] view of it
+    (DeepSpeed's `averaged_gradients` are views of the parameters' `.grad`, whose data it moved into the buffer)."""
+    layout = DeepSpeed(ParallelPlan(mode="data", world_size=1))
+    grads = [buffer[k * n:(k + 1) * n].view(n) for k in range(layers)]
+    layout.opt = SimpleNamespace(averaged_gradients={0: [g.view(-1) for g in grads]}, cpu_offload=False)
+    layout.stage = 1
+    master = torch.zeros(layers * n)
+    layout._masters = [master]
+    layout._chunks = [(0, k * n, n) for k in range(layers)]
+    layout._params = [master.view(-1)[k * n:(k + 1) * n] for k in range(layers)]
+    return layout
+
+
+def test_a_gradient_kept_past_its_pass_lets_deepspeeds_buffer_go():
+    """Under ZeRO-1 each `.grad` lies on DeepSpeed's gradient buffer (no copy). A method that keeps a gradient past
+    its pass (SAMPa's g_t, mSAM's sum, GSAM's g) gets a copy of it at the next pass (`_detach_exposed`) and must
+    then hold the copy only: a `.grad` made as a view would keep its base, and with it the whole buffer, alive
+    (benchmarks/param_copies.py read SAMPa, mSAM and GSAM 1.50 extra copies under ZeRO-1 instead of 1.00)."""
+    import weakref
+
+    layers, n = 4, 16
+    buffer = torch.randn(layers * n)
+    expected = buffer.clone()
+    layout = _zero1_layout_on(buffer, layers, n)
+    layout._expose()
+    kept = [p.grad for p in layout._params]  # the method's state
+    assert all(g.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for g in kept)  # no copy
+    for p in layout._params:
+        p.grad = None
+    layout._detach_exposed()  # what the next pass's reset does first
+    storage = weakref.ref(buffer.untyped_storage())
+    del buffer
+    layout.opt.averaged_gradients = {0: None}  # DeepSpeed lets go of its buffer
+    held = storage() is not None
+    assert not held, "the kept gradient still holds DeepSpeed's gradient buffer"
+    assert torch.equal(torch.cat(kept), expected)
+
+
+def test_norm_holds_one_temporary_at_a_time():
+    """ASAM's ||T g|| hands the layout a generator of per-slice temporaries: summed one at a time, not all held
+    (benchmarks/param_copies.py read ASAM 0.81 extra copies under ZeRO-2, SAM 0.25: 9/16 of them at once)."""
+    import weakref
+
+    tensors = [torch.randn(8) for _ in range(6)]
+    made, most_alive = [], 0
+
+    def temporaries():
+        nonlocal most_alive
+        for t in tensors:
+            most_alive = max(most_alive, sum(r() is not None for r in made))
+            out = t * 2.0  # a new temporary, as ASAM's T g
+            made.append(weakref.ref(out.untyped_storage()))  # its memory, whatever views of it the layout makes
+            yield out
+            del out
+
+    norm = DeepSpeed(ParallelPlan(mode="data", world_size=1)).norm(temporaries())
+    assert torch.allclose(norm, 2.0 * torch.cat(tensors).norm())
+    assert most_alive <= 1, f"{most_alive} earlier temporaries alive while making the next"

@@ -288,10 +288,12 @@ class DeepSpeed(Layout):
         return t
 
     def norm(self, tensors):
-        parts = [t.detach().float().reshape(-1) for t in tensors]
-        if not parts:
+        # one tensor at a time: `tensors` may be a generator of per-chunk temporaries (ASAM's T d), which a list
+        # of them would keep alive all at once (a whole partition)
+        squares = [torch.dot(v, v) for v in (t.detach().float().reshape(-1) for t in tensors)]
+        if not squares:
             return None
-        return self._all_reduce(torch.stack([torch.dot(v, v) for v in parts]).sum()).sqrt()
+        return self._all_reduce(torch.stack(squares).sum()).sqrt()
 
     def all_finite(self, tensors) -> bool:
         flags = [torch.isfinite(t).all() for t in tensors if t is not None]
@@ -341,16 +343,19 @@ class DeepSpeed(Layout):
         """The pass's averaged gradient (loss-scaled, fp32) into the method's `.grad`, chunk by chunk, added.
 
         Where DeepSpeed holds a partition as consecutive fp32 slices of one buffer (ZeRO-1 and ZeRO-3 with
-        contiguous gradients) each chunk's `.grad` is a view of that buffer, no copy; otherwise (ZeRO-2 fills its
-        buffer in backward order, the last rank's padding, offload) a view of one copy of the partition. A view
-        of DeepSpeed's buffer the method still holds when DeepSpeed next uses it (the next pass, the step)
-        becomes a copy then (`_detach_exposed`)."""
+        contiguous gradients) each chunk's `.grad` lies on that buffer's storage, no copy; otherwise (ZeRO-2 fills
+        its buffer in backward order, the last rank's padding, offload) a view of one copy of the partition. A
+        `.grad` on DeepSpeed's buffer the method still holds when DeepSpeed next uses it (the next pass, the step)
+        becomes a copy then (`_detach_exposed`), and the buffer is then no longer held by it."""
         self._exposed, views = [], {}
         flats = [self._read(i) for i in range(len(self._masters))]
         flat = None
         for p, (i, a, n) in zip(self._params, self._chunks):
             flat, shared = flats[i]
-            g = flat[a:a + n]
+            # on DeepSpeed's buffer: a tensor on its storage, not a view; a view keeps its base, and with it the
+            # whole buffer, alive after `_detach_exposed` gives it a storage of its own
+            g = flat.new_empty(0).set_(flat.untyped_storage(), flat.storage_offset() + a, (n,), (1,)) if shared \
+                else flat[a:a + n]
             p.grad = g if p.grad is None else p.grad.add_(g)
             self._exposed.append((weakref.ref(p.grad), p.grad._version))
             if shared and p.grad is g:
