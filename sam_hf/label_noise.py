@@ -292,7 +292,8 @@ def train_digits(run: DigitsRun, output_dir: Path, distributed: bool = False) ->
     steady = sorted(timer.times[min(3, len(timer.times) - 1):])  # skip warm-up steps
     return {
         **asdict(run), "label": label, "optim": optim, "optim_args": optim_args,
-        "rho": 0.0 if optim == "sgd" or optim in NO_ASCENT else rho_for(run.noise, run.method), "processes": args.world_size,
+        "rho": 0.0 if optim == "sgd" or optim in NO_ASCENT else rho_for(run.noise, run.method),
+        "processes": args.world_size,
         "steps": trainer.state.global_step,
         "corrupted": int(data.changed.sum()), "train_examples": len(data.train), **final,
         "lambda_max": sharp["lambda_max"], "sharpness_seconds": sharp["seconds"],

@@ -145,7 +145,7 @@ def paired_ratios(rounds: list[dict[str, float]], base: str = "sgd") -> dict[str
 
 
 # The timing pass turns SAF's and MESA's trajectory loss on early: MESA from the first step, SAF (whose reference
-# logits must be E epochs old) with E = 1 from the second epoch, i.e. in half of a 2-epoch timing run.
+# logits must be E epochs old) with E = 1 from the second epoch on.
 TIMING_ARGS = {"mesa": "start_epoch=-1", "saf": "start_epoch=0,epochs_back=1"}
 
 
@@ -209,8 +209,8 @@ def parse_args(argv):
     p.add_argument("--methods", default=",".join(ORDER), help=f"a subset of {','.join(ORDER)}")
     p.add_argument("--epochs", type=float, default=20)
     p.add_argument("--sharpness_samples", type=int, default=256, help="0: no lambda_max")
-    p.add_argument("--timing_rounds", type=int, default=3)
-    p.add_argument("--timing_epochs", type=float, default=2, help="epochs of 12 steps per configuration and round")
+    p.add_argument("--timing_rounds", type=int, default=5)
+    p.add_argument("--timing_epochs", type=float, default=4, help="epochs of 12 steps per configuration and round")
     p.add_argument("--timing", choices=("first", "only", "skip"), default="first",
                    help="first: the timing pass (unless OUT/timing.json holds it) then the runs")
     p.add_argument("--report_only", action="store_true", help="write the tables and figure, run nothing")
@@ -231,6 +231,9 @@ def parse_args(argv):
                 "processes: add sgd_ddp")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.timing_rounds < 1 or args.timing_epochs * 12 < 4:
+        p.error(f"--timing_rounds {args.timing_rounds} --timing_epochs {args.timing_epochs:g}: at least 1 round "
+                "and 1/3 epoch (4 steps, 3 of them dropped as warm-up)")
     args.methods = [m for m in args.rows if not BY_NAME[m].timed_only]  # trained for accuracy
     return args
 
