@@ -368,16 +368,18 @@ def plot(results: list[dict], timing: dict | None, methods: list[str], path: Pat
     ratios = (timing or {}).get("ratios", {})
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, table in zip(axes, (4, 8)):
+        drawn = 0
         for m in methods:
             if (BY_NAME[m].table != table and m not in ("sgd", "sam")) or m not in ratios or (m,) not in acc:
                 continue
+            drawn += 1
             s, r = acc[(m,)], ratios[m]
             many = BY_NAME[m].processes > 1  # hollow: two processes (two devices)
             ax.errorbar(r["median"], 100 * s.mean, yerr=100 * s.std if s.n > 1 else 0,
                         xerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], marker="o", capsize=3,
                         linestyle="none", label=BY_NAME[m].label, markerfacecolor="none" if many else None)
             ax.annotate(BY_NAME[m].label, (r["median"], 100 * s.mean), fontsize="x-small",
-                        xytext=(4, 4), textcoords="offset points")
+                        xytext=(4, 4 if drawn % 2 else -10), textcoords="offset points")  # neighbours apart
         ax.set_xlabel("time per step ÷ SGD's on 1 process (median over interleaved rounds; bars: range)")
         ax.set_ylabel("test accuracy (%), 40% label noise (bars: std over seeds)")
         ax.set_title(f"Table {table} rows, CNN on digits, one CPU thread per process", fontsize="medium")
