@@ -13,7 +13,8 @@ batch of 128, so the ratio per step is the ratio per epoch. Every process runs o
 one device: the 2-process rows (SAMPa-0.2 and Asynchronous SAM in role mode, under torchrun) are also divided
 by SGD with DDP on 2 processes (batch 128 on each) of the same round, which pays the same cost of two
 processes and is the limit they can reach (`sgd_ddp`, a time reference only; per epoch it takes half the
-steps). timing.json is reused only when it holds every requested row: ratios are paired within rounds.
+steps). timing.json is reused only when it holds every requested row with the requested rounds and length
+(`timing_mismatch`): ratios are paired within rounds.
 
     python -m studies.variants --jobs 1                 # timing pass and every run, resumable
     python -m studies.variants --report_only            # tables and figure from what is finished
@@ -212,7 +213,8 @@ def parse_args(argv):
     p.add_argument("--timing_rounds", type=int, default=5)
     p.add_argument("--timing_epochs", type=float, default=4, help="epochs of 12 steps per configuration and round")
     p.add_argument("--timing", choices=("first", "only", "skip"), default="first",
-                   help="first: the timing pass (unless OUT/timing.json holds it) then the runs")
+                   help="first: the timing pass (unless OUT/timing.json holds these rows, rounds and length) "
+                        "then the runs")
     p.add_argument("--report_only", action="store_true", help="write the tables and figure, run nothing")
     p.add_argument("--dry_run", action="store_true", help="list the runs still to do, run nothing")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -443,10 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         from sam_hf.distributed.placement import cpu_cores
 
-        crowded = [m for m in args.rows if BY_NAME[m].processes > cpu_cores()]
+        cores = cpu_cores()
+        crowded = [m for m in args.rows if BY_NAME[m].processes > cores]
         if crowded:  # their processes would share cores: the time would not be two devices'
             print(f"error: the timing pass of {', '.join(crowded)} needs {BY_NAME[crowded[0]].processes} CPU "
-                  f"cores, this machine has {cpu_cores()}: leave them out of --methods, or --timing skip",
+                  f"cores, this machine has {cores}: leave them out of --methods, or --timing skip",
                   file=sys.stderr)
             return 2
         print(f"[timing] {why}: timing every row, {args.timing_rounds} interleaved rounds", flush=True)
